@@ -1,0 +1,804 @@
+"""The VQ tokenizer: LlamaGen's VQ model, its training, and encoding a dataset to codes.
+
+    python tokenizer.py train --dataset fashion-mnist --image-size 32 --vq-model VQ-S --results-dir runs/vq
+    python tokenizer.py extract --vq-ckpt runs/vq/checkpoints/0005000.pt --dataset fashion-mnist \
+        --image-size 32 --views flip --code-path codes/fmnist
+
+The model keeps LlamaGen's parameter names and numerics, so LlamaGen's `vq_ds16_c2i.pt` loads strictly
+(`load_vq(path, preset="VQ-16")`). The one deliberate difference: `quantize.codebook_used` is a plain
+buffer (LlamaGen wraps it in an nn.Parameter, which breaks in-place updates on a CPU in training).
+There is no perceptual (LPIPS) loss: it needs VGG weights, which we do not ship.
+"""
+import argparse
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image
+from tqdm import tqdm
+
+# ----------------------------------------------------------------------------------------------------
+# Config and presets
+# ----------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class VQConfig:
+    codebook_size: int = 16384
+    codebook_embed_dim: int = 8
+    codebook_l2_norm: bool = True
+    codebook_show_usage: bool = True
+    commit_loss_beta: float = 0.25
+    entropy_loss_ratio: float = 0.0
+    encoder_ch_mult: tuple = (1, 1, 2, 2, 4)
+    decoder_ch_mult: tuple = (1, 1, 2, 2, 4)
+    z_channels: int = 256
+    dropout_p: float = 0.0
+    ch: int = 128
+    num_res_blocks: int = 2
+
+    def __post_init__(self):
+        # json round-trips turn tuples into lists; keep one form so configs compare equal
+        self.encoder_ch_mult = tuple(self.encoder_ch_mult)
+        self.decoder_ch_mult = tuple(self.decoder_ch_mult)
+        if len(self.encoder_ch_mult) != len(self.decoder_ch_mult):
+            raise ValueError("encoder_ch_mult and decoder_ch_mult must have the same length "
+                             f"(got {self.encoder_ch_mult} and {self.decoder_ch_mult})")
+
+
+VQ_PRESETS = {
+    "VQ-16": VQConfig(encoder_ch_mult=(1, 1, 2, 2, 4), decoder_ch_mult=(1, 1, 2, 2, 4)),  # 256 px -> 16x16
+    "VQ-8": VQConfig(encoder_ch_mult=(1, 2, 2, 4), decoder_ch_mult=(1, 2, 2, 4)),  # 256 px -> 32x32
+    # CIFAR scale: 32 px -> 8x8 tokens; narrow enough to train on a laptop CPU in minutes.
+    # GroupNorm(32) needs every width to be a multiple of 32.
+    "VQ-S": VQConfig(codebook_size=1024, codebook_embed_dim=8, encoder_ch_mult=(1, 2, 2),
+                     decoder_ch_mult=(1, 2, 2), z_channels=64, ch=32),
+}
+
+USAGE_WINDOW = 65536  # LlamaGen remembers the last 65536 code indices to measure codebook usage
+
+
+def get_config(preset):
+    """A VQConfig from a preset name (or a VQConfig passed through)."""
+    if isinstance(preset, VQConfig):
+        return preset
+    if preset not in VQ_PRESETS:
+        raise ValueError(f"unknown VQ preset {preset!r}; expected one of {', '.join(VQ_PRESETS)}")
+    return VQConfig(**asdict(VQ_PRESETS[preset]))
+
+# ----------------------------------------------------------------------------------------------------
+# Building blocks (LlamaGen / taming-transformers layout and names)
+# ----------------------------------------------------------------------------------------------------
+
+
+def swish(x):
+    return x * torch.sigmoid(x)
+
+
+def group_norm(channels):
+    return nn.GroupNorm(num_groups=32, num_channels=channels, eps=1e-6, affine=True)
+
+
+class ResnetBlock(nn.Module):
+    def __init__(self, in_ch, out_ch, dropout=0.0):
+        super().__init__()
+        self.norm1 = group_norm(in_ch)
+        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
+        self.norm2 = group_norm(out_ch)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
+        if in_ch != out_ch:
+            self.nin_shortcut = nn.Conv2d(in_ch, out_ch, 1)
+
+    def forward(self, x):
+        h = self.conv1(swish(self.norm1(x)))
+        h = self.conv2(self.dropout(swish(self.norm2(h))))
+        if hasattr(self, "nin_shortcut"):
+            x = self.nin_shortcut(x)
+        return x + h
+
+
+class AttnBlock(nn.Module):
+    """Single-head self-attention over all pixels, with 1x1 convolutions as projections."""
+
+    def __init__(self, ch):
+        super().__init__()
+        self.norm = group_norm(ch)
+        self.q = nn.Conv2d(ch, ch, 1)
+        self.k = nn.Conv2d(ch, ch, 1)
+        self.v = nn.Conv2d(ch, ch, 1)
+        self.proj_out = nn.Conv2d(ch, ch, 1)
+
+    def forward(self, x):
+        b, c, h, w = x.shape
+        y = self.norm(x)
+        q, k, v = (t(y).reshape(b, 1, c, h * w).transpose(2, 3) for t in (self.q, self.k, self.v))
+        y = F.scaled_dot_product_attention(q, k, v)  # scale 1/sqrt(c), as LlamaGen
+        return x + self.proj_out(y.transpose(2, 3).reshape(b, c, h, w))
+
+
+class Downsample(nn.Module):
+    def __init__(self, ch):
+        super().__init__()
+        self.conv = nn.Conv2d(ch, ch, 3, stride=2, padding=0)
+
+    def forward(self, x):
+        # asymmetric padding (right and bottom only) keeps LlamaGen's pixel alignment
+        return self.conv(F.pad(x, (0, 1, 0, 1)))
+
+
+class Upsample(nn.Module):
+    def __init__(self, ch):
+        super().__init__()
+        self.conv = nn.Conv2d(ch, ch, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+class Encoder(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        ch, mult, n_res = cfg.ch, cfg.encoder_ch_mult, cfg.num_res_blocks
+        self.conv_in = nn.Conv2d(3, ch, 3, padding=1)
+        self.conv_blocks = nn.ModuleList()
+        ch_in = ch
+        for level, m in enumerate(mult):
+            block, ch_out = nn.Module(), ch * m
+            block.res = nn.ModuleList()
+            block.attn = nn.ModuleList()
+            for _ in range(n_res):
+                block.res.append(ResnetBlock(ch_in, ch_out, cfg.dropout_p))
+                ch_in = ch_out
+                if level == len(mult) - 1:  # attention only at the lowest resolution
+                    block.attn.append(AttnBlock(ch_in))
+            if level != len(mult) - 1:
+                block.downsample = Downsample(ch_in)
+            self.conv_blocks.append(block)
+        self.mid = nn.ModuleList([ResnetBlock(ch_in, ch_in, cfg.dropout_p), AttnBlock(ch_in),
+                                  ResnetBlock(ch_in, ch_in, cfg.dropout_p)])
+        self.norm_out = group_norm(ch_in)
+        self.conv_out = nn.Conv2d(ch_in, cfg.z_channels, 3, padding=1)
+
+    def forward(self, x):
+        h = self.conv_in(x)
+        for block in self.conv_blocks:
+            for i, res in enumerate(block.res):
+                h = res(h)
+                if len(block.attn) > 0:
+                    h = block.attn[i](h)
+            if hasattr(block, "downsample"):
+                h = block.downsample(h)
+        for layer in self.mid:
+            h = layer(h)
+        return self.conv_out(swish(self.norm_out(h)))
+
+
+class Decoder(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        ch, mult, n_res = cfg.ch, cfg.decoder_ch_mult, cfg.num_res_blocks
+        ch_in = ch * mult[-1]
+        self.conv_in = nn.Conv2d(cfg.z_channels, ch_in, 3, padding=1)
+        self.mid = nn.ModuleList([ResnetBlock(ch_in, ch_in, cfg.dropout_p), AttnBlock(ch_in),
+                                  ResnetBlock(ch_in, ch_in, cfg.dropout_p)])
+        self.conv_blocks = nn.ModuleList()
+        for level, m in enumerate(reversed(mult)):
+            block, ch_out = nn.Module(), ch * m
+            block.res = nn.ModuleList()
+            block.attn = nn.ModuleList()
+            for _ in range(n_res + 1):  # the decoder has one residual block more per level
+                block.res.append(ResnetBlock(ch_in, ch_out, cfg.dropout_p))
+                ch_in = ch_out
+                if level == 0:
+                    block.attn.append(AttnBlock(ch_in))
+            if level != len(mult) - 1:
+                block.upsample = Upsample(ch_in)
+            self.conv_blocks.append(block)
+        self.norm_out = group_norm(ch_in)
+        self.conv_out = nn.Conv2d(ch_in, 3, 3, padding=1)
+
+    def forward(self, z):
+        h = self.conv_in(z)
+        for layer in self.mid:
+            h = layer(h)
+        for block in self.conv_blocks:
+            for i, res in enumerate(block.res):
+                h = res(h)
+                if len(block.attn) > 0:
+                    h = block.attn[i](h)
+            if hasattr(block, "upsample"):
+                h = block.upsample(h)
+        return self.conv_out(swish(self.norm_out(h)))
+
+
+def entropy_loss(affinity, temperature=0.01):
+    """Low per-token entropy (confident assignments) minus high codebook-wide entropy (use all codes)."""
+    logits = affinity.reshape(-1, affinity.shape[-1]) / temperature
+    probs = F.softmax(logits, dim=-1)
+    log_probs = F.log_softmax(logits + 1e-5, dim=-1)
+    avg_probs = probs.mean(dim=0)
+    avg_entropy = -(avg_probs * torch.log(avg_probs + 1e-5)).sum()
+    sample_entropy = -(probs * log_probs).sum(dim=-1).mean()
+    return sample_entropy - avg_entropy
+
+
+class VectorQuantizer(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.n_e, self.e_dim, self.l2_norm = cfg.codebook_size, cfg.codebook_embed_dim, cfg.codebook_l2_norm
+        self.beta, self.entropy_ratio, self.show_usage = cfg.commit_loss_beta, cfg.entropy_loss_ratio, cfg.codebook_show_usage
+        self.embedding = nn.Embedding(self.n_e, self.e_dim)
+        with torch.no_grad():
+            self.embedding.weight.uniform_(-1.0 / self.n_e, 1.0 / self.n_e)
+            if self.l2_norm:
+                self.embedding.weight.copy_(F.normalize(self.embedding.weight, dim=-1))
+        # a ring of the most recent code indices; -1 marks "never filled" (LlamaGen starts at 0,
+        # which counts code 0 as used from the start)
+        self.register_buffer("codebook_used", torch.full((USAGE_WINDOW,), -1.0))
+
+    def codebook(self):
+        w = self.embedding.weight
+        return F.normalize(w, dim=-1) if self.l2_norm else w
+
+    def usage(self):
+        """Fraction of the codebook seen among the last 65536 codes produced in training mode."""
+        seen = self.codebook_used[self.codebook_used >= 0]
+        return seen.unique().numel() / self.n_e
+
+    def forward(self, z):
+        """z (B, C, H, W) -> (z_q (B, C, H, W), codes (B, H, W), losses dict; empty in eval mode)."""
+        z = z.float().permute(0, 2, 3, 1)  # distances in float32 even under bf16 autocast
+        if self.l2_norm:
+            z = F.normalize(z, dim=-1)
+        emb = self.codebook().float()
+        flat = z.reshape(-1, self.e_dim)
+        d = flat.pow(2).sum(1, keepdim=True) + emb.pow(2).sum(1) - 2 * flat @ emb.t()
+        idx = d.argmin(dim=1)
+        z_q = emb[idx].view(z.shape)
+        losses = {}
+        if self.training:
+            if self.show_usage:
+                with torch.no_grad():
+                    n = min(idx.numel(), USAGE_WINDOW)
+                    used = torch.cat([self.codebook_used[n:], idx[-n:].to(self.codebook_used.dtype)])
+                    self.codebook_used.copy_(used)
+            losses["codebook"] = (z_q - z.detach()).pow(2).mean()
+            losses["commit"] = self.beta * (z_q.detach() - z).pow(2).mean()
+            if self.entropy_ratio > 0:
+                losses["entropy"] = self.entropy_ratio * entropy_loss(-d)
+            z_q = z + (z_q - z).detach()  # straight-through: the decoder's gradient goes to the encoder
+        return z_q.permute(0, 3, 1, 2).contiguous(), idx.view(z.shape[:-1]), losses
+
+# ----------------------------------------------------------------------------------------------------
+# The VQ model
+# ----------------------------------------------------------------------------------------------------
+
+
+class VQModel(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.config = cfg
+        self.encoder = Encoder(cfg)
+        self.decoder = Decoder(cfg)
+        self.quantize = VectorQuantizer(cfg)
+        self.quant_conv = nn.Conv2d(cfg.z_channels, cfg.codebook_embed_dim, 1)
+        self.post_quant_conv = nn.Conv2d(cfg.codebook_embed_dim, cfg.z_channels, 1)
+
+    @property
+    def downsample_factor(self):
+        return 2 ** (len(self.config.encoder_ch_mult) - 1)
+
+    def grid_size(self, image_size):
+        """Side of the token grid for square images of side image_size."""
+        f = self.downsample_factor
+        if image_size % f != 0:
+            raise ValueError(f"image size {image_size} is not a multiple of the tokenizer's stride {f}")
+        return image_size // f
+
+    def forward(self, x):
+        """Training pass: x in [-1, 1] -> (reconstruction, codes (B, H, W), quantizer losses dict)."""
+        z_q, codes, losses = self.quantize(self.quant_conv(self.encoder(x)))
+        return self.decode(z_q), codes, losses
+
+    def decode(self, z_q):
+        return self.decoder(self.post_quant_conv(z_q))
+
+    @torch.no_grad()
+    def encode(self, x):
+        """Images (B, 3, S, S) float in [-1, 1] -> codes (B, S/f, S/f) long."""
+        return self.quantize(self.quant_conv(self.encoder(x)))[1]
+
+    @torch.no_grad()
+    def decode_code(self, codes, grid=None):
+        """Codes (B, H, W) or (B, N) (square grid unless grid=(H, W)) -> images (B, 3, fH, fW), ~[-1, 1]."""
+        if codes.dim() == 2:
+            n = codes.shape[1]
+            h, w = grid if grid is not None else (math.isqrt(n), math.isqrt(n))
+            if h * w != n:
+                raise ValueError(f"cannot lay {n} codes on a square grid; pass grid=(H, W)")
+            codes = codes.reshape(-1, h, w)
+        z_q = self.quantize.codebook()[codes.long()].permute(0, 3, 1, 2).contiguous()
+        return self.decode(z_q)
+
+    @torch.no_grad()
+    def encoder_features(self, x):
+        """The offline Mirai-I teacher: the encoder output (B, z_channels, H, W) at the token grid,
+        before quant_conv. It is wider than the 8-dim code space and not yet squeezed onto the
+        codebook, so it carries more of the image than the codes do."""
+        return self.encoder(x)
+
+# ----------------------------------------------------------------------------------------------------
+# Checkpoints
+# ----------------------------------------------------------------------------------------------------
+
+
+def save_atomic(obj, path):
+    tmp = f"{path}.tmp"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def load_state_strict(model, sd, source):
+    """load_state_dict(strict=True) that names every problem in one sentence."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in sd]
+    unexpected = [k for k in sd if k not in own]
+    shapes = [f"{k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}" for k in own
+              if k in sd and tuple(sd[k].shape) != tuple(own[k].shape)]
+    problems = []
+    for name, items in (("missing keys", missing), ("unexpected keys", unexpected),
+                        ("shapes differ (checkpoint vs model)", shapes)):
+        if items:
+            more = f" and {len(items) - 5} more" if len(items) > 5 else ""
+            problems.append(f"{len(items)} {name}: {', '.join(items[:5])}{more}")
+    if problems:
+        raise ValueError(f"{source} does not fit this tokenizer: {'; '.join(problems)}.")
+    model.load_state_dict(sd, strict=True)
+
+
+def load_vq(path, preset=None, device="cpu"):
+    """A VQModel in eval mode from our checkpoint (which stores its config) or from LlamaGen's
+    (`{"model": sd}` or a bare state_dict), whose architecture `preset` names (e.g. "VQ-16")."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"VQ checkpoint {path} does not exist")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"VQ checkpoint {path} is not a readable PyTorch checkpoint ({type(e).__name__})") from None
+    if not isinstance(ckpt, dict):
+        raise ValueError(f"VQ checkpoint {path} holds a {type(ckpt).__name__}, expected a dict")
+    if "config" in ckpt:  # our own format: the stored config wins over any preset
+        cfg = VQConfig(**ckpt["config"])
+    elif preset is not None:
+        cfg = get_config(preset)
+    else:
+        raise ValueError(f"VQ checkpoint {path} stores no config; name its architecture with a preset "
+                         f"(one of {', '.join(VQ_PRESETS)}), e.g. VQ-16 for LlamaGen's vq_ds16_c2i.pt")
+    sd = ckpt.get("model", ckpt)
+    model = VQModel(cfg)
+    load_state_strict(model, sd, f"VQ checkpoint {path}")
+    return model.to(device).eval()
+
+# ----------------------------------------------------------------------------------------------------
+# Discriminator and image helpers for training
+# ----------------------------------------------------------------------------------------------------
+
+
+class PatchDiscriminator(nn.Module):
+    """PatchGAN (pix2pix / taming): every output logit judges one patch of the image."""
+
+    def __init__(self, n_layers=3, ndf=64):
+        super().__init__()
+        layers = [nn.Conv2d(3, ndf, 4, 2, 1), nn.LeakyReLU(0.2, True)]
+        mult = 1
+        for n in range(1, n_layers + 1):
+            prev, mult = mult, min(2 ** n, 8)
+            stride = 2 if n < n_layers else 1
+            layers += [nn.Conv2d(ndf * prev, ndf * mult, 4, stride, 1, bias=False),
+                       nn.BatchNorm2d(ndf * mult), nn.LeakyReLU(0.2, True)]
+        layers.append(nn.Conv2d(ndf * mult, 1, 4, 1, 1))
+        self.main = nn.Sequential(*layers)
+        for m in self.modules():  # DCGAN init, as the PatchGAN papers use
+            if isinstance(m, nn.Conv2d):
+                nn.init.normal_(m.weight, 0.0, 0.02)
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.normal_(m.weight, 1.0, 0.02)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, x):
+        return self.main(x)
+
+
+def disc_layers_for(image_size):
+    """LlamaGen's 3 layers leave a 2x2 map at 32 px; keep the map at least 6x6 (3 layers from 64 px up)."""
+    return max(1, min(3, int(math.log2(image_size / 8))))
+
+
+def to_uint8(x):
+    """(B, 3, H, W) in [-1, 1] -> (B, H, W, 3) uint8 numpy."""
+    return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+def psnr(x, y):
+    """Mean PSNR in dB of images in [-1, 1], measured on the [0, 1] scale."""
+    mse = ((x.float().clamp(-1, 1) - y.float()) / 2).pow(2).flatten(1).mean(1)
+    return (10 * torch.log10(1.0 / mse.clamp_min(1e-10))).mean().item()
+
+
+def save_recon_grid(x, recon, path, per_row=8):
+    """Rows alternate: originals, then their reconstructions right below."""
+    a, b = to_uint8(x), to_uint8(recon)
+    n = (len(a) // per_row) * per_row or len(a)
+    per_row = min(per_row, n)
+    rows = []
+    for i in range(0, n, per_row):
+        rows.append(np.concatenate(list(a[i:i + per_row]), axis=1))
+        rows.append(np.concatenate(list(b[i:i + per_row]), axis=1))
+    tmp = f"{path}.tmp.png"
+    Image.fromarray(np.concatenate(rows, axis=0)).save(tmp)
+    os.replace(tmp, path)
+
+# ----------------------------------------------------------------------------------------------------
+# Distributed helpers (the same command runs alone or under torchrun)
+# ----------------------------------------------------------------------------------------------------
+
+
+def setup_distributed():
+    """-> (rank, world_size, device)."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if world > 1:
+        import torch.distributed as dist
+        local = int(os.environ.get("LOCAL_RANK", 0))
+        if torch.cuda.is_available():
+            torch.cuda.set_device(local)
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        device = torch.device(f"cuda:{local}" if torch.cuda.is_available() else "cpu")
+        return dist.get_rank(), world, device
+    return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def barrier(world):
+    if world > 1:
+        torch.distributed.barrier()
+
+
+def cleanup_distributed(world):
+    if world > 1:
+        torch.distributed.destroy_process_group()
+
+# ----------------------------------------------------------------------------------------------------
+# Training
+# ----------------------------------------------------------------------------------------------------
+
+
+def epoch_batches(n, batch, epoch, seed, rank, world):
+    """This rank's index batches for one epoch: a seeded permutation, so a resumed run can skip ahead."""
+    g = torch.Generator().manual_seed(seed * 100003 + epoch)
+    perm = torch.randperm(n, generator=g)[rank::world].tolist()
+    return [perm[i:i + batch] for i in range(0, len(perm) - batch + 1, batch)]
+
+
+def find_resume(args):
+    ckpt_dir = os.path.join(args.results_dir, "checkpoints")
+    existing = sorted(f for f in os.listdir(ckpt_dir) if f.endswith(".pt")) if os.path.isdir(ckpt_dir) else []
+    if args.resume is None:
+        if existing:
+            raise SystemExit(f"--results-dir {args.results_dir} already holds checkpoints; pass --resume auto "
+                             "to continue that run or choose another folder.")
+        return None
+    if args.resume == "auto":
+        return os.path.join(ckpt_dir, existing[-1]) if existing else None
+    if not os.path.isfile(args.resume):
+        raise SystemExit(f"--resume {args.resume}: no such checkpoint file.")
+    return args.resume
+
+
+def train(args):
+    import data  # noqa: deferred so that the model can be used without data.py's dependencies
+
+    rank, world, device = setup_distributed()
+    torch.manual_seed(args.seed * world + rank)
+    try:
+        cfg = get_config(args.vq_model)
+    except ValueError as e:
+        raise SystemExit(f"--vq-model: {e}.")
+    cfg.commit_loss_beta, cfg.entropy_loss_ratio, cfg.dropout_p = args.commit_loss_beta, args.entropy_loss_ratio, args.dropout_p
+    if args.codebook_size:
+        cfg.codebook_size = args.codebook_size
+    if args.codebook_embed_dim:
+        cfg.codebook_embed_dim = args.codebook_embed_dim
+    if args.global_batch_size % world != 0:
+        raise SystemExit(f"--global-batch-size {args.global_batch_size} is not divisible by the {world} processes.")
+    batch = args.global_batch_size // world
+
+    resume_path = find_resume(args)
+    ckpt = None
+    if resume_path:
+        ckpt = torch.load(resume_path, map_location="cpu", weights_only=True)
+        if VQConfig(**ckpt["config"]) != cfg:
+            raise SystemExit(f"--resume {resume_path} was trained with another tokenizer config than "
+                             f"--vq-model {args.vq_model} and the flags given now: {ckpt['config']}.")
+
+    model = VQModel(cfg).to(device)
+    disc = PatchDiscriminator(args.disc_layers or disc_layers_for(args.image_size), args.disc_dim).to(device)
+    opt = torch.optim.Adam(model.parameters(), lr=args.lr, betas=(args.beta1, args.beta2))
+    opt_d = torch.optim.Adam(disc.parameters(), lr=args.lr, betas=(args.beta1, args.beta2))
+    step = 0
+    if ckpt is not None:
+        load_state_strict(model, ckpt["model"], resume_path)
+        disc.load_state_dict(ckpt["disc"])
+        opt.load_state_dict(ckpt["optimizer"])
+        opt_d.load_state_dict(ckpt["disc_optimizer"])
+        step = ckpt["steps"]
+    raw_model, raw_disc = model, disc
+    if world > 1:
+        ids = [device.index] if device.type == "cuda" else None
+        model = nn.parallel.DistributedDataParallel(model, device_ids=ids)
+        disc = nn.parallel.DistributedDataParallel(disc, device_ids=ids)
+
+    try:
+        source = data.open_dataset(args.dataset, args.data_path, split=args.split)
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"--dataset {args.dataset}: {e}")
+    dataset = data.ViewDataset(source, args.image_size, views=args.views, random_view=True)
+    try:
+        raw_model.grid_size(args.image_size)
+    except ValueError as e:
+        raise SystemExit(f"--image-size: {e}.")
+    per_epoch = len(dataset) // args.global_batch_size
+    if per_epoch == 0:
+        raise SystemExit(f"--global-batch-size {args.global_batch_size} is larger than the dataset ({len(dataset)} images).")
+    total = args.steps if args.steps else args.epochs * per_epoch
+    fixed = torch.stack([dataset[i][0] for i in range(min(args.grid_images, len(dataset)))]).to(device)
+
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda" and args.mixed_precision == "bf16")
+    log_file = metrics_file = None
+    if rank == 0:
+        os.makedirs(os.path.join(args.results_dir, "checkpoints"), exist_ok=True)
+        os.makedirs(os.path.join(args.results_dir, "samples"), exist_ok=True)
+        log_file = open(os.path.join(args.results_dir, "log.txt"), "a")
+        metrics_file = open(os.path.join(args.results_dir, "metrics.jsonl"), "a")
+
+    def log(msg):
+        if rank == 0:
+            tqdm.write(msg)
+            log_file.write(msg + "\n")
+            log_file.flush()
+
+    def save(step):
+        if rank != 0:
+            return None
+        path = os.path.join(args.results_dir, "checkpoints", f"{step:07d}.pt")
+        save_atomic({"model": raw_model.state_dict(), "config": asdict(cfg), "optimizer": opt.state_dict(),
+                     "disc": raw_disc.state_dict(), "disc_optimizer": opt_d.state_dict(), "steps": step,
+                     "args": vars(args)}, path)
+        return path
+
+    n_params = sum(p.numel() for p in raw_model.parameters())
+    log(f"VQ {args.vq_model}: {n_params / 1e6:.2f}M parameters, codebook {cfg.codebook_size}x{cfg.codebook_embed_dim}, "
+        f"grid {raw_model.grid_size(args.image_size)}^2; {len(dataset)} images, {total} steps"
+        + (f", resuming from {resume_path} at step {step}" if ckpt else ""))
+    model.train()
+    disc.train()
+    bar = tqdm(total=total, initial=step, disable=rank != 0, desc="train vq", dynamic_ncols=True)
+    sums, t0, last_good = {}, time.time(), resume_path
+    while step < total:
+        epoch, skip = divmod(step, per_epoch)
+        batches = epoch_batches(len(dataset), batch, epoch, args.seed, rank, world)[skip:per_epoch]
+        loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=args.num_workers)
+        for x, *_ in loader:
+            x = x.to(device, non_blocking=True)
+            gan_on = 0 <= args.disc_start <= step
+            with autocast:
+                recon, _, q_losses = model(x)
+                recon = recon.float()
+                rec = F.mse_loss(recon, x)
+                loss = args.reconstruction_weight * rec + args.codebook_weight * q_losses["codebook"] + q_losses["commit"]
+                if args.l1_weight > 0:
+                    loss = loss + args.l1_weight * (recon - x).abs().mean()
+                if "entropy" in q_losses:
+                    loss = loss + q_losses["entropy"]
+                if gan_on:  # hinge generator loss: push the discriminator's logits on fakes up
+                    g_loss = -disc(recon).float().mean()
+                    loss = loss + args.disc_weight * g_loss
+            if not torch.isfinite(loss):
+                bar.close()
+                raise SystemExit(f"the loss became {loss.item()} at step {step}; the last good checkpoint is {last_good}.")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if args.max_grad_norm > 0:
+                nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+            opt.step()
+
+            stats = {"loss": loss.item(), "rec": rec.item(), "psnr": psnr(recon.detach(), x),
+                     "codebook": q_losses["codebook"].item(), "commit": q_losses["commit"].item()}
+            if gan_on:  # hinge discriminator loss on real images and detached reconstructions
+                with autocast:
+                    real, fake = disc(x).float(), disc(recon.detach()).float()
+                    d_loss = 0.5 * (F.relu(1 - real).mean() + F.relu(1 + fake).mean())
+                opt_d.zero_grad(set_to_none=True)
+                d_loss.backward()
+                if args.max_grad_norm > 0:
+                    nn.utils.clip_grad_norm_(disc.parameters(), args.max_grad_norm)
+                opt_d.step()
+                stats.update(g_loss=g_loss.item(), d_loss=d_loss.item())
+            for k, v in stats.items():
+                sums[k] = sums.get(k, 0.0) + v
+            sums["n"] = sums.get("n", 0) + 1
+            step += 1
+            bar.update(1)
+
+            if step % args.log_every == 0 or step == total:
+                n = sums.pop("n")
+                avg = {k: v / n for k, v in sums.items()}
+                avg.update(step=step, usage=raw_model.quantize.usage(), steps_per_s=n / (time.time() - t0))
+                bar.set_postfix(psnr=f"{avg['psnr']:.2f}", usage=f"{avg['usage']:.3f}")
+                log(f"step {step:7d} " + " ".join(f"{k} {v:.4f}" for k, v in avg.items() if k != "step"))
+                if rank == 0:
+                    metrics_file.write(json.dumps(avg) + "\n")
+                    metrics_file.flush()
+                sums, t0 = {}, time.time()
+            if rank == 0 and (step % args.sample_every == 0 or step == total):
+                raw_model.eval()
+                with torch.no_grad(), autocast:
+                    fixed_recon = raw_model(fixed)[0].float()
+                raw_model.train()
+                grid_path = os.path.join(args.results_dir, "samples", f"recon_{step:07d}.png")
+                save_recon_grid(fixed, fixed_recon, grid_path)
+                log(f"step {step:7d} fixed-batch psnr {psnr(fixed_recon, fixed):.2f} dB -> {grid_path}")
+            if step % args.ckpt_every == 0 or step == total:
+                last_good = save(step) or last_good
+                barrier(world)
+            if step >= total:
+                break
+    bar.close()
+    log(f"done: {step} steps; checkpoint {last_good}")
+    if rank == 0:
+        log_file.close()
+        metrics_file.close()
+    cleanup_distributed(world)
+    return last_good
+
+# ----------------------------------------------------------------------------------------------------
+# Extraction: a dataset -> codes.npy (N, A, H*W), labels.npy (N,), meta.json
+# ----------------------------------------------------------------------------------------------------
+
+
+def extract(args):
+    import data
+
+    rank, world, device = setup_distributed()
+    out = args.code_path
+    codes_path, labels_path, meta_path = (os.path.join(out, f) for f in ("codes.npy", "labels.npy", "meta.json"))
+    if os.path.exists(codes_path) and not args.overwrite:
+        raise SystemExit(f"--code-path {out} already holds codes.npy; pass --overwrite to replace it.")
+    try:
+        vq = load_vq(args.vq_ckpt, preset=args.vq_model, device=device)
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"--vq-ckpt: {e}")
+    try:
+        grid = vq.grid_size(args.image_size)
+    except ValueError as e:
+        raise SystemExit(f"--image-size: {e}.")
+    try:
+        source = data.open_dataset(args.dataset, args.data_path, split=args.split)
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"--dataset {args.dataset}: {e}")
+    split = next((s for s in ("train", "test", "val") if args.dataset.endswith("-" + s)), args.split)
+    n, a = len(source), data.num_views(args.views)
+    vocab = vq.config.codebook_size
+    dtype = np.int16 if vocab <= np.iinfo(np.int16).max + 1 else np.int32
+    barrier(world)  # every rank has checked the output folder before rank 0 touches it
+
+    if rank == 0:
+        os.makedirs(out, exist_ok=True)
+        if os.path.exists(meta_path):  # an overwrite in progress must not look complete
+            os.remove(meta_path)
+        np.lib.format.open_memmap(codes_path, mode="w+", dtype=dtype, shape=(n, a, grid * grid)).flush()
+        np.lib.format.open_memmap(labels_path, mode="w+", dtype=np.int64, shape=(n,)).flush()
+    barrier(world)
+
+    lo, hi = n * rank // world, n * (rank + 1) // world
+    views = data.ViewDataset(source, args.image_size, views=args.views, random_view=False)
+    mine = torch.utils.data.Subset(views, range(lo * a, hi * a))  # item k is view k % a of image k // a
+    loader = torch.utils.data.DataLoader(mine, batch_size=args.batch_size, num_workers=args.num_workers)
+    codes = np.lib.format.open_memmap(codes_path, mode="r+")
+    labels = np.lib.format.open_memmap(labels_path, mode="r+")
+    for x, y, idx, v in tqdm(loader, disable=rank != 0, desc=f"extract {args.views}", dynamic_ncols=True):
+        c = vq.encode(x.to(device)).flatten(1).cpu().numpy()
+        codes[idx.numpy(), v.numpy()] = c.astype(dtype)
+        labels[idx.numpy()] = y.numpy()
+    codes.flush()
+    labels.flush()
+    del codes, labels
+    barrier(world)
+
+    if rank == 0:
+        meta = {"grid": [grid, grid], "vocab_size": vocab, "num_classes": source.num_classes,
+                "image_size": args.image_size, "views": args.views, "num_views": a, "dataset": args.dataset,
+                "split": split, "data_path": args.data_path and os.path.abspath(args.data_path), "tokenizer": os.path.abspath(args.vq_ckpt),
+                "tokenizer_config": asdict(vq.config), "num_images": n}
+        tmp = meta_path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(meta, f, indent=1)
+        os.replace(tmp, meta_path)  # written last: its presence means the codes are complete
+        print(f"wrote {n} x {a} x {grid * grid} codes to {out}")
+    cleanup_distributed(world)
+
+
+# ----------------------------------------------------------------------------------------------------
+# CLI
+# ----------------------------------------------------------------------------------------------------
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train a VQ tokenizer")
+    t.add_argument("--dataset", required=True, help="cifar10, mnist, fashion-mnist or folder")
+    t.add_argument("--data-path", default=None)
+    t.add_argument("--split", default="train")
+    t.add_argument("--image-size", type=int, default=32)
+    t.add_argument("--views", default="flip", choices=["none", "flip", "tencrop"], help="augmentation: a random view per image")
+    t.add_argument("--vq-model", default="VQ-S", choices=list(VQ_PRESETS))
+    t.add_argument("--codebook-size", type=int, default=None, help="override the preset's")
+    t.add_argument("--codebook-embed-dim", type=int, default=None, help="override the preset's")
+    t.add_argument("--commit-loss-beta", type=float, default=0.25)
+    t.add_argument("--entropy-loss-ratio", type=float, default=0.0)
+    t.add_argument("--dropout-p", type=float, default=0.0)
+    t.add_argument("--results-dir", required=True)
+    t.add_argument("--resume", default=None, help="'auto' (newest checkpoint in --results-dir) or a checkpoint path")
+    t.add_argument("--steps", type=int, default=None, help="total training steps (default: from --epochs)")
+    t.add_argument("--epochs", type=int, default=40)
+    t.add_argument("--global-batch-size", type=int, default=128)
+    t.add_argument("--lr", type=float, default=1e-4)
+    t.add_argument("--beta1", type=float, default=0.9)
+    t.add_argument("--beta2", type=float, default=0.95)
+    t.add_argument("--max-grad-norm", type=float, default=1.0)
+    t.add_argument("--reconstruction-weight", type=float, default=1.0, help="weight of the L2 loss")
+    t.add_argument("--l1-weight", type=float, default=0.0)
+    t.add_argument("--codebook-weight", type=float, default=1.0)
+    t.add_argument("--disc-start", type=int, default=20000, help="step that switches the GAN loss on; -1: never")
+    t.add_argument("--disc-weight", type=float, default=0.5)
+    t.add_argument("--disc-layers", type=int, default=0, help="PatchGAN depth; 0: suited to --image-size")
+    t.add_argument("--disc-dim", type=int, default=64)
+    t.add_argument("--mixed-precision", default="bf16", choices=["bf16", "none"], help="bf16 applies on GPU only")
+    t.add_argument("--log-every", type=int, default=100)
+    t.add_argument("--sample-every", type=int, default=1000)
+    t.add_argument("--ckpt-every", type=int, default=5000)
+    t.add_argument("--grid-images", type=int, default=16)
+    t.add_argument("--num-workers", type=int, default=0)
+    t.add_argument("--seed", type=int, default=0)
+
+    e = sub.add_parser("extract", help="encode a dataset into a code dataset")
+    e.add_argument("--vq-ckpt", required=True)
+    e.add_argument("--vq-model", default=None, choices=list(VQ_PRESETS), help="architecture of a LlamaGen checkpoint")
+    e.add_argument("--dataset", required=True)
+    e.add_argument("--data-path", default=None)
+    e.add_argument("--split", default="train")
+    e.add_argument("--image-size", type=int, required=True)
+    e.add_argument("--views", default="none", choices=["none", "flip", "tencrop"])
+    e.add_argument("--code-path", required=True)
+    e.add_argument("--overwrite", action="store_true")
+    e.add_argument("--batch-size", type=int, default=64)
+    e.add_argument("--num-workers", type=int, default=0)
+    return p
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    if args.command == "train":
+        return train(args)
+    return extract(args)
+
+
+if __name__ == "__main__":
+    main()
