@@ -1,0 +1,550 @@
+"""
+Images and codes on disk: CIFAR-10, MNIST / Fashion-MNIST, image folders (ImageNet layout), the
+crops of LlamaGen / ADM, and the code datasets written by `tokenizer.py extract`.
+
+    open_dataset("cifar10", "data")        -> SourceDataset (raw images, original size)
+    make_view(img, 256, "tencrop", v=3)    -> uint8 (256, 256, 3), the same pixels every time
+    ViewDataset(source, 32, "flip")        -> images in [-1, 1] for tokenizer training / extraction
+    CodeDataset("codes/", with_images=True) -> (codes, label, view, the crop that made the codes)
+
+Run `python data.py cifar10 --data-path data` to fetch a dataset and print what it holds.
+"""
+import gzip
+import hashlib
+import io
+import json
+import os
+import pickle
+import struct
+import tarfile
+import urllib.error
+import urllib.request
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+# -----------------------------------------------------------------------------
+# where datasets live
+
+DEFAULT_DATA_ROOT = "data"  # downloads land here when no --data-path is given
+SYSTEM_DATASETS = "/usr/share/datasets"  # Debian's dataset-* packages install here
+
+CIFAR_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
+CIFAR_MD5 = "c58f30108f718f92721af3b95e74349a"
+CIFAR_FILE = "cifar-10-python.tar.gz"
+CIFAR_DIR = "cifar-10-batches-py"
+CIFAR_BATCHES = {"train": [f"data_batch_{k}" for k in range(1, 6)], "test": ["test_batch"]}
+CIFAR_CLASSES = ["airplane", "automobile", "bird", "cat", "deer",
+                 "dog", "frog", "horse", "ship", "truck"]
+
+IDX_FILES = {"train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
+             "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")}
+IDX_COUNTS = {"train": 60000, "test": 10000}
+IDX_IMAGES_MAGIC, IDX_LABELS_MAGIC = 2051, 2049
+MNIST_LIKE = {
+    "mnist": {
+        "url": "https://storage.googleapis.com/cvdf-datasets/mnist/",
+        "md5": {"train-images-idx3-ubyte.gz": "f68b3c2dcbeaaa9fbdd348bbdeb94873",
+                "train-labels-idx1-ubyte.gz": "d53e105ee54ea40749a09fcbcd1e9432",
+                "t10k-images-idx3-ubyte.gz": "9fb629c4189551a2d022fa330f9573f3",
+                "t10k-labels-idx1-ubyte.gz": "ec29112dd5afa0611ce80d1b7f02629c"},
+        "classes": [str(d) for d in range(10)],
+    },
+    "fashion-mnist": {
+        "url": "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",
+        "md5": {"train-images-idx3-ubyte.gz": "8d4fb7e6c68d591d4c3dfef9ec88bf0d",
+                "train-labels-idx1-ubyte.gz": "25c81989df183df01b3e8a0aad5dffbe",
+                "t10k-images-idx3-ubyte.gz": "bef4ecab320f06d8554ea6380940ec79",
+                "t10k-labels-idx1-ubyte.gz": "bb300cfdad3c16e7a12a480ee83cd310"},
+        "classes": ["t-shirt", "trouser", "pullover", "dress", "coat",
+                    "sandal", "shirt", "sneaker", "bag", "ankle-boot"],
+    },
+}
+
+DATASETS = {
+    "cifar10": "CIFAR-10, 32x32 RGB, 10 classes; --data-path holds cifar-10-python.tar.gz or "
+               "cifar-10-batches-py/ (downloaded there when missing)",
+    "mnist": "MNIST digits, 28x28 gray, 10 classes; IDX .gz files in --data-path or "
+             "/usr/share/datasets/mnist/ (downloaded when missing)",
+    "fashion-mnist": "Fashion-MNIST, 28x28 gray, 10 classes; IDX .gz files in --data-path or "
+                     "/usr/share/datasets/fashion-mnist/ (apt install dataset-fashion-mnist)",
+    "folder": "any image folder with one sub-folder per class (ImageNet train/ layout) at "
+              "--data-path, or --data-path/<split>/ when that exists; alias: imagenet",
+}
+SPLITS = ("train", "test", "val")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".pgm", ".tif", ".tiff")
+
+
+def dataset_names():
+    return list(DATASETS)
+
+
+def dataset_help():
+    """One line per known dataset, for --help texts."""
+    lines = [f"{name}: {text}" for name, text in DATASETS.items()]
+    return "; ".join(lines) + "; append -train / -test to pick the split (e.g. cifar10-test)"
+
+# -----------------------------------------------------------------------------
+# downloads: a .part file that becomes the real name only once its MD5 is right
+
+
+def file_md5(path, chunk=1 << 20):
+    h = hashlib.md5()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def download_file(url, dest, md5=None):
+    """Fetch url to dest with a progress bar; resumes a left-over dest.part when the server can."""
+    part = dest + ".part"
+    have = os.path.getsize(part) if os.path.exists(part) else 0
+    request = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
+    manual = f"download {url} by hand and put it at {dest}"
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            resumed = have > 0 and getattr(response, "status", None) == 206
+            mode, have = ("ab", have) if resumed else ("wb", 0)
+            size = response.headers.get("Content-Length")
+            total = have + int(size) if size else None
+            with open(part, mode) as f, tqdm(total=total, initial=have, unit="B", unit_scale=True,
+                                             desc=os.path.basename(dest)) as bar:
+                while block := response.read(1 << 20):
+                    f.write(block)
+                    bar.update(len(block))
+    except urllib.error.HTTPError as e:
+        if not (e.code == 416 and have):  # 416: the .part was already whole; the MD5 decides below
+            raise FileNotFoundError(f"could not download {url} (HTTP {e.code}); {manual}.") \
+                from None
+    except (urllib.error.URLError, OSError) as e:
+        # the .part stays: the next attempt resumes it, and it never passes for the finished file
+        reason = getattr(e, "reason", e)
+        raise FileNotFoundError(f"could not download {url} ({reason}); {manual}.") from None
+    if md5 is not None and (got := file_md5(part)) != md5:
+        os.remove(part)
+        raise ValueError(f"the download of {url} has MD5 {got}, expected {md5}, so it was deleted; "
+                         f"run again or {manual}.")
+    os.replace(part, dest)
+    return dest
+
+# -----------------------------------------------------------------------------
+# readers for the raw formats
+
+
+class _ArrayUnpickler(pickle.Unpickler):
+    # CIFAR batches are pickles; letting only numpy's array rebuilders through means a foreign
+    # pickle dropped into --data-path cannot run code
+    def find_class(self, module, name):
+        allowed = {("numpy.core.multiarray", "_reconstruct"),
+                   ("numpy._core.multiarray", "_reconstruct"),
+                   ("numpy", "ndarray"), ("numpy", "dtype"),
+                   ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
+                   ("_codecs", "encode")}  # how Python 3 writes bytes at pickle protocol 2
+        if (module, name) not in allowed:
+            raise pickle.UnpicklingError(f"unexpected object {module}.{name} in a CIFAR batch")
+        return super().find_class(module, name)
+
+
+def _cifar_batch(raw, where):
+    # the official batches were pickled by Python 2: latin1 keeps the numpy bytes intact
+    try:
+        d = _ArrayUnpickler(io.BytesIO(raw), encoding="latin1").load()
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError) as e:
+        raise ValueError(f"{where} is not a readable CIFAR-10 batch ({e})") from None
+    if not isinstance(d, dict):
+        raise ValueError(f"{where} is not a CIFAR-10 batch: it holds a {type(d).__name__}, "
+                         f"not a dict")
+    d = {k.decode() if isinstance(k, bytes) else k: v for k, v in d.items()}
+    if "data" not in d or "labels" not in d:
+        raise ValueError(f"{where} is not a CIFAR-10 batch: it has no 'data' and 'labels' entries")
+    data = np.asarray(d["data"], dtype=np.uint8)
+    labels = np.asarray(d["labels"], dtype=np.int64)
+    if data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or len(labels) != len(data):
+        raise ValueError(f"{where} holds data of shape {data.shape} and {len(labels)} labels, "
+                         f"expected (n, 3072) and n")
+    return data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1), labels
+
+
+def read_cifar(path, split):
+    """(images uint8 (N, 32, 32, 3), labels int64 (N,)) from the tarball or the extracted folder."""
+    names = CIFAR_BATCHES[split]
+    parts = {}  # each batch is decoded as soon as it is read, so raw bytes never pile up
+    if os.path.isdir(path):
+        for n in names:
+            f = os.path.join(path, n)
+            if not os.path.isfile(f):
+                raise FileNotFoundError(f"{path} lacks the CIFAR-10 batch {n}")
+            with open(f, "rb") as fh:
+                parts[n] = _cifar_batch(fh.read(), f)
+    else:
+        try:
+            with tarfile.open(path, "r:gz") as tar:
+                for member in tar:  # one pass: a gzip stream is slow to seek backwards
+                    n = os.path.basename(member.name)
+                    if n in names and member.isfile():
+                        parts[n] = _cifar_batch(tar.extractfile(member).read(), f"{path}:{n}")
+        except (tarfile.TarError, EOFError, OSError) as e:
+            raise ValueError(f"{path} is not a readable cifar-10-python.tar.gz ({e}); "
+                             f"delete it and run again to download it afresh") from None
+        missing = [n for n in names if n not in parts]
+        if missing:
+            raise ValueError(f"{path} lacks the CIFAR-10 batches {', '.join(missing)}")
+    return (np.concatenate([parts[n][0] for n in names]),
+            np.concatenate([parts[n][1] for n in names]))
+
+
+def read_idx(path, magic, count=None):
+    """A uint8 IDX array (.gz or raw), checked against its header: magic, sizes, (count)."""
+    opener = gzip.open if path.endswith(".gz") else open
+    try:
+        with opener(path, "rb") as f:
+            raw = f.read()
+    except (OSError, EOFError) as e:
+        raise ValueError(f"{path} is not a readable IDX file ({e})") from None
+    got = struct.unpack(">i", raw[:4])[0] if len(raw) >= 4 else None
+    if got != magic:
+        raise ValueError(f"{path} has IDX magic number {got}, expected {magic} "
+                         f"({'images' if magic == IDX_IMAGES_MAGIC else 'labels'})")
+    ndim = magic & 0xFF
+    shape = struct.unpack(f">{ndim}i", raw[4:4 + 4 * ndim])
+    body = raw[4 + 4 * ndim:]
+    if len(body) != int(np.prod(shape)):
+        raise ValueError(f"{path} holds {len(body)} bytes after its header, expected "
+                         f"{int(np.prod(shape))} for shape {tuple(shape)}: is it truncated?")
+    if count is not None and shape[0] != count:
+        raise ValueError(f"{path} holds {shape[0]} items, expected {count}")
+    return np.frombuffer(body, dtype=np.uint8).reshape(shape)
+
+# -----------------------------------------------------------------------------
+# source datasets: raw images, before any crop
+
+
+class SourceDataset:
+    """Indexable raw images: image(i) is an RGB PIL image of the original size, label(i) an int."""
+    name = "?"
+    classes = []
+
+    @property
+    def num_classes(self):
+        return len(self.classes)
+
+    def __len__(self):
+        raise NotImplementedError
+
+    def image(self, i):
+        raise NotImplementedError
+
+    def label(self, i):
+        raise NotImplementedError
+
+    def __repr__(self):
+        return f"{type(self).__name__}({self.name!r}, {len(self)} images, " \
+               f"{self.num_classes} classes)"
+
+
+class ArraySource(SourceDataset):
+    """Datasets small enough to hold in memory: uint8 (N, H, W) gray or (N, H, W, 3) RGB."""
+
+    def __init__(self, name, images, labels, classes):
+        if len(images) != len(labels):
+            raise ValueError(f"{name}: {len(images)} images but {len(labels)} labels")
+        self.name, self.images, self.labels, self.classes = name, images, labels, list(classes)
+
+    def __len__(self):
+        return len(self.images)
+
+    def image(self, i):
+        a = self.images[i]
+        return Image.fromarray(a, "L").convert("RGB") if a.ndim == 2 else Image.fromarray(a, "RGB")
+
+    def label(self, i):
+        return int(self.labels[i])
+
+
+class FolderSource(SourceDataset):
+    """One sub-folder per class; only the file list is kept, images are read when asked for."""
+
+    def __init__(self, root, name="folder"):
+        self.name, self.root = name, root
+        self.classes = sorted(e.name for e in os.scandir(root) if e.is_dir())
+        if not self.classes:
+            raise FileNotFoundError(f"--data-path {root} has no class sub-folders; expected an "
+                                    f"ImageNet-style folder, one sub-folder of images per class")
+        self.files, labels = [], []
+        for c, cls in enumerate(tqdm(self.classes, desc="scanning classes", leave=False,
+                                     disable=len(self.classes) < 100)):
+            for dirpath, dirnames, filenames in os.walk(os.path.join(root, cls), followlinks=True):
+                dirnames.sort()
+                for fn in sorted(filenames):
+                    if fn.lower().endswith(IMAGE_EXTENSIONS):
+                        self.files.append(os.path.join(dirpath, fn))
+                        labels.append(c)
+        if not self.files:
+            raise FileNotFoundError(f"--data-path {root} has class folders but no images in them "
+                                    f"(looked for {', '.join(IMAGE_EXTENSIONS)})")
+        self.labels = np.asarray(labels, dtype=np.int64)
+
+    def __len__(self):
+        return len(self.files)
+
+    def image(self, i):
+        try:
+            with Image.open(self.files[i]) as im:
+                return im.convert("RGB")
+        except OSError as e:
+            raise ValueError(f"cannot read the image {self.files[i]} ({e})") from None
+
+    def label(self, i):
+        return int(self.labels[i])
+
+
+def _split_name(name, split):
+    for s in SPLITS:
+        if name.endswith("-" + s):
+            return name[:-len(s) - 1], s
+    return name, split
+
+
+def _open_cifar(data_path, split, download_ok):
+    root = data_path or DEFAULT_DATA_ROOT
+    tarball = os.path.join(root, CIFAR_FILE)
+    candidates = [root, os.path.join(root, CIFAR_DIR), tarball]
+    found = next((p for p in candidates if (os.path.isfile(p) and p.endswith(".tar.gz"))
+                  or os.path.isfile(os.path.join(p, "batches.meta"))
+                  or os.path.isfile(os.path.join(p, CIFAR_BATCHES[split][0]))), None)
+    if found is None:
+        if not download_ok or os.path.isfile(root):
+            raise FileNotFoundError(f"CIFAR-10 not found in {root}: download {CIFAR_URL} "
+                                    f"(MD5 {CIFAR_MD5}) into that folder, or allow the download")
+        os.makedirs(root, exist_ok=True)
+        found = download_file(CIFAR_URL, tarball, CIFAR_MD5)
+    images, labels = read_cifar(found, split)
+    return ArraySource("cifar10", images, labels, CIFAR_CLASSES)
+
+
+def _open_idx(name, data_path, split, download_ok):
+    info = MNIST_LIKE[name]
+    img_file, lbl_file = IDX_FILES[split]
+
+    def find(folder):
+        # a file and its uncompressed twin both count
+        paths = []
+        for f in (img_file, lbl_file):
+            p = next((q for q in (os.path.join(folder, f), os.path.join(folder, f[:-3]))
+                      if os.path.isfile(q)), None)
+            if p is None:
+                return None
+            paths.append(p)
+        return paths
+
+    paths, count = None, None
+    for folder in ([data_path, os.path.join(data_path, name)] if data_path else []):
+        paths = paths or find(folder)
+    if paths is None:
+        # Debian recompressed the files, so their MD5s differ: the headers and counts vouch instead
+        paths, count = find(os.path.join(SYSTEM_DATASETS, name)), IDX_COUNTS[split]
+    if paths is None:
+        target = os.path.join(data_path or DEFAULT_DATA_ROOT, name)
+        if not download_ok:
+            raise FileNotFoundError(
+                f"{name} ({split}) not found in {data_path or '(no --data-path)'} or "
+                f"{os.path.join(SYSTEM_DATASETS, name)}: put {img_file} and {lbl_file} from "
+                f"{info['url']} there, or allow the download")
+        os.makedirs(target, exist_ok=True)
+        paths = [download_file(info["url"] + f, os.path.join(target, f), info["md5"][f])
+                 for f in (img_file, lbl_file)]
+    images = read_idx(paths[0], IDX_IMAGES_MAGIC, count)
+    labels = read_idx(paths[1], IDX_LABELS_MAGIC, count).astype(np.int64)
+    if len(images) != len(labels):
+        raise ValueError(f"{paths[0]} holds {len(images)} images but {paths[1]} "
+                         f"{len(labels)} labels")
+    return ArraySource(name, images, labels, info["classes"])
+
+
+def open_dataset(name, data_path=None, split="train", download=True):
+    """A SourceDataset by name ("cifar10", "mnist", "fashion-mnist", "folder"; "name-split" too)."""
+    name, split = _split_name(name, split)
+    if name == "imagenet":
+        name = "folder"
+    if name not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; known: {', '.join(DATASETS)}")
+    if name == "folder":
+        if not data_path or not os.path.isdir(data_path):
+            raise FileNotFoundError(f"dataset 'folder' needs --data-path to be a folder with one "
+                                    f"sub-folder of images per class; got {data_path!r}")
+        sub = os.path.join(data_path, split)
+        return FolderSource(sub if os.path.isdir(sub) else data_path)
+    split = "test" if split == "val" else split  # the small datasets have no separate val split
+    if split not in IDX_FILES:
+        raise ValueError(f"unknown split {split!r} for {name}; expected train or test")
+    if name == "cifar10":
+        return _open_cifar(data_path, split, download)
+    return _open_idx(name, data_path, split, download)
+
+# -----------------------------------------------------------------------------
+# views: the crops of LlamaGen / ADM, each re-made exactly from (image, view index)
+
+VIEWS = {"none": 1, "flip": 2, "tencrop": 10}
+TENCROP_RANGE = 1.1  # LlamaGen centre-crops 1.1x the size before its ten-crop
+
+
+def num_views(views):
+    if views not in VIEWS:
+        raise ValueError(f"views must be one of {', '.join(VIEWS)}, got {views!r}")
+    return VIEWS[views]
+
+
+def center_crop_arr(img, size):
+    """ADM's centre crop: halve with BOX while far too big, BICUBIC to size, cut the middle."""
+    while min(img.size) >= 2 * size:
+        img = img.resize(tuple(x // 2 for x in img.size), resample=Image.BOX)
+    scale = size / min(img.size)
+    img = img.resize(tuple(round(x * scale) for x in img.size), resample=Image.BICUBIC)
+    a = np.asarray(img)
+    y, x = (a.shape[0] - size) // 2, (a.shape[1] - size) // 2
+    return a[y:y + size, x:x + size]
+
+
+def _pad_small(img, size):
+    # 28x28 digits into 32x32: a black border keeps every pixel, where a 14% bicubic upscale would
+    # blur them; only images that already fill 7/8 of the crop get this, the rest follow ADM
+    w, h = img.size
+    if (w, h) == (size, size) or not (size * 7 / 8 <= min(w, h) and max(w, h) <= size):
+        return img
+    canvas = Image.new("RGB", (size, size))
+    canvas.paste(img, ((size - w) // 2, (size - h) // 2))
+    return canvas
+
+
+def _ten_crop(a, size, v):
+    # order of torchvision's TenCrop: corners tl, tr, bl, br, centre; then the same on the mirror
+    if v >= 5:
+        a, v = a[:, ::-1], v - 5
+    H, W = a.shape[:2]
+    top, left = [(0, 0), (0, W - size), (H - size, 0), (H - size, W - size),
+                 (int(round((H - size) / 2)), int(round((W - size) / 2)))][v]
+    return a[top:top + size, left:left + size]
+
+
+def make_view(img, image_size, views, v):
+    """View v of img as uint8 (S, S, 3): "none" the ADM crop, "flip" v=1 its mirror, "tencrop"
+    v = 0..9 LlamaGen's ten-crop (tl, tr, bl, br, centre, then the same on the mirrored image)."""
+    n = num_views(views)
+    if not 0 <= v < n:
+        raise ValueError(f"view index {v} is out of range for views={views!r} ({n} views)")
+    img = _pad_small(img.convert("RGB"), image_size)
+    if views == "tencrop":
+        a = _ten_crop(center_crop_arr(img, int(image_size * TENCROP_RANGE)), image_size, v)
+    else:
+        a = center_crop_arr(img, image_size)
+        if v == 1:
+            a = a[:, ::-1]
+    return np.array(a)  # a fresh, writable copy: PIL's buffer is read-only
+
+
+class ViewDataset(torch.utils.data.Dataset):
+    """Crops of a source dataset as float tensors in [-1, 1], with where they came from."""
+
+    def __init__(self, source, image_size, views="none", random_view=True):
+        self.source, self.image_size, self.views = source, image_size, views
+        self.num_views, self.random_view = num_views(views), random_view
+
+    def __len__(self):
+        return len(self.source) * (1 if self.random_view else self.num_views)
+
+    def __getitem__(self, k):
+        if self.random_view:
+            # torch's RNG, so DataLoader worker seeding makes the choice reproducible
+            i, v = k, int(torch.randint(self.num_views, ()).item())
+        else:
+            i, v = divmod(k, self.num_views)  # all views of one image are neighbours
+        a = make_view(self.source.image(i), self.image_size, self.views, v)
+        x = torch.from_numpy(a).permute(2, 0, 1).float() / 127.5 - 1.0
+        return x, self.source.label(i), i, v
+
+# -----------------------------------------------------------------------------
+# code datasets written by `tokenizer.py extract`
+
+
+class CodeDataset(torch.utils.data.Dataset):
+    """Memory-mapped codes (N, A, H*W), one view per item, optionally with the crop itself."""
+
+    def __init__(self, root, with_images=False, random_view=True, data_path=None):
+        files = [os.path.join(root, f) for f in ("codes.npy", "labels.npy", "meta.json")]
+        missing = [os.path.basename(f) for f in files if not os.path.isfile(f)]
+        if missing:
+            raise FileNotFoundError(f"{root} is not a code dataset: it lacks {', '.join(missing)} "
+                                    f"(make one with `python tokenizer.py extract`)")
+        with open(files[2]) as f:
+            self.meta = json.load(f)
+        self.codes = np.load(files[0], mmap_mode="r")
+        self.labels = np.load(files[1])
+        H, W = self.meta["grid"]
+        N, A = self.labels.shape[0], self.meta["num_views"]
+        if self.codes.shape != (N, A, H * W):
+            raise ValueError(f"{files[0]} has shape {self.codes.shape}, but meta.json and "
+                             f"labels.npy say (N, views, H*W) = {(N, A, H * W)}")
+        self.num_views, self.random_view = A, random_view
+        self.source = None
+        if with_images:
+            path = data_path if data_path is not None else self.meta.get("data_path")
+            self.source = open_dataset(self.meta["dataset"], path, self.meta["split"])
+            if len(self.source) != N or any(self.source.label(i) != self.labels[i]
+                                            for i in {0, N // 2, N - 1}):
+                raise ValueError(f"the images of {self.meta['dataset']} at {path} do not match "
+                                 f"{root} ({len(self.source)} images vs {N} codes, or other "
+                                 f"labels): pass the --data-path the codes were extracted from")
+
+    def __len__(self):
+        return len(self.labels) * (1 if self.random_view else self.num_views)
+
+    def __getitem__(self, k):
+        if self.random_view:
+            i, v = k, int(torch.randint(self.num_views, ()).item())
+        else:
+            i, v = divmod(k, self.num_views)
+        out = (torch.from_numpy(self.codes[i, v].astype(np.int64)),
+               torch.tensor(self.labels[i], dtype=torch.int64),
+               torch.tensor(v, dtype=torch.int64))
+        if self.source is None:
+            return out
+        a = make_view(self.source.image(i), self.meta["image_size"], self.meta["views"], v)
+        return out + (torch.from_numpy(a).permute(2, 0, 1).contiguous(),)
+
+# -----------------------------------------------------------------------------
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Fetch a dataset, say what it holds, and "
+                                                 "optionally save a PNG of its views.")
+    parser.add_argument("dataset", help=dataset_help())
+    parser.add_argument("--data-path", default=None)
+    parser.add_argument("--split", default="train", choices=SPLITS)
+    parser.add_argument("--no-download", action="store_true")
+    parser.add_argument("--image-size", type=int, default=32)
+    parser.add_argument("--views", default="none", choices=list(VIEWS))
+    parser.add_argument("--preview", default=None, help="PNG file: 8 images, one row per image")
+    parser.add_argument("--force", action="store_true", help="overwrite an existing --preview")
+    args = parser.parse_args()
+
+    try:
+        ds = open_dataset(args.dataset, args.data_path, args.split, download=not args.no_download)
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"error: {e}")
+    counts = np.bincount(ds.labels, minlength=ds.num_classes)
+    print(f"{ds.name}: {len(ds)} images, {ds.num_classes} classes, first image {ds.image(0).size}")
+    print("per class:", dict(zip(ds.classes[:20], counts[:20].tolist())))
+    if args.preview:
+        if os.path.exists(args.preview) and not args.force:
+            raise SystemExit(f"error: --preview {args.preview} exists; pass --force to replace it")
+        S, n = args.image_size, num_views(args.views)
+        rows = [np.concatenate([make_view(ds.image(i), S, args.views, v) for v in range(n)], 1)
+                for i in range(min(8, len(ds)))]
+        tmp = args.preview + ".tmp.png"
+        Image.fromarray(np.concatenate(rows, 0)).save(tmp)
+        os.replace(tmp, args.preview)
+        print(f"wrote {args.preview}")
