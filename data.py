@@ -480,7 +480,8 @@ class CodeDataset(torch.utils.data.Dataset):
                                     f"(make one with `python tokenizer.py extract`)")
         with open(files[2]) as f:
             self.meta = json.load(f)
-        self.codes = np.load(files[0], mmap_mode="r")
+        self.codes_path = files[0]
+        self.codes = np.load(self.codes_path, mmap_mode="r")
         self.labels = np.load(files[1])
         H, W = self.meta["grid"]
         N, A = self.labels.shape[0], self.meta["num_views"]
@@ -498,6 +499,10 @@ class CodeDataset(torch.utils.data.Dataset):
                                  f"{root} ({len(self.source)} images vs {N} codes, or other "
                                  f"labels): pass the --data-path the codes were extracted from")
 
+    def __getstate__(self):
+        # pickling a memmap copies the whole array into each spawned DataLoader worker: reopen instead
+        return {**self.__dict__, "codes": None}
+
     def __len__(self):
         return len(self.labels) * (1 if self.random_view else self.num_views)
 
@@ -506,6 +511,8 @@ class CodeDataset(torch.utils.data.Dataset):
             i, v = k, int(torch.randint(self.num_views, ()).item())
         else:
             i, v = divmod(k, self.num_views)
+        if self.codes is None:
+            self.codes = np.load(self.codes_path, mmap_mode="r")
         out = (torch.from_numpy(self.codes[i, v].astype(np.int64)),
                torch.tensor(self.labels[i], dtype=torch.int64),
                torch.tensor(v, dtype=torch.int64))

@@ -276,6 +276,8 @@ def test_code_dataset_reads_codes_and_remakes_the_crop(tmp_path):
     c, label, view = ds[5]
     assert c.dtype == torch.int64 and c.tolist() == codes[2, 1].tolist()
     assert label.item() == 1 and view.item() == 1 and label.dtype == torch.int64
+    clone = pickle.loads(pickle.dumps(ds))  # as a spawned DataLoader worker gets it
+    assert clone.codes is None and clone[5][0].tolist() == codes[2, 1].tolist()
 
     ds = data.CodeDataset(str(tmp_path / "codes"), with_images=True)
     src = data.open_dataset("folder", str(tmp_path / "imgs"))
