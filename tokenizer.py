@@ -375,7 +375,11 @@ def load_vq(path, preset=None, device="cpu"):
     if not isinstance(ckpt, dict):
         raise ValueError(f"VQ checkpoint {path} holds a {type(ckpt).__name__}, expected a dict")
     if "config" in ckpt:  # our own format: the stored config wins over any preset
-        cfg = VQConfig(**ckpt["config"])
+        try:
+            cfg = VQConfig(**ckpt["config"])
+        except TypeError:
+            raise ValueError(f"VQ checkpoint {path} stores a config that is not a VQ tokenizer's "
+                             f"(keys {', '.join(sorted(ckpt['config']))[:200]})") from None
     elif preset is not None:
         cfg = get_config(preset)
     else:
