@@ -1,0 +1,309 @@
+"""Sampling from a GPT checkpoint: a PNG grid to look at, or a folder of PNGs and an .npz for FID.
+
+    python sample.py --gpt-ckpt results/000-fmnist/checkpoints/0002000.pt --vq-ckpt vq.pt --ema \
+        --cfg-scale 2.0 --num-samples 32 --out grid.png
+    torchrun --nproc_per_node 8 sample.py --gpt-ckpt c2i_B_256.pt --gpt-model GPT-B --image-size 256 \
+        --vq-ckpt vq_ds16_c2i.pt --vq-model VQ-16 --cfg-scale 2.0 --num-fid-samples 50000 --sample-dir fid/B
+
+Randomness comes in fixed chunks of --batch-size samples: chunk k (samples k*B .. k*B+B-1) draws from a
+generator seeded by (seed, k*B), and FID sample i has class i % num_classes. So sample i depends on
+the seed, i, the batch size and the device type, never on the number of ranks (chunk k goes to rank
+k % world) or on resumption (a chunk with a missing PNG is made again, whole, and the same).
+"""
+import argparse
+import json
+import math
+import os
+import zipfile
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+from model import GPT_PRESETS, load_gpt
+from tokenizer import VQ_PRESETS, barrier, cleanup_distributed, load_vq, setup_distributed, to_uint8
+
+SETTINGS_FILE = "sample_settings.json"  # in --sample-dir: what made its PNGs, so a resume cannot mix runs
+PRECISIONS = {"none": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+# ----------------------------------------------------------------------------------------------------
+# Building blocks: models, sampling, grids and .npz files
+# ----------------------------------------------------------------------------------------------------
+
+
+def check_compatible(gpt, vq, image_size=None):
+    """The GPT must speak the tokenizer's vocabulary on the tokenizer's grid; say both numbers if not."""
+    vocab, codebook = gpt.config.vocab_size, vq.config.codebook_size
+    if vocab != codebook:
+        raise ValueError(f"the GPT's vocabulary has {vocab} tokens but the tokenizer's codebook has {codebook} "
+                         "entries: --gpt-ckpt and --vq-ckpt do not belong together.")
+    g, f = gpt.config.grid_size, vq.downsample_factor
+    if image_size is not None and vq.grid_size(image_size) != g:
+        raise ValueError(f"--image-size {image_size} makes a {vq.grid_size(image_size)}x{vq.grid_size(image_size)} "
+                         f"token grid with this tokenizer, but the GPT's grid is {g}x{g} (image size {g * f}).")
+
+
+def recorded_vq_ckpt(gpt_ckpt):
+    """The tokenizer path a training checkpoint recorded, or None (LlamaGen's record none)."""
+    try:
+        ckpt = torch.load(gpt_ckpt, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:
+        return None  # load_gpt explains an unreadable file better
+    if not isinstance(ckpt, dict):
+        return None
+    args = ckpt.get("args") if isinstance(ckpt.get("args"), dict) else {}
+    return ckpt.get("vq_ckpt") or args.get("vq_ckpt")
+
+
+def chunk_generator(seed, start, device):
+    """The generator of the chunk starting at sample `start`: a function of (seed, start) alone."""
+    mixed = int(np.random.SeedSequence([seed, start]).generate_state(1)[0])
+    return torch.Generator(device=device).manual_seed(mixed)
+
+
+@torch.no_grad()
+def sample_images(gpt, vq, labels, cfg_scale=1.0, cfg_interval=-1, temperature=1.0, top_k=0, top_p=1.0,
+                  generator=None):
+    """Class labels (B,) -> (B, H, W, 3) uint8 images: GPT tokens decoded by the tokenizer."""
+    device = gpt.tok_embeddings.weight.device
+    labels = torch.as_tensor(labels, dtype=torch.long, device=device)
+    tokens = gpt.generate(labels, cfg_scale=cfg_scale, cfg_interval=cfg_interval, temperature=temperature,
+                          top_k=top_k, top_p=top_p, generator=generator)
+    g = gpt.config.grid_size
+    vq_device = next(vq.parameters()).device
+    return to_uint8(vq.decode_code(tokens.to(vq_device), grid=(g, g)))
+
+
+def save_grid(images, path, nrow=None, padding=2):
+    """(N, H, W, 3) uint8 -> one PNG, nrow images a row (default: a square), black gaps; atomic."""
+    images = np.asarray(images)
+    n, h, w, c = images.shape
+    nrow = max(1, min(nrow or math.ceil(math.sqrt(n)), n))
+    rows = math.ceil(n / nrow)
+    grid = np.zeros((padding + rows * (h + padding), padding + nrow * (w + padding), c), dtype=np.uint8)
+    for i, img in enumerate(images):
+        y, x = padding + (i // nrow) * (h + padding), padding + (i % nrow) * (w + padding)
+        grid[y:y + h, x:x + w] = img
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp"
+    Image.fromarray(grid).save(tmp, format="PNG")
+    os.replace(tmp, path)
+
+
+def save_png(image, path):
+    tmp = f"{path}.tmp"  # a run killed mid-write must not leave a PNG that a resume would skip
+    Image.fromarray(image).save(tmp, format="PNG")
+    os.replace(tmp, path)
+
+
+def write_npz(path, png_paths, labels):
+    """ADM-evaluator .npz (arr_0: uint8 NHWC, plus labels) from PNGs, streamed: 50k images need no RAM."""
+    with Image.open(png_paths[0]) as im:
+        shape = np.asarray(im.convert("RGB")).shape
+    header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)), "fortran_order": False,
+              "shape": (len(png_paths), *shape)}
+    tmp = f"{path}.tmp"
+    with zipfile.ZipFile(tmp, "w") as zf:  # stored, not deflated, like np.savez
+        with zf.open("arr_0.npy", "w", force_zip64=True) as f:
+            np.lib.format.write_array_header_1_0(f, header)
+            for p in tqdm(png_paths, desc="npz", unit="img", dynamic_ncols=True):
+                with Image.open(p) as im:
+                    img = np.asarray(im.convert("RGB"))
+                if img.shape != shape:
+                    raise ValueError(f"{p} is {img.shape[1]}x{img.shape[0]}, expected {shape[1]}x{shape[0]} like the others")
+                f.write(img.tobytes())
+        with zf.open("labels.npy", "w") as f:
+            np.lib.format.write_array(f, np.asarray(labels, dtype=np.int64))
+    os.replace(tmp, path)
+
+# ----------------------------------------------------------------------------------------------------
+# The two jobs: a grid, and FID samples sharded over ranks
+# ----------------------------------------------------------------------------------------------------
+
+
+def sampling_kwargs(args):
+    return dict(cfg_scale=args.cfg_scale, cfg_interval=args.cfg_interval, temperature=args.temperature,
+                top_k=args.top_k, top_p=args.top_p)
+
+
+def padded(labels, batch_size):
+    """Labels padded (cyclically) to whole chunks, since the batch shape decides the random stream."""
+    n = math.ceil(len(labels) / batch_size) * batch_size
+    return np.resize(np.asarray(labels, dtype=np.int64), n)
+
+
+def make_grid(args, gpt, vq, device):
+    num_classes = gpt.config.num_classes
+    if args.classes:
+        labels = np.resize(args.classes, args.num_samples)
+        if labels.min() < 0 or labels.max() >= num_classes:
+            raise SystemExit(f"--classes must lie in 0..{num_classes - 1} (the GPT has {num_classes} classes).")
+    else:
+        labels = torch.randint(num_classes, (args.num_samples,), generator=torch.Generator().manual_seed(args.seed)).numpy()
+    labels, b = padded(labels, args.batch_size), args.batch_size
+    chunks = []
+    for start in tqdm(range(0, len(labels), b), desc="sample", unit="batch", dynamic_ncols=True):
+        gen = chunk_generator(args.seed, start, device)
+        chunks.append(sample_images(gpt, vq, labels[start:start + b], generator=gen, **sampling_kwargs(args)))
+    save_grid(np.concatenate(chunks)[:args.num_samples], args.out, nrow=args.nrow)
+    print(f"wrote {args.num_samples} samples (classes {' '.join(map(str, labels[:args.num_samples]))}) to {args.out}")
+
+
+def settings_of(args, gpt, device):
+    """Everything that decides the pixels of sample i (the sample count does not)."""
+    keys = ("gpt_model", "ema", "vq_model", "cfg_scale", "cfg_interval", "temperature", "top_k", "top_p",
+            "seed", "batch_size", "precision")
+    s = {k: getattr(args, k) for k in keys}
+    s.update(gpt_ckpt=os.path.abspath(args.gpt_ckpt), vq_ckpt=os.path.abspath(args.vq_ckpt),
+             grid_size=gpt.config.grid_size, num_classes=gpt.config.num_classes, device=device.type)
+    return s
+
+
+def make_fid_samples(args, gpt, vq, rank, world, device):
+    out, n, b = args.sample_dir, args.num_fid_samples, args.batch_size
+    settings, settings_path = settings_of(args, gpt, device), os.path.join(args.sample_dir, SETTINGS_FILE)
+    fresh = args.overwrite
+    if os.path.exists(settings_path):
+        with open(settings_path) as f:
+            old = json.load(f)
+        diff = [f"{k}: {old.get(k)!r} there, {settings[k]!r} now" for k in settings if old.get(k) != settings[k]]
+        if diff and not args.overwrite:
+            raise SystemExit(f"--sample-dir {out} holds samples made with other settings ({'; '.join(diff)}); "
+                             "choose another --sample-dir or pass --overwrite to make them again.")
+        fresh = bool(diff)
+    elif os.path.isdir(out) and any(f.endswith(".png") for f in os.listdir(out)) and not args.overwrite:
+        raise SystemExit(f"--sample-dir {out} holds PNGs that this script did not make; choose another "
+                         "--sample-dir or pass --overwrite.")
+    barrier(world)  # every rank has read the old settings before rank 0 replaces them
+    if rank == 0:
+        os.makedirs(out, exist_ok=True)
+        with open(settings_path + ".tmp", "w") as f:
+            json.dump(settings, f, indent=1)
+        os.replace(settings_path + ".tmp", settings_path)
+    barrier(world)
+
+    labels = np.arange(math.ceil(n / b) * b) % gpt.config.num_classes  # balanced; sample i has class i % C
+    paths = [os.path.join(out, f"{i:06d}.png") for i in range(len(labels))]
+    todo = [s for s in range(rank * b, len(labels), world * b)
+            if fresh or not all(os.path.exists(p) for p in paths[s:min(s + b, n)])]
+    bar = tqdm(total=sum(min(b, n - s) for s in todo), desc=f"sample {n} for FID", unit="img", disable=rank != 0, dynamic_ncols=True)
+    for start in todo:
+        gen = chunk_generator(args.seed, start, device)
+        images = sample_images(gpt, vq, labels[start:start + b], generator=gen, **sampling_kwargs(args))
+        for i, img in zip(range(start, min(start + b, n)), images):
+            if fresh or not os.path.exists(paths[i]):
+                save_png(img, paths[i])
+        bar.update(min(b, n - start))
+    bar.close()
+    barrier(world)
+    if rank == 0:
+        write_npz(args.npz, paths[:n], labels[:n])
+        print(f"wrote {n} samples to {out} and {args.npz}")
+
+# ----------------------------------------------------------------------------------------------------
+# CLI
+# ----------------------------------------------------------------------------------------------------
+
+
+def build_parser():
+    p = argparse.ArgumentParser(
+        description="Sample images from a class-conditional GPT checkpoint: a PNG grid, or PNGs + .npz for FID.",
+        epilog="LlamaGen's own checkpoints carry no config: give --gpt-model (e.g. GPT-B for c2i_B_256.pt), "
+               "--image-size (256) and --vq-model VQ-16 for vq_ds16_c2i.pt. Our training checkpoints need "
+               "none of these, and --vq-ckpt only when they do not record their tokenizer.")
+    p.add_argument("--gpt-ckpt", required=True, help="our training checkpoint or LlamaGen's c2i_*.pt")
+    p.add_argument("--gpt-model", default=None, choices=list(GPT_PRESETS), help="architecture of a LlamaGen checkpoint")
+    p.add_argument("--ema", action="store_true", help="sample from the EMA weights")
+    p.add_argument("--vq-ckpt", default=None, help="tokenizer checkpoint (default: the one the GPT checkpoint records)")
+    p.add_argument("--vq-model", default=None, choices=list(VQ_PRESETS), help="architecture of a LlamaGen tokenizer, e.g. VQ-16")
+    p.add_argument("--image-size", type=int, default=None, help="image side in pixels; needed for LlamaGen's checkpoints")
+    p.add_argument("--precision", default="bf16", choices=list(PRECISIONS), help="GPT weights' dtype on a GPU (a CPU uses fp32)")
+    p.add_argument("--cfg-scale", type=float, default=2.0, help="classifier-free guidance; 1.0 turns it off")
+    p.add_argument("--cfg-interval", type=int, default=-1, help="stop guidance after this many tokens; -1: never")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0, help="0: no top-k filtering")
+    p.add_argument("--top-p", type=float, default=1.0, help="1.0: no nucleus filtering")
+    p.add_argument("--seed", "--global-seed", dest="seed", type=int, default=0)
+    p.add_argument("--batch-size", "--per-proc-batch-size", dest="batch_size", type=int, default=32,
+                   help="samples per forward; part of what decides the samples (it shapes the random stream)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out / --npz / other settings' samples")
+    g = p.add_argument_group("grid")
+    g.add_argument("--num-samples", type=int, default=32)
+    g.add_argument("--classes", default=None, help="comma-separated class ids, repeated to fill the grid (default: drawn with --seed)")
+    g.add_argument("--nrow", type=int, default=0, help="images per grid row; 0: a square")
+    g.add_argument("--out", default="samples.png", help="the grid PNG")
+    f = p.add_argument_group("FID samples (sharded over ranks under torchrun, resumable)")
+    f.add_argument("--num-fid-samples", type=int, default=0, help="make this many samples as PNGs and an .npz")
+    f.add_argument("--sample-dir", default=None, help="folder of the PNGs 000000.png ...")
+    f.add_argument("--npz", default=None, help="the ADM-evaluator .npz (default: <sample-dir>/samples.npz)")
+    return p
+
+
+def check_args(args):
+    """Everything a user can get wrong without loading a model, said before any rank starts work."""
+    for name in ("batch_size", "num_samples"):
+        if getattr(args, name) < 1:
+            raise SystemExit(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}.")
+    if args.seed < 0:
+        raise SystemExit(f"--seed must be 0 or more, got {args.seed}.")
+    if args.num_fid_samples < 0:
+        raise SystemExit(f"--num-fid-samples must be 0 or more, got {args.num_fid_samples}.")
+    if args.classes is not None:
+        try:
+            args.classes = [int(c) for c in args.classes.split(",") if c.strip()]
+        except ValueError:
+            raise SystemExit(f"--classes expects comma-separated integers like 1,2,3, got {args.classes!r}.") from None
+    if args.num_fid_samples:
+        if not args.sample_dir:
+            raise SystemExit("--num-fid-samples needs --sample-dir, the folder for its PNGs.")
+        args.npz = args.npz or os.path.join(args.sample_dir, "samples.npz")
+        if os.path.exists(args.npz) and not args.overwrite:
+            raise SystemExit(f"--npz {args.npz} already exists; pass --overwrite to replace it.")
+    elif os.path.exists(args.out) and not args.overwrite:
+        raise SystemExit(f"--out {args.out} already exists; pass --overwrite to replace it.")
+    if not os.path.isfile(args.gpt_ckpt):
+        raise SystemExit(f"--gpt-ckpt {args.gpt_ckpt} does not exist.")
+    if args.vq_ckpt is None:
+        args.vq_ckpt = recorded_vq_ckpt(args.gpt_ckpt)
+        if args.vq_ckpt is None:
+            raise SystemExit(f"--vq-ckpt is needed: {args.gpt_ckpt} does not record which tokenizer it was trained on.")
+
+
+def load_models(args, device):
+    try:
+        vq = load_vq(args.vq_ckpt, preset=args.vq_model, device=device)
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"--vq-ckpt: {e}")
+    try:
+        grid = vq.grid_size(args.image_size) if args.image_size else None
+    except ValueError as e:
+        raise SystemExit(f"--image-size: {e}.")
+    try:
+        gpt = load_gpt(args.gpt_ckpt, preset=args.gpt_model, grid_size=grid, use_ema=args.ema, device=device)
+        check_compatible(gpt, vq, args.image_size)
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"--gpt-ckpt: {e}")
+    if device.type == "cuda":  # a CPU has no fast half-precision matmuls; fp32 there
+        gpt = gpt.to(PRECISIONS[args.precision])
+    else:
+        args.precision = "none"
+    return gpt.eval(), vq.eval()
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    check_args(args)
+    rank, world, device = setup_distributed()
+    try:
+        gpt, vq = load_models(args, device)
+        if args.num_fid_samples:
+            make_fid_samples(args, gpt, vq, rank, world, device)
+        elif rank == 0:  # a grid is one process's work, even under torchrun
+            make_grid(args, gpt, vq, device)
+    finally:
+        cleanup_distributed(world)
+
+
+if __name__ == "__main__":
+    main()
