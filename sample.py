@@ -14,6 +14,7 @@ import argparse
 import json
 import math
 import os
+import re
 import zipfile
 
 import numpy as np
@@ -25,6 +26,7 @@ from model import GPT_PRESETS, load_gpt
 from tokenizer import VQ_PRESETS, barrier, cleanup_distributed, load_vq, setup_distributed, to_uint8
 
 SETTINGS_FILE = "sample_settings.json"  # in --sample-dir: what made its PNGs, so a resume cannot mix runs
+PNG_NAME = re.compile(r"\d{6,}\.png")  # 000000.png ...: the only PNGs this script makes or removes
 PRECISIONS = {"none": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 # ----------------------------------------------------------------------------------------------------
@@ -111,7 +113,7 @@ def write_npz(path, png_paths, labels):
                 with Image.open(p) as im:
                     img = np.asarray(im.convert("RGB"))
                 if img.shape != shape:
-                    raise ValueError(f"{p} is {img.shape[1]}x{img.shape[0]}, expected {shape[1]}x{shape[0]} like the others")
+                    raise ValueError(f"{p} is {img.shape[1]}x{img.shape[0]} pixels, the others {shape[1]}x{shape[0]}")
                 f.write(img.tobytes())
         with zf.open("labels.npy", "w") as f:
             np.lib.format.write_array(f, np.asarray(labels, dtype=np.int64))
@@ -140,7 +142,8 @@ def make_grid(args, gpt, vq, device):
         if labels.min() < 0 or labels.max() >= num_classes:
             raise SystemExit(f"--classes must lie in 0..{num_classes - 1} (the GPT has {num_classes} classes).")
     else:
-        labels = torch.randint(num_classes, (args.num_samples,), generator=torch.Generator().manual_seed(args.seed)).numpy()
+        gen = torch.Generator().manual_seed(args.seed)
+        labels = torch.randint(num_classes, (args.num_samples,), generator=gen).numpy()
     labels, b = padded(labels, args.batch_size), args.batch_size
     chunks = []
     for start in tqdm(range(0, len(labels), b), desc="sample", unit="batch", dynamic_ncols=True):
@@ -162,43 +165,47 @@ def settings_of(args, gpt, device):
 
 def make_fid_samples(args, gpt, vq, rank, world, device):
     out, n, b = args.sample_dir, args.num_fid_samples, args.batch_size
-    settings, settings_path = settings_of(args, gpt, device), os.path.join(args.sample_dir, SETTINGS_FILE)
-    fresh = args.overwrite
+    settings, settings_path = settings_of(args, gpt, device), os.path.join(out, SETTINGS_FILE)
+    old = None
     if os.path.exists(settings_path):
         with open(settings_path) as f:
             old = json.load(f)
-        diff = [f"{k}: {old.get(k)!r} there, {settings[k]!r} now" for k in settings if old.get(k) != settings[k]]
-        if diff and not args.overwrite:
-            raise SystemExit(f"--sample-dir {out} holds samples made with other settings ({'; '.join(diff)}); "
-                             "choose another --sample-dir or pass --overwrite to make them again.")
-        fresh = bool(diff)
-    elif os.path.isdir(out) and any(f.endswith(".png") for f in os.listdir(out)) and not args.overwrite:
-        raise SystemExit(f"--sample-dir {out} holds PNGs that this script did not make; choose another "
-                         "--sample-dir or pass --overwrite.")
-    barrier(world)  # every rank has read the old settings before rank 0 replaces them
+    pngs = sorted(f for f in os.listdir(out) if PNG_NAME.fullmatch(f)) if os.path.isdir(out) else []
+    stale = bool(pngs) and old != settings
+    if stale and not args.overwrite:
+        diff = [f"{k}: {old.get(k)!r} there, {v!r} now" for k, v in settings.items() if old and old.get(k) != v]
+        why = f"samples made with other settings ({'; '.join(diff)})" if old else "PNGs this script did not make"
+        raise SystemExit(f"--sample-dir {out} holds {why}; choose another --sample-dir or pass --overwrite "
+                         "to make them again.")
+    barrier(world)  # every rank has looked at the folder before rank 0 changes it
     if rank == 0:
         os.makedirs(out, exist_ok=True)
+        for f in pngs if stale else []:  # first, so that no old PNG can outlive the new settings file
+            os.remove(os.path.join(out, f))
         with open(settings_path + ".tmp", "w") as f:
             json.dump(settings, f, indent=1)
         os.replace(settings_path + ".tmp", settings_path)
     barrier(world)
 
     labels = np.arange(math.ceil(n / b) * b) % gpt.config.num_classes  # balanced; sample i has class i % C
-    paths = [os.path.join(out, f"{i:06d}.png") for i in range(len(labels))]
-    todo = [s for s in range(rank * b, len(labels), world * b)
-            if fresh or not all(os.path.exists(p) for p in paths[s:min(s + b, n)])]
-    bar = tqdm(total=sum(min(b, n - s) for s in todo), desc=f"sample {n} for FID", unit="img", disable=rank != 0, dynamic_ncols=True)
+    paths = [os.path.join(out, f"{i:06d}.png") for i in range(n)]
+    todo = [s for s in range(rank * b, n, world * b) if not all(map(os.path.exists, paths[s:s + b]))]
+    bar = tqdm(total=sum(len(paths[s:s + b]) for s in todo), desc=f"{n} samples for FID", unit="img",
+               disable=rank != 0, dynamic_ncols=True)
     for start in todo:
         gen = chunk_generator(args.seed, start, device)
         images = sample_images(gpt, vq, labels[start:start + b], generator=gen, **sampling_kwargs(args))
-        for i, img in zip(range(start, min(start + b, n)), images):
-            if fresh or not os.path.exists(paths[i]):
-                save_png(img, paths[i])
-        bar.update(min(b, n - start))
+        for path, img in zip(paths[start:start + b], images):
+            if not os.path.exists(path):
+                save_png(img, path)
+        bar.update(len(paths[start:start + b]))
     bar.close()
     barrier(world)
     if rank == 0:
-        write_npz(args.npz, paths[:n], labels[:n])
+        try:
+            write_npz(args.npz, paths, labels[:n])
+        except (OSError, ValueError) as e:  # a PNG changed or broken by hand since it was made
+            raise SystemExit(f"--npz {args.npz} not written: {e}")
         print(f"wrote {n} samples to {out} and {args.npz}")
 
 # ----------------------------------------------------------------------------------------------------
@@ -216,9 +223,12 @@ def build_parser():
     p.add_argument("--gpt-model", default=None, choices=list(GPT_PRESETS), help="architecture of a LlamaGen checkpoint")
     p.add_argument("--ema", action="store_true", help="sample from the EMA weights")
     p.add_argument("--vq-ckpt", default=None, help="tokenizer checkpoint (default: the one the GPT checkpoint records)")
-    p.add_argument("--vq-model", default=None, choices=list(VQ_PRESETS), help="architecture of a LlamaGen tokenizer, e.g. VQ-16")
-    p.add_argument("--image-size", type=int, default=None, help="image side in pixels; needed for LlamaGen's checkpoints")
-    p.add_argument("--precision", default="bf16", choices=list(PRECISIONS), help="GPT weights' dtype on a GPU (a CPU uses fp32)")
+    p.add_argument("--vq-model", default=None, choices=list(VQ_PRESETS),
+                   help="architecture of a LlamaGen tokenizer, e.g. VQ-16")
+    p.add_argument("--image-size", type=int, default=None,
+                   help="image side in pixels; needed for LlamaGen's checkpoints")
+    p.add_argument("--precision", default="bf16", choices=list(PRECISIONS),
+                   help="GPT weights' dtype on a GPU (a CPU uses fp32)")
     p.add_argument("--cfg-scale", type=float, default=2.0, help="classifier-free guidance; 1.0 turns it off")
     p.add_argument("--cfg-interval", type=int, default=-1, help="stop guidance after this many tokens; -1: never")
     p.add_argument("--temperature", type=float, default=1.0)
@@ -227,10 +237,12 @@ def build_parser():
     p.add_argument("--seed", "--global-seed", dest="seed", type=int, default=0)
     p.add_argument("--batch-size", "--per-proc-batch-size", dest="batch_size", type=int, default=32,
                    help="samples per forward; part of what decides the samples (it shapes the random stream)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --out / --npz / other settings' samples")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing --out / --npz, or a --sample-dir made with other settings")
     g = p.add_argument_group("grid")
     g.add_argument("--num-samples", type=int, default=32)
-    g.add_argument("--classes", default=None, help="comma-separated class ids, repeated to fill the grid (default: drawn with --seed)")
+    g.add_argument("--classes", default=None,
+                   help="comma-separated class ids, repeated to fill the grid (default: drawn with --seed)")
     g.add_argument("--nrow", type=int, default=0, help="images per grid row; 0: a square")
     g.add_argument("--out", default="samples.png", help="the grid PNG")
     f = p.add_argument_group("FID samples (sharded over ranks under torchrun, resumable)")
@@ -268,6 +280,9 @@ def check_args(args):
         args.vq_ckpt = recorded_vq_ckpt(args.gpt_ckpt)
         if args.vq_ckpt is None:
             raise SystemExit(f"--vq-ckpt is needed: {args.gpt_ckpt} does not record which tokenizer it was trained on.")
+        if not os.path.isfile(args.vq_ckpt):
+            raise SystemExit(f"{args.gpt_ckpt} was trained with the tokenizer {args.vq_ckpt}, which does not exist "
+                             "here; give its path with --vq-ckpt.")
 
 
 def load_models(args, device):
@@ -281,9 +296,12 @@ def load_models(args, device):
         raise SystemExit(f"--image-size: {e}.")
     try:
         gpt = load_gpt(args.gpt_ckpt, preset=args.gpt_model, grid_size=grid, use_ema=args.ema, device=device)
-        check_compatible(gpt, vq, args.image_size)
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"--gpt-ckpt: {e}")
+    try:
+        check_compatible(gpt, vq, args.image_size)
+    except ValueError as e:
+        raise SystemExit(str(e))
     if device.type == "cuda":  # a CPU has no fast half-precision matmuls; fp32 there
         gpt = gpt.to(PRECISIONS[args.precision])
     else:

@@ -31,7 +31,8 @@ def save_gpt(path, vq_path=None, llamagen=False, **kw):
     with torch.no_grad():  # the zero-initialised head would make every token equally likely
         gpt.output.weight.normal_(0, 0.5)
     sd = gpt.state_dict()
-    torch.save({"model": sd} if llamagen else {"model": sd, "ema": sd, "gpt_config": asdict(cfg), "vq_ckpt": vq_path}, path)
+    ours = {"model": sd, "ema": sd, "gpt_config": asdict(cfg), "vq_ckpt": vq_path}
+    torch.save({"model": sd} if llamagen else ours, path)
     return str(path)
 
 
@@ -108,7 +109,8 @@ def test_fid_npz_shape_resume_and_sharding(ckpts, tmp_path, monkeypatch):
     args = S.build_parser().parse_args(fid_args(ckpts, d2))
     S.check_args(args)
     gpt, vq = S.load_models(args, torch.device("cpu"))
-    ranks = [threading.Thread(target=S.make_fid_samples, args=(args, gpt, vq, r, 2, torch.device("cpu"))) for r in (0, 1)]
+    cpu = torch.device("cpu")
+    ranks = [threading.Thread(target=S.make_fid_samples, args=(args, gpt, vq, r, 2, cpu)) for r in (0, 1)]
     for t in ranks:
         t.start()
     for t in ranks:
@@ -117,20 +119,23 @@ def test_fid_npz_shape_resume_and_sharding(ckpts, tmp_path, monkeypatch):
     with np.load(d2 / "samples.npz") as z:
         assert np.array_equal(z["arr_0"], arr)
 
-    # other settings in the same folder, or an existing npz, are refused
+    # other settings in the same folder are refused; with --overwrite every old PNG is made again
+    (d / "samples.npz").unlink()
     with pytest.raises(SystemExit, match="seed: 0 there, 3 now"):
-        (d / "samples.npz").unlink()
         S.main(fid_args(ckpts, d, "--seed", "3"))
-    S.main(fid_args(ckpts, d))
+    S.main(fid_args(ckpts, d, "--seed", "3", "--overwrite"))
+    S.main(fid_args(ckpts, tmp_path / "fid3", "--seed", "3"))
+    with np.load(d / "samples.npz") as z, np.load(tmp_path / "fid3" / "samples.npz") as z3:
+        assert np.array_equal(z["arr_0"], z3["arr_0"]) and not np.array_equal(z["arr_0"], arr)
     with pytest.raises(SystemExit, match="already exists; pass --overwrite"):
-        S.main(fid_args(ckpts, d))
+        S.main(fid_args(ckpts, d, "--seed", "3"))
 
 
 def test_vocab_and_grid_mismatch_and_existing_out_are_one_sentence(ckpts, tmp_path):
     big_vocab = save_gpt(tmp_path / "v32.pt", ckpts["vq"], vocab_size=32)
     with pytest.raises(SystemExit, match=r"vocabulary has 32 tokens but the tokenizer's codebook has 16"):
         S.main(["--gpt-ckpt", big_vocab, "--out", str(tmp_path / "x.png")])
-    with pytest.raises(SystemExit, match=r"--image-size 16 makes a 8x8 token grid .* GPT's grid is 4x4 \(image size 8\)"):
+    with pytest.raises(SystemExit, match=r"--image-size 16 makes a 8x8 token grid .* GPT's grid is 4x4 \(image size 8"):
         S.main(["--gpt-ckpt", ckpts["gpt"], "--image-size", "16", "--out", str(tmp_path / "x.png")])
     out = tmp_path / "mine.png"
     out.write_bytes(b"user data")
@@ -138,6 +143,15 @@ def test_vocab_and_grid_mismatch_and_existing_out_are_one_sentence(ckpts, tmp_pa
         S.main(["--gpt-ckpt", ckpts["gpt"], "--out", str(out)])
     assert out.read_bytes() == b"user data"
     assert not (tmp_path / "x.png").exists()
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "000000.png").write_bytes(b"not ours")
+    with pytest.raises(SystemExit, match="PNGs this script did not make"):
+        S.main(fid_args(ckpts, foreign))
+    assert (foreign / "000000.png").read_bytes() == b"not ours"
+    moved = save_gpt(tmp_path / "moved.pt", str(tmp_path / "gone" / "vq.pt"))
+    with pytest.raises(SystemExit, match="trained with the tokenizer .*gone.* give its path with --vq-ckpt"):
+        S.main(["--gpt-ckpt", moved, "--out", str(tmp_path / "x.png")])
 
     # the real CLI: one line on stderr, no traceback
     r = subprocess.run([sys.executable, "sample.py", "--gpt-ckpt", big_vocab, "--out", str(tmp_path / "x.png")],
