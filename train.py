@@ -1,0 +1,572 @@
+"""
+Train the GPT on a code dataset: the LlamaGen baseline, Mirai-E or Mirai-I, one process or many.
+
+    python train.py --code-path codes/fmnist --gpt-model GPT-T --global-batch-size 64 --max-steps 2000 \
+        --foresight explicit --foresight-warmup 10% --ema-decay 0.99 --vq-ckpt vq.pt
+    torchrun --nproc_per_node=8 train.py --code-path codes/imagenet256 --gpt-model GPT-B \
+        --foresight implicit --foresight-encoder dinov2_vitb14 --data-path /data/imagenet/train
+
+Writes results/NNN-<model>-<foresight>/ with log.txt, metrics.jsonl, samples/*.png and
+checkpoints/*.pt (plus last.pt). A killed run continues with --resume auto (or a checkpoint path) as
+if it had never stopped: the data order is a function of (seed, epoch), and the checkpoint holds the
+position inside the epoch and every rank's RNG state.
+"""
+import argparse
+import contextlib
+import copy
+import glob
+import json
+import math
+import os
+import re
+import sys
+import time
+from dataclasses import asdict
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from tqdm import tqdm
+
+import foresight as FS
+from data import CodeDataset
+from model import GPT, GPT_PRESETS, gpt_config, load_gpt, make_adamw
+from tokenizer import cleanup_distributed, save_atomic, setup_distributed
+
+# ----------------------------------------------------------------------------------------------------
+# Flags
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    a = p.add_argument_group("data and model")
+    a.add_argument("--code-path", required=True, help="code dataset folder from `tokenizer.py extract`")
+    a.add_argument("--data-path", default=None, help="the images the codes came from (Mirai-I); default: meta.json's")
+    a.add_argument("--results-dir", default="results")
+    a.add_argument("--gpt-model", default="GPT-B", choices=list(GPT_PRESETS))
+    a.add_argument("--gpt-ckpt", default=None, help="start from these GPT weights (ours or LlamaGen's)")
+    a.add_argument("--vq-ckpt", default=None, help="tokenizer: decodes sample grids; the 'vq' Mirai-I teacher")
+    a.add_argument("--dropout-p", type=float, default=0.1, help="residual and FFN dropout")
+    a.add_argument("--token-dropout-p", type=float, default=0.1)
+    a.add_argument("--drop-path-rate", type=float, default=0.0)
+    a.add_argument("--class-dropout-prob", type=float, default=0.1, help="label dropout for CFG")
+    f = p.add_argument_group("foresight (Mirai)")
+    f.add_argument("--foresight", default="none", choices=["none", "explicit", "implicit"])
+    f.add_argument("--foresight-level", default="representation", choices=["representation", "output"],
+                   help="align hidden states (Mirai) or predict the neighbours' tokens with extra heads")
+    f.add_argument("--foresight-depth", type=int, default=None, help="student block (1-based); default 2/3 of the layers")
+    f.add_argument("--foresight-k", type=int, default=None, help="targets per position; default 3 explicit, 1 implicit")
+    f.add_argument("--foresight-layout", default="2d", choices=["2d", "1d"])
+    f.add_argument("--foresight-coef", default="2", help="lambda: one value for all targets or one per target, comma-separated")
+    f.add_argument("--foresight-warmup", default=None,
+                   help="plain next-token training first: steps (500), epochs (15ep) or a share of the run (10%%); "
+                        "default 15ep explicit, 0 implicit")
+    f.add_argument("--foresight-schedule", default="constant", help="lambda after warm-up: constant, cosine, or 'step:scale,...'")
+    f.add_argument("--foresight-encoder", default="dinov2_vitb14",
+                   help="Mirai-I teacher: dinov2_vit{s,b,l,g}14[_reg] (torch.hub) or vq (the tokenizer's encoder, offline)")
+    f.add_argument("--foresight-proj-dim", type=int, default=None, help="projector hidden size; default 2048 from dim 768, else 2*dim")
+    o = p.add_argument_group("optimisation")
+    o.add_argument("--epochs", type=int, default=300)
+    o.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (overrides --epochs)")
+    o.add_argument("--global-batch-size", type=int, default=256)
+    o.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step on each rank")
+    o.add_argument("--lr", type=float, default=1e-4)
+    o.add_argument("--weight-decay", type=float, default=5e-2)
+    o.add_argument("--beta1", type=float, default=0.9)
+    o.add_argument("--beta2", type=float, default=0.95)
+    o.add_argument("--max-grad-norm", type=float, default=1.0)
+    o.add_argument("--ema", action="store_true", help="keep an EMA of the weights (always on for Mirai-E: it is the teacher)")
+    o.add_argument("--ema-decay", type=float, default=0.9999)
+    o.add_argument("--mixed-precision", default="bf16", choices=["none", "bf16", "fp16"], help="autocast on GPU; a CPU runs fp32")
+    o.add_argument("--compile", action="store_true", help="torch.compile the student")
+    o.add_argument("--global-seed", "--seed", dest="seed", type=int, default=0)
+    o.add_argument("--num-workers", type=int, default=None, help="data loader workers; default 4 on GPU, 0 on CPU")
+    r = p.add_argument_group("logging, checkpoints, samples")
+    r.add_argument("--log-every", type=int, default=100)
+    r.add_argument("--ckpt-every", type=int, default=5000)
+    r.add_argument("--sample-every", type=int, default=0, help="save a sample grid every N steps (0: only at the end)")
+    r.add_argument("--sample-cfg-scale", type=float, default=2.0)
+    r.add_argument("--num-sample-images", type=int, default=32)
+    r.add_argument("--eval-every", type=int, default=0, help="FID every N steps (needs fid.py's Inception weights)")
+    r.add_argument("--eval-samples", type=int, default=1000)
+    r.add_argument("--eval-reference", default=None, help="reference for FID: stats .npz, images .npz or a dataset name")
+    r.add_argument("--resume", default=None, help="a checkpoint path, or 'auto': the newest run of this model and foresight")
+    r.add_argument("--exp-name", default=None, help="experiment folder name; default NNN-<model>-<foresight>")
+    r.add_argument("--no-progress", action="store_true", help="no tqdm bar")
+    return p
+
+
+def parse_coefs(text, k):
+    try:
+        coefs = [float(c) for c in text.split(",")]
+    except ValueError:
+        raise ValueError(f"--foresight-coef {text!r}: expected numbers separated by commas") from None
+    if len(coefs) == 1:
+        coefs = coefs * k
+    if len(coefs) != k:
+        raise ValueError(f"--foresight-coef has {len(coefs)} values for {k} targets: give one, or one per target")
+    return coefs
+
+
+def parse_warmup(text, steps_per_epoch, total_steps):
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(ep|%)?\s*", text)
+    if not m:
+        raise ValueError(f"--foresight-warmup {text!r}: expected steps (500), epochs (15ep) or a share of the run (10%)")
+    value, unit = float(m.group(1)), m.group(2)
+    if unit == "ep":
+        return int(value * steps_per_epoch)
+    if unit == "%":
+        return int(value / 100 * total_steps)
+    return int(value)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Building blocks: data order, EMA, the student, checkpoints
+
+
+class EpochSampler(torch.utils.data.Sampler):
+    """This rank's items of one epoch, as flat indices image * views + view.
+
+    The order and the view of each image are drawn from a generator seeded by (seed, epoch) alone, so
+    a resumed run rebuilds them exactly and skips the items it has already seen.
+    """
+
+    def __init__(self, num_images, num_views, per_rank, seed, rank, world):
+        self.n, self.views, self.per_rank = num_images, num_views, per_rank
+        self.seed, self.rank, self.world = seed, rank, world
+        self.epoch, self.skip = 0, 0
+
+    def set_epoch(self, epoch, skip=0):
+        self.epoch, self.skip = epoch, skip
+
+    def __len__(self):
+        return self.per_rank - self.skip
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        perm = torch.randperm(self.n, generator=g)
+        view = torch.randint(self.views, (self.n,), generator=g)
+        flat = (perm * self.views + view[perm])[self.rank :: self.world][: self.per_rank]
+        return iter(flat[self.skip :].tolist())
+
+
+@torch.no_grad()
+def update_ema(ema, model, decay):
+    ema_p = [p for p in ema.parameters()]
+    model_p = [p.detach() for p in model.parameters()]
+    torch._foreach_lerp_(ema_p, model_p, 1.0 - decay)
+
+
+class Student(nn.Module):
+    """The GPT plus its foresight heads: one module, so DDP syncs both in one backward."""
+
+    def __init__(self, gpt, foresight=None, depth=None):
+        super().__init__()
+        self.gpt, self.foresight, self.depth = gpt, foresight, depth
+
+    def forward(self, x, cond, fs_targets=None):
+        layer = self.depth if self.foresight is not None else None
+        _, ntp, hidden = self.gpt(x[:, :-1], cond, targets=x, hidden_layer=layer, drop_labels=False)
+        if self.foresight is None:
+            return ntp, None
+        if fs_targets is None:
+            # warm-up: the heads sit out, but DDP wants every parameter in the graph; this costs nothing
+            return ntp, sum(p.sum() for p in self.foresight.parameters()) * 0.0
+        return ntp, self.foresight(hidden, fs_targets)
+
+
+def rng_state(device):
+    state = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state, device):
+    torch.set_rng_state(state["cpu"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def gather(obj, world):
+    if world == 1:
+        return [obj]
+    out = [None] * world
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def find_auto_resume(results_dir, suffix):
+    runs = sorted(glob.glob(os.path.join(results_dir, f"*-{suffix}", "checkpoints", "last.pt")))
+    return runs[-1] if runs else None
+
+
+def new_experiment_dir(results_dir, name, suffix):
+    os.makedirs(results_dir, exist_ok=True)
+    if name:
+        return os.path.join(results_dir, name)
+    nums = [int(m.group(1)) for d in os.listdir(results_dir) if (m := re.match(r"(\d+)-", d))]
+    return os.path.join(results_dir, f"{max(nums, default=-1) + 1:03d}-{suffix}")
+
+
+class Logger:
+    """Rank 0 writes lines to stdout and log.txt, and metrics to metrics.jsonl; other ranks stay quiet."""
+
+    def __init__(self, exp_dir, rank, bar=None):
+        self.rank, self.bar = rank, bar
+        self.log = open(os.path.join(exp_dir, "log.txt"), "a") if rank == 0 else None
+        self.metrics = open(os.path.join(exp_dir, "metrics.jsonl"), "a") if rank == 0 else None
+
+    def __call__(self, msg):
+        if self.rank != 0:
+            return
+        line = f"[{time.strftime('%Y-%m-%d %H:%M:%S')}] {msg}"
+        (self.bar.write if self.bar is not None else print)(line)
+        self.log.write(line + "\n")
+        self.log.flush()
+
+    def record(self, row):
+        if self.rank == 0:
+            self.metrics.write(json.dumps(row) + "\n")
+            self.metrics.flush()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Setup: everything that can be refused is checked before any file is written
+
+
+def check_data(args, meta, vocab, grid, classes, what):
+    """Refuse a model or tokenizer that disagrees with the code dataset, naming both numbers."""
+    for name, mine, theirs in (("vocabulary", vocab, meta["vocab_size"]), ("grid", grid, meta["grid"][0]),
+                               ("classes", classes, meta["num_classes"])):
+        if mine is not None and mine != theirs:
+            raise ValueError(f"{what} has {name} {mine}, but the codes in {args.code_path} have {name} {theirs}")
+
+
+def build_models(args, meta, device):
+    grid = meta["grid"][0]
+    overrides = dict(resid_dropout_p=args.dropout_p, ffn_dropout_p=args.dropout_p, token_dropout_p=args.token_dropout_p,
+                     drop_path_rate=args.drop_path_rate, class_dropout_prob=args.class_dropout_prob)
+    if args.gpt_ckpt:
+        gpt = load_gpt(args.gpt_ckpt, preset=args.gpt_model, grid_size=grid, **overrides)
+        c = gpt.config
+        check_data(args, meta, c.vocab_size, c.grid_size, c.num_classes, f"--gpt-ckpt {args.gpt_ckpt}")
+    else:
+        gpt = GPT(gpt_config(args.gpt_model, vocab_size=meta["vocab_size"], grid_size=grid,
+                                                 num_classes=meta["num_classes"], **overrides))
+    gpt = gpt.to(device)
+    vq = None
+    if args.vq_ckpt:
+        from tokenizer import load_vq
+
+        vq = load_vq(args.vq_ckpt, device=device)
+        check_data(args, meta, vq.config.codebook_size, vq.grid_size(meta["image_size"]), None, f"--vq-ckpt {args.vq_ckpt}")
+    return gpt, vq
+
+
+def build_foresight(args, gpt, vq, grid, device):
+    """-> (Foresight module or None, teacher callable or None, depth, coefs)."""
+    if args.foresight == "none":
+        return None, None, None, []
+    cfg = gpt.config
+    depth = args.foresight_depth or FS.default_depth(cfg.n_layer)
+    if not 1 <= depth <= cfg.n_layer:
+        raise ValueError(f"--foresight-depth {depth} is outside the model's 1..{cfg.n_layer} blocks")
+    k = args.foresight_k or (3 if args.foresight == "explicit" else 1)
+    proj = args.foresight_proj_dim or FS.default_proj_dim(cfg.dim)
+    teacher, target_dim = None, None
+    if args.foresight_level == "output":
+        mode = "output"
+    elif args.foresight == "explicit":
+        mode = "explicit"
+    else:
+        mode = "implicit"
+        if args.foresight_encoder == "vq":
+            if vq is None:
+                raise ValueError("--foresight-encoder vq needs --vq-ckpt (the tokenizer whose encoder is the teacher)")
+            teacher = FS.vq_teacher(vq, grid).to(device)
+        else:
+            teacher = FS.dinov2_teacher(args.foresight_encoder, grid).to(device)
+        target_dim = teacher.feature_dim
+    fs = FS.Foresight(mode, cfg.dim, grid, k=k, layout=args.foresight_layout, proj_dim=proj,
+                      target_dim=target_dim, vocab_size=cfg.vocab_size).to(device)
+    return fs, teacher, depth, parse_coefs(args.foresight_coef, fs.k)
+
+
+def save_checkpoint(path, state, last):
+    save_atomic(state, path)
+    tmp = f"{last}.tmp"
+    if os.path.exists(tmp):
+        os.remove(tmp)
+    try:
+        os.link(path, tmp)  # last.pt is the same file, not a second copy of the weights
+    except OSError:
+        save_atomic(state, tmp)
+    os.replace(tmp, last)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Training
+
+
+def train(args):
+    rank, world, device = setup_distributed()
+    try:
+        return _train(args, rank, world, device)
+    finally:
+        cleanup_distributed(world)
+
+
+def _train(args, rank, world, device):
+    torch.manual_seed(args.seed * world + rank)
+    if args.global_batch_size % (world * args.grad_accum):
+        raise ValueError(f"--global-batch-size {args.global_batch_size} does not split into {world} ranks x "
+                         f"{args.grad_accum} micro-batches")
+    per_rank = args.global_batch_size // world
+    micro = per_rank // args.grad_accum
+    data = CodeDataset(args.code_path, with_images=args.foresight == "implicit", random_view=False,
+                       data_path=args.data_path)
+    meta = data.meta
+    H, W = meta["grid"]
+    if H != W:
+        raise ValueError(f"{args.code_path} has a {H}x{W} grid; the GPT's 2D rotary table needs a square grid")
+    n_images = len(data.labels)
+    steps_per_epoch = n_images // args.global_batch_size
+    if steps_per_epoch == 0:
+        raise ValueError(f"--global-batch-size {args.global_batch_size} is larger than the dataset ({n_images} images)")
+    total_steps = args.max_steps or args.epochs * steps_per_epoch
+    warmup = parse_warmup(args.foresight_warmup or ("15ep" if args.foresight == "explicit" else "0"),
+                          steps_per_epoch, total_steps)
+    FS.parse_schedule(args.foresight_schedule)
+
+    gpt, vq = build_models(args, meta, device)
+    fs, teacher, depth, coefs = build_foresight(args, gpt, vq, H, device)
+    use_ema = args.ema or args.foresight == "explicit"
+    ema = copy.deepcopy(gpt).requires_grad_(False).eval() if use_ema else None
+    student = Student(gpt, fs, depth).to(device)
+    opt = make_adamw([student], lr=args.lr, weight_decay=args.weight_decay, betas=(args.beta1, args.beta2))
+
+    # where does this run live, and does it continue an earlier one?
+    suffix = f"{args.gpt_model}-{args.foresight}"
+    resume = find_auto_resume(args.results_dir, suffix) if args.resume == "auto" else args.resume
+    if resume and not os.path.isfile(resume):
+        raise FileNotFoundError(f"--resume {resume}: no such checkpoint")
+    step, epoch, in_epoch = 0, 0, 0
+    if resume:
+        ckpt = torch.load(resume, map_location="cpu", weights_only=True)
+        if ckpt.get("gpt_config") != asdict(gpt.config) or ckpt.get("foresight_setup") != foresight_setup(args, fs, depth):
+            raise ValueError(f"--resume {resume} was trained with another model or foresight setup "
+                             f"({ckpt.get('gpt_config')}, {ckpt.get('foresight_setup')}); use the flags it was made with")
+        gpt.load_state_dict(ckpt["model"])
+        if ema is not None:
+            ema.load_state_dict(ckpt["ema"] if ckpt.get("ema") is not None else ckpt["model"])
+        if fs is not None:
+            fs.load_state_dict(ckpt["foresight"])
+        opt.load_state_dict(ckpt["optimizer"])
+        step, epoch, in_epoch = ckpt["steps"], ckpt["epoch"], ckpt["step_in_epoch"]
+        if len(ckpt["rng"]) == world:
+            set_rng_state(ckpt["rng"][rank], device)
+        else:  # still a correct run, just not the same random stream as an uninterrupted one
+            print(f"note: {resume} was written by {len(ckpt['rng'])} rank(s), this run has {world}; RNG states start afresh")
+        exp_dir = os.path.dirname(os.path.dirname(os.path.abspath(resume)))
+    else:
+        exp_dir = new_experiment_dir(args.results_dir, args.exp_name, suffix) if rank == 0 else None
+        if world > 1:
+            box = [exp_dir]
+            dist.broadcast_object_list(box, src=0)
+            exp_dir = box[0]
+        if os.path.exists(os.path.join(exp_dir, "checkpoints", "last.pt")):
+            raise ValueError(f"{exp_dir} already holds a run; pass --resume auto or another --exp-name")
+    if rank == 0:
+        os.makedirs(os.path.join(exp_dir, "checkpoints"), exist_ok=True)
+        os.makedirs(os.path.join(exp_dir, "samples"), exist_ok=True)
+
+    raw_student = student
+    if args.compile:
+        student = torch.compile(student)
+    if world > 1:
+        student = nn.parallel.DistributedDataParallel(student, device_ids=[device.index] if device.type == "cuda" else None)
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.mixed_precision)
+    amp = dict(device_type=device.type, dtype=amp_dtype, enabled=device.type == "cuda" and amp_dtype is not None)
+    scaler = torch.amp.GradScaler("cuda", enabled=amp["enabled"] and amp_dtype == torch.float16)
+
+    sampler = EpochSampler(n_images, data.num_views, steps_per_epoch * per_rank, args.seed, rank, world)
+    workers = args.num_workers if args.num_workers is not None else (4 if device.type == "cuda" else 0)
+    loader = torch.utils.data.DataLoader(
+        data, batch_size=micro, sampler=sampler, num_workers=workers, drop_last=True,
+        pin_memory=device.type == "cuda", persistent_workers=False,
+        generator=torch.Generator(),  # its own: iterating must not draw from the training RNG
+    )
+
+    bar = tqdm(total=total_steps, initial=step, disable=rank != 0 or args.no_progress, dynamic_ncols=True, desc="train")
+    log = Logger(exp_dir, rank, bar)
+    if resume:
+        log(f"resumed from {resume} at step {step} (epoch {epoch}, {in_epoch} steps into it)")
+    else:
+        log(f"command: {' '.join(sys.argv)}")
+    log(f"{args.gpt_model}: {gpt.num_params() / 1e6:.2f}M parameters, vocabulary {meta['vocab_size']}, grid {H}x{W}, "
+        f"{meta['num_classes']} classes; {n_images} images x {data.num_views} views; {steps_per_epoch} steps/epoch, "
+        f"{total_steps} steps; {world} rank(s) x {args.grad_accum} x {micro} = batch {args.global_batch_size} on {device}")
+    if fs is not None:
+        log(f"foresight {args.foresight} at the {args.foresight_level} level: depth {depth}, {fs.k} target(s), layout {args.foresight_layout}, "
+            f"lambda {coefs}, warm-up {warmup} steps, schedule {args.foresight_schedule}, "
+            f"projectors {sum(p.numel() for p in fs.parameters()) / 1e6:.2f}M")
+    coef_t = torch.tensor(coefs, device=device)
+    ckpt_dir = os.path.join(exp_dir, "checkpoints")
+    ema_decay = args.ema_decay
+
+    def checkpoint():
+        state = {
+            "model": gpt.state_dict(), "ema": ema.state_dict() if ema is not None else None,
+            "optimizer": opt.state_dict(), "steps": step, "epoch": epoch, "step_in_epoch": in_epoch,
+            "args": vars(args), "gpt_config": asdict(gpt.config),
+            "foresight": fs.state_dict() if fs is not None else None, "foresight_setup": foresight_setup(args, fs, depth),
+            "rng": gather(rng_state(device), world), "vq_ckpt": args.vq_ckpt, "data_meta": meta,
+        }
+        if rank == 0:
+            save_checkpoint(os.path.join(ckpt_dir, f"{step:07d}.pt"), state, os.path.join(ckpt_dir, "last.pt"))
+            log(f"saved checkpoint {ckpt_dir}/{step:07d}.pt")
+
+    # running sums since the last log line, kept on the device (no sync per step)
+    sums = torch.zeros(3 + len(coefs), device=device)  # ntp, grad norm, steps with foresight on, its losses
+    count, t_log = 0, time.perf_counter()
+
+    def check_and_log(force_check=False):
+        nonlocal count, t_log
+        if count == 0:
+            return
+        s = sums.clone()
+        if world > 1:
+            dist.all_reduce(s)
+            s /= world
+        fs_steps = s[2].item()
+        s[3:] /= max(fs_steps, 1.0)  # the foresight losses average over the steps they were on
+        s[:2] /= count
+        s = s.tolist()
+        if not all(math.isfinite(v) for v in s):
+            last = os.path.join(ckpt_dir, "last.pt")
+            raise FloatingPointError(f"the loss became {s[0]} (foresight {s[3:]}) before step {step}; stopping. "
+                                     f"The last good checkpoint is {last if os.path.exists(last) else 'none yet'}")
+        dt = time.perf_counter() - t_log
+        row = {"step": step, "epoch": epoch, "loss": s[0], "grad_norm": s[1], "lr": opt.param_groups[0]["lr"],
+               "steps_per_sec": count / dt, "tokens_per_sec": count * args.global_batch_size * H * W / dt}
+        if coefs and fs_steps:
+            scale = FS.coef_schedule(step - 1, total_steps, warmup, args.foresight_schedule)
+            row["foresight"] = s[3:]
+            row["foresight_coef"] = [c * scale for c in coefs]
+        log.record(row)
+        msg = f"step {step:7d} | loss {s[0]:.4f}"
+        if "foresight" in row:
+            msg += " | foresight " + " ".join(f"{v:.4f}" for v in s[3:]) + f" x {row['foresight_coef'][0]:.3g}"
+        log(msg + f" | grad {s[1]:.3f} | {row['steps_per_sec']:.2f} steps/s")
+        sums.zero_()
+        count, t_log = 0, time.perf_counter()
+
+    def samples():
+        if vq is None or rank != 0:
+            return
+        from sample import sample_images, save_grid
+
+        labels = torch.arange(args.num_sample_images) % meta["num_classes"]
+        imgs = sample_images(ema if ema is not None else gpt, vq, labels, cfg_scale=args.sample_cfg_scale,
+                             generator=torch.Generator(device=device).manual_seed(args.seed))
+        path = os.path.join(exp_dir, "samples", f"{step:07d}.png")
+        save_grid(imgs, path, nrow=int(math.ceil(math.sqrt(len(labels)))))
+        log(f"saved samples {path}")
+        gpt.train()
+
+    def evaluate():
+        from fid import evaluate_gpt
+
+        result = evaluate_gpt(ema if ema is not None else gpt, vq, args, device, rank, world)
+        if result is not None:
+            log("eval " + " | ".join(f"{k} {v:.4f}" for k, v in result.items()))
+            log.record({"step": step, **{f"eval_{k}": v for k, v in result.items()}})
+        gpt.train()
+
+    if not resume:
+        # training's own random stream: not shifted by whichever optional models were built above
+        torch.manual_seed(args.seed * world + rank + 1_000_003)
+    if ema is not None and step == 0:
+        update_ema(ema, gpt, 0.0)  # the EMA starts as a copy of the initial weights
+    gpt.train()
+    while step < total_steps:
+        sampler.set_epoch(epoch, in_epoch * per_rank)
+        batches = iter(loader)
+        for _ in range(steps_per_epoch - in_epoch):
+            scale = FS.coef_schedule(step, total_steps, warmup, args.foresight_schedule) if coefs else 0.0
+            for micro_step in range(args.grad_accum):
+                batch = next(batches)
+                x = batch[0].to(device, non_blocking=True)
+                y = batch[1].to(device, non_blocking=True)
+                sync = micro_step == args.grad_accum - 1 or world == 1
+                with (contextlib.nullcontext() if sync else student.no_sync()), torch.autocast(**amp):
+                    cond = gpt.cls_embedding.drop(y)  # student and teacher see the same (dropped) labels
+                    targets = None
+                    if scale > 0:
+                        if fs.mode == "explicit":
+                            targets = FS.ema_targets(ema, x[:, :-1], cond, depth)
+                        elif fs.mode == "implicit":
+                            targets = teacher(batch[3].to(device, non_blocking=True))
+                        else:
+                            targets = x
+                    ntp, fs_losses = student(x, cond, targets)
+                    loss = ntp
+                    if fs_losses is not None:
+                        loss = loss + ((coef_t * scale * fs_losses).sum() if scale > 0 else fs_losses)
+                scaler.scale(loss / args.grad_accum).backward()
+                sums[0] += ntp.detach() / args.grad_accum
+                if fs_losses is not None and scale > 0:
+                    sums[3:] += fs_losses.detach() / args.grad_accum
+            scaler.unscale_(opt)
+            if fs is not None and scale == 0:
+                for p in fs.parameters():  # warm-up: the heads are not stepped (nor weight-decayed) yet
+                    p.grad = None
+            sums[1] += nn.utils.clip_grad_norm_(raw_student.parameters(), args.max_grad_norm)
+            sums[2] += float(scale > 0)
+            scaler.step(opt)
+            scaler.update()
+            opt.zero_grad(set_to_none=True)
+            if ema is not None:
+                update_ema(ema, gpt, ema_decay)
+            step, in_epoch, count = step + 1, in_epoch + 1, count + 1
+            if in_epoch == steps_per_epoch:  # before any checkpoint, so a resume starts the next epoch
+                epoch, in_epoch = epoch + 1, 0
+            bar.update(1)
+            last = step == total_steps
+            if step % args.log_every == 0 or last:
+                check_and_log()
+            if step % args.ckpt_every == 0 or last:
+                check_and_log()
+                checkpoint()
+            if (args.sample_every and step % args.sample_every == 0) or last:
+                samples()
+            if args.eval_every and (step % args.eval_every == 0 or last):
+                evaluate()
+            if last:
+                break
+    bar.close()
+    log(f"done: {step} steps in {exp_dir}")
+    return exp_dir
+
+
+def foresight_setup(args, fs, depth):
+    """What a resumed run must share with the checkpoint for the heads to mean the same thing."""
+    if fs is None:
+        return None
+    return {"mode": fs.mode, "k": fs.k, "depth": depth, "layout": args.foresight_layout,
+            "encoder": args.foresight_encoder if fs.mode == "implicit" else None}
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    try:
+        return train(args)
+    except (ValueError, FileNotFoundError, RuntimeError, FloatingPointError) as e:
+        if os.environ.get("MIRAI_DEBUG"):
+            raise
+        raise SystemExit(f"error: {e}") from None
+
+
+if __name__ == "__main__":
+    main()
