@@ -3,6 +3,7 @@
 Run: python -m pytest -q test_all.py
 """
 import os
+import re
 from dataclasses import asdict
 from pathlib import Path
 
@@ -233,3 +234,276 @@ def test_checkpoint_mismatch_is_explained(tmp_path, llamagen_tiny):
         M.load_gpt(tmp_path / "nope.pt")
     with pytest.raises(ValueError, match="GPT-Q.*unknown"):
         M.gpt_config("GPT-Q")
+
+
+# ====================================================================================================
+# foresight.py
+
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+
+import foresight as FS
+import train as TR
+
+ROOT = Path(__file__).parent
+
+
+def test_2d_neighbours_are_masked_at_edges_never_wrapped():
+    pairs = FS.neighbour_pairs(3, 3, "2d", num_targets=8)  # explicit: cell 8 is never read
+    s, t = pairs[1]  # (0, +1)
+    assert dict(zip(s.tolist(), t.tolist())) == {0: 1, 1: 2, 3: 4, 4: 5, 6: 7}  # no 2->3, 5->6 wrap, no 7->8
+    s, t = pairs[2]  # (+1, 0)
+    assert dict(zip(s.tolist(), t.tolist())) == {0: 3, 1: 4, 2: 5, 3: 6, 4: 7}
+    assert torch.equal(pairs[0][0], torch.arange(8)) and torch.equal(pairs[0][1], torch.arange(8))
+    s, t = FS.neighbour_pairs(3, 4, "2d", num_targets=9)[3]  # (1, 1) for an encoder: cell 8 is a target
+    assert dict(zip(s.tolist(), t.tolist())) == {0: 4, 1: 5, 3: 7, 4: 8}
+    assert FS.NEIGHBOURS_2D[3:] == ((1, 1), (0, 2), (1, 2), (2, 2), (2, 1), (2, 0))
+    with pytest.raises(ValueError, match="foresight-k 10"):
+        FS.neighbour_pairs(4, 10, "2d")
+
+
+def test_1d_layout_takes_the_next_tokens_in_raster_order():
+    pairs = FS.neighbour_pairs(3, 3, "1d", num_targets=8)
+    s, t = pairs[2]  # two steps later, across the row end (that is the 1D sequence's own future)
+    assert s.tolist() == [0, 1, 2, 3, 4, 5] and t.tolist() == [2, 3, 4, 5, 6, 7]
+
+
+def direct_cos_loss(fs, hidden, targets, offsets, explicit, grid):
+    """The loss written out pair by pair, with plain nn.Linear heads made from the stacked weights."""
+    P = fs.projectors
+    losses = []
+    for j, (dy, dx) in enumerate(offsets):
+        def head(v):
+            h = torch.nn.functional.silu(v @ P.w1[:, j * P.hidden:(j + 1) * P.hidden] + P.b1[j * P.hidden:(j + 1) * P.hidden])
+            h = torch.nn.functional.silu(h @ P.w2[j] + P.b2[j, 0])
+            return h @ P.w3[j] + P.b3[j, 0]
+        terms = []
+        for cell in range(grid * grid - 1):
+            r, c = divmod(cell, grid)
+            tr, tc = r + dy, c + dx
+            tcell = tr * grid + tc
+            if tr >= grid or tc >= grid or (explicit and tcell >= grid * grid - 1):
+                continue
+            tgt = targets[:, tcell + 1] if explicit else targets[:, tcell]
+            terms.append(-torch.nn.functional.cosine_similarity(head(hidden[:, cell + 1]), tgt, dim=-1))
+        losses.append(torch.stack(terms).mean())
+    return torch.stack(losses)
+
+
+def test_explicit_loss_equals_direct_computation():
+    torch.manual_seed(0)
+    fs = FS.Foresight("explicit", dim=8, grid=3, k=4, proj_dim=16)
+    hidden, targets = torch.randn(2, 9, 8), torch.randn(2, 9, 8)
+    want = direct_cos_loss(fs, hidden, targets, FS.NEIGHBOURS_2D[:4], True, 3)
+    torch.testing.assert_close(fs(hidden, targets), want)
+
+
+def test_implicit_pairs_student_that_read_cell_with_patch_of_that_cell():
+    torch.manual_seed(0)
+    fs = FS.Foresight("implicit", dim=8, grid=3, k=1, proj_dim=16, target_dim=5)
+    s, t = fs.pairs(0)
+    assert torch.equal(s, t) and s.tolist() == list(range(8))
+    hidden, feats = torch.randn(2, 9, 8), torch.randn(2, 9, 5)
+    torch.testing.assert_close(fs(hidden, feats), direct_cos_loss(fs, hidden, feats, [(0, 0)], False, 3))
+    # moving patch (r, c) changes exactly the loss term of the student at position r*W + c + 1
+    feats2 = feats.clone()
+    feats2[:, 8] = torch.randn(2, 5)  # the last cell is never read: no student pairs with it
+    torch.testing.assert_close(fs(hidden, feats2), fs(hidden, feats))
+
+
+def test_output_level_heads_predict_the_neighbours_next_token():
+    torch.manual_seed(0)
+    fs = FS.Foresight("output", dim=8, grid=3, k=3, proj_dim=16, vocab_size=7)
+    assert fs.k == 2  # the (0, 0) target is the model's own next-token head
+    hidden, tokens = torch.randn(2, 9, 8), torch.randint(0, 7, (2, 9))
+    s, t = fs.pairs(0)  # (0, 1): the position that read cell t predicts token t + 1
+    proj = fs.projectors(hidden[:, 1:].reshape(-1, 8)).view(2, 2, 8, 7)[0]
+    want = torch.nn.functional.cross_entropy(proj[:, s].reshape(-1, 7), tokens[:, t + 1].reshape(-1))
+    torch.testing.assert_close(fs(hidden, tokens)[0], want)
+
+
+def test_coefficient_schedules_and_warmup():
+    assert FS.coef_schedule(9, 100, 10) == 0.0 and FS.coef_schedule(10, 100, 10) == 1.0
+    assert FS.coef_schedule(10, 110, 10, "cosine") == 1.0
+    assert abs(FS.coef_schedule(60, 110, 10, "cosine") - 0.5) < 1e-9
+    assert FS.coef_schedule(5, 100, 0, "50:0.5,80:0") == 1.0
+    assert FS.coef_schedule(60, 100, 0, "50:0.5,80:0") == 0.5 and FS.coef_schedule(90, 100, 0, "50:0.5,80:0") == 0.0
+    assert TR.parse_warmup("15ep", 100, 10_000) == 1500 and TR.parse_warmup("10%", 100, 2000) == 200
+    assert TR.parse_warmup("250", 100, 2000) == 250
+    with pytest.raises(ValueError, match="foresight-warmup"):
+        TR.parse_warmup("soon", 1, 1)
+    with pytest.raises(ValueError, match="foresight-schedule"):
+        FS.parse_schedule("linear")
+
+
+def test_ema_teacher_is_the_ema_weights_up_to_depth_and_gets_no_gradient():
+    student = tiny_gpt(seed=1).train()
+    ema = tiny_gpt(seed=2).requires_grad_(False)
+    TR.update_ema(ema, student, 0.0)
+    assert all(torch.equal(a, b) for a, b in zip(ema.parameters(), student.parameters()))
+    before = [p.clone() for p in ema.parameters()]
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(1.0)
+    TR.update_ema(ema, student, 0.9)
+    for e, b, s in zip(ema.parameters(), before, student.parameters()):
+        torch.testing.assert_close(e, 0.9 * b + 0.1 * s)
+    idx, cond = torch.randint(0, 16, (2, 8)), torch.tensor([1, 2])
+    t = FS.ema_targets(ema, idx, cond, 1)
+    h = ema.layers[0](ema.embed(idx, cond, drop_labels=False), ema.rope[:9])
+    assert torch.equal(t, h) and not t.requires_grad
+    fs = FS.Foresight("explicit", dim=32, grid=3, k=3, proj_dim=16)
+    _, loss, hidden = student(idx, cond, targets=torch.randint(0, 16, (2, 9)), hidden_layer=1)
+    (loss + fs(hidden, t).sum()).backward()
+    assert all(p.grad is None for p in ema.parameters())
+    assert student.layers[0].attention.wqkv.weight.grad is not None and fs.projectors.w1.grad is not None
+    assert ema.training is False
+
+
+def test_image_teacher_resizes_and_normalises_and_refuses_a_grid_mismatch():
+    class Fake(torch.nn.Module):  # stands in for DINOv2: 14x14 patches, mean-pooled pixels as "features"
+        def forward_features(self, x):
+            p = torch.nn.functional.avg_pool2d(x, 14)
+            return {"x_norm_patchtokens": p.flatten(2).transpose(1, 2)}
+
+    teacher = FS.ImageEncoderTeacher(Fake(), grid=2, feature_dim=3, input_size=28, mean=FS.IMAGENET_MEAN,
+                                     std=FS.IMAGENET_STD, kind="dinov2")
+    img = torch.zeros(1, 3, 16, 16, dtype=torch.uint8)
+    img[:, :, :8, 8:] = 255  # top-right quarter white: patch (0, 1)
+    feats = teacher(img)
+    assert feats.shape == (1, 4, 3)
+    white = (1 - torch.tensor(FS.IMAGENET_MEAN)) / torch.tensor(FS.IMAGENET_STD)
+    assert torch.allclose(feats[0, 1], white, atol=0.05) and feats[0, 1].sum() > feats[0, 0].sum() + 5
+    with pytest.raises(ValueError, match="teacher gives 4 patches"):
+        FS.ImageEncoderTeacher(Fake(), grid=3, feature_dim=3, input_size=28, kind="dinov2")(img)
+    with pytest.raises(ValueError, match="foresight-encoder"):
+        FS.dinov2_teacher("dinov3_vitb16", 16)
+
+
+# ====================================================================================================
+# train.py
+
+
+def write_code_dataset(root, n=48, grid=4, vocab=32, classes=3, views=2, seed=0):
+    """A learnable code dataset: each class is a fixed token pattern, a few tokens noised per view."""
+    rng = np.random.default_rng(seed)
+    patterns = rng.integers(0, vocab, (classes, grid * grid))
+    labels = np.arange(n) % classes
+    codes = np.repeat(patterns[labels][:, None], views, axis=1)
+    noise = rng.random(codes.shape) < 0.1
+    codes[noise] = rng.integers(0, vocab, noise.sum())
+    os.makedirs(root, exist_ok=True)
+    np.save(root / "codes.npy", codes.astype(np.int16))
+    np.save(root / "labels.npy", labels.astype(np.int64))
+    meta = {"grid": [grid, grid], "vocab_size": vocab, "num_classes": classes, "image_size": 16, "views": "flip",
+            "num_views": views, "dataset": "folder", "split": "train", "data_path": None, "tokenizer": None,
+            "tokenizer_config": {}, "num_images": n}
+    (root / "meta.json").write_text(json.dumps(meta))
+    return root
+
+
+@pytest.fixture(scope="module")
+def codes_dir(tmp_path_factory):
+    return write_code_dataset(tmp_path_factory.mktemp("codes"))
+
+
+def run_train(tmp, codes, *extra, name="run"):
+    args = ["--code-path", str(codes), "--results-dir", str(tmp), "--exp-name", name, "--gpt-model", "GPT-T",
+            "--global-batch-size", "8", "--log-every", "5", "--ckpt-every", "1000", "--no-progress", *extra]
+    return Path(TR.main(args))
+
+
+def metrics(exp):
+    return [json.loads(line) for line in (exp / "metrics.jsonl").read_text().splitlines()]
+
+
+def state(exp, step):
+    return torch.load(exp / "checkpoints" / f"{step:07d}.pt", weights_only=True)
+
+
+@pytest.mark.parametrize("variant", [
+    ["--foresight", "none"],
+    ["--foresight", "explicit", "--foresight-warmup", "5", "--ema-decay", "0.9"],
+    ["--foresight", "explicit", "--foresight-level", "output", "--foresight-warmup", "0"],
+])
+def test_each_variant_reduces_the_loss(tmp_path, codes_dir, variant):
+    exp = run_train(tmp_path, codes_dir, "--max-steps", "40", "--lr", "2e-3", *variant)
+    rows = metrics(exp)
+    assert rows[-1]["loss"] < rows[0]["loss"] - 0.5
+    ckpt = state(exp, 40)
+    assert set(ckpt) >= {"model", "ema", "optimizer", "steps", "epoch", "args", "gpt_config", "rng"}
+    assert ckpt["steps"] == 40 and ckpt["epoch"] == 40 // 6 and ckpt["step_in_epoch"] == 40 % 6
+    # what LlamaGen reads: a bare GPT state_dict under "model"
+    assert set(ckpt["model"]) == set(M.GPT(M.GPTConfig(**ckpt["gpt_config"])).state_dict())
+    if variant[1] == "explicit" and variant[-1] != "0":
+        assert "foresight" not in rows[0] and rows[-1]["foresight"][0] < rows[1]["foresight"][0]
+
+
+def test_warmup_keeps_the_foresight_heads_untouched(tmp_path, codes_dir):
+    exp = run_train(tmp_path, codes_dir, "--max-steps", "6", "--foresight", "explicit", "--foresight-warmup", "100",
+                    "--ckpt-every", "6")
+    torch.manual_seed(0)
+    ckpt = state(exp, 6)
+    assert all("foresight" not in r for r in metrics(exp))
+    assert all(not ckpt["optimizer"]["state"].get(i) for i in range(len(ckpt["optimizer"]["param_groups"][0]["params"]), 0))
+    fresh = TR.Student(M.GPT(M.GPTConfig(**ckpt["gpt_config"])))
+    n_gpt = len(list(fresh.parameters()))
+    stepped = set(ckpt["optimizer"]["state"])
+    n_all = sum(len(g["params"]) for g in ckpt["optimizer"]["param_groups"])
+    assert len(stepped) == n_gpt and n_all == n_gpt + 6  # the 6 projector tensors were never stepped
+
+
+def test_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path, codes_dir):
+    common = ["--foresight", "explicit", "--foresight-warmup", "3", "--ema-decay", "0.9", "--ckpt-every", "4"]
+    full = run_train(tmp_path, codes_dir, "--max-steps", "10", *common, name="full")
+    half = run_train(tmp_path, codes_dir, "--max-steps", "4", *common, name="half")  # "killed" after step 4
+    run_train(tmp_path, codes_dir, "--max-steps", "10", *common, "--resume", str(half / "checkpoints" / "last.pt"))
+    a, b = state(full, 10), state(half, 10)
+    for key in ("model", "ema", "foresight"):
+        assert all(torch.equal(a[key][k], b[key][k]) for k in a[key]), key
+    for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+        assert torch.equal(sa["exp_avg_sq"], sb["exp_avg_sq"])
+
+
+def test_ddp_with_two_gloo_processes_equals_one_process(tmp_path, codes_dir):
+    common = ["--code-path", str(codes_dir), "--results-dir", str(tmp_path), "--gpt-model", "GPT-T",
+              "--global-batch-size", "8", "--max-steps", "3", "--ckpt-every", "3", "--no-progress", "--lr", "1e-3",
+              "--dropout-p", "0", "--token-dropout-p", "0", "--class-dropout-prob", "0",
+              "--foresight", "explicit", "--foresight-warmup", "1", "--ema-decay", "0.5"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
+                    str(ROOT / "train.py"), *common, "--exp-name", "ddp"], check=True, env=env, capture_output=True)
+    TR.main([*common, "--exp-name", "single"])
+    a = torch.load(tmp_path / "ddp" / "checkpoints" / "0000003.pt", weights_only=True)
+    b = torch.load(tmp_path / "single" / "checkpoints" / "0000003.pt", weights_only=True)
+    assert len(a["rng"]) == 2
+    for key in ("model", "ema", "foresight"):
+        for k in a[key]:
+            torch.testing.assert_close(a[key][k], b[key][k], atol=1e-5, rtol=1e-4)
+    assert not torch.equal(a["model"]["output.weight"], torch.zeros_like(a["model"]["output.weight"]))
+
+
+def test_bad_flags_fail_with_one_sentence(tmp_path, codes_dir, capsys):
+    def fails(*extra, match):
+        with pytest.raises(SystemExit) as e:
+            run_train(tmp_path, codes_dir, "--max-steps", "1", *extra)
+        msg = str(e.value)
+        assert msg.startswith("error: ") and "\n" not in msg and re.search(match, msg), msg
+        assert not (tmp_path / "run" / "checkpoints" / "last.pt").exists()
+
+    fails("--foresight", "explicit", "--foresight-coef", "1,2", match="2 values for 3 targets")
+    fails("--foresight", "explicit", "--foresight-depth", "9", match="outside the model's 1..4 blocks")
+    fails("--foresight", "implicit", "--foresight-encoder", "vq", match="needs --data-path")
+    fails("--global-batch-size", "64", match="larger than the dataset")
+    fails("--foresight", "explicit", "--foresight-warmup", "later", match="foresight-warmup")
+    other = write_code_dataset(tmp_path / "other", vocab=40)
+    gpt = run_train(tmp_path, other, "--max-steps", "1", "--ckpt-every", "1", name="v40")
+    fails("--gpt-ckpt", str(gpt / "checkpoints" / "last.pt"), match="vocabulary 40, but the codes .* vocabulary 32")
+    with pytest.raises(SystemExit, match="no such checkpoint"):
+        run_train(tmp_path, codes_dir, "--max-steps", "1", "--resume", str(tmp_path / "nope.pt"))
+    with pytest.raises(SystemExit, match="not a code dataset"):
+        run_train(tmp_path, tmp_path / "empty", "--max-steps", "1")
