@@ -94,13 +94,15 @@ def test_load_vq_reads_llamagen_and_our_formats_and_explains_mismatches(tmp_path
 
     with pytest.raises(ValueError, match="stores no config"):
         T.load_vq(str(tmp_path / "llamagen.pt"))
-    with pytest.raises(ValueError, match=r"shapes differ.*quant_conv.weight \(8, 32, 1, 1\) vs \(8, 64, 1, 1\)"):
+    shapes = r"shapes differ.*quant_conv.weight \(8, 32, 1, 1\) vs \(8, 64, 1, 1\)"
+    with pytest.raises(ValueError, match=shapes):
         T.load_vq(str(tmp_path / "llamagen.pt"), preset="VQ-S")
     broken = dict(sd)
     broken.pop("encoder.conv_in.bias")
     broken["extra.weight"] = torch.zeros(1)
     torch.save({"model": broken}, tmp_path / "broken.pt")
-    with pytest.raises(ValueError, match=r"1 missing keys: encoder.conv_in.bias; 1 unexpected keys: extra.weight"):
+    keys = r"1 missing keys: encoder.conv_in.bias; 1 unexpected keys: extra.weight"
+    with pytest.raises(ValueError, match=keys):
         T.load_vq(str(tmp_path / "broken.pt"), preset=cfg)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         T.load_vq(str(tmp_path / "nope.pt"))
@@ -110,8 +112,9 @@ def test_training_reduces_reconstruction_loss_and_resumes(tmp_path, monkeypatch)
     folder = make_image_folder(tmp_path / "images")
     monkeypatch.setitem(T.VQ_PRESETS, "VQ-T", TINY_VQ)
     out = tmp_path / "run"
-    argv = (f"train --dataset folder --data-path {folder} --image-size 16 --vq-model VQ-T --results-dir {out} "
-            "--global-batch-size 8 --lr 2e-3 --log-every 10 --sample-every 60 --ckpt-every 30 --disc-start 50 "
+    argv = (f"train --dataset folder --data-path {folder} --image-size 16 --vq-model VQ-T "
+            f"--results-dir {out} --global-batch-size 8 --lr 2e-3 --log-every 10 --sample-every 60 "
+            "--ckpt-every 30 --disc-start 50 "
             "--disc-weight 0.05 --grid-images 4 --l1-weight 0.1").split()
     last = T.main(argv + ["--steps", "60"])
     assert Path(last) == out / "checkpoints" / "0000060.pt"
@@ -171,10 +174,11 @@ def test_extract_writes_what_code_dataset_reads(tmp_path):
     assert np.load(out / "codes.npy", mmap_mode="r").shape == (10, 1, 64)
 
 
-def test_extract_with_a_wrong_checkpoint_ends_with_one_sentence(tmp_path):
+def test_a_wrong_checkpoint_ends_with_one_sentence(tmp_path):
     folder = make_image_folder(tmp_path / "images", per_class=1)
     (tmp_path / "notes.txt").write_text("not a checkpoint")
-    torch.save({"model": {"tok_embeddings.weight": torch.zeros(4, 4)}, "config": {"n_layer": 2}}, tmp_path / "gpt.pt")
+    gpt_like = {"model": {"tok_embeddings.weight": torch.zeros(4, 4)}, "config": {"n_layer": 2}}
+    torch.save(gpt_like, tmp_path / "gpt.pt")
     torch.save({"model": T.VQModel(TINY_VQ).state_dict()}, tmp_path / "bare.pt")
     cases = [("notes.txt", [], "not a readable PyTorch checkpoint"),
              ("gpt.pt", [], "not a VQ tokenizer's"),
@@ -188,3 +192,8 @@ def test_extract_with_a_wrong_checkpoint_ends_with_one_sentence(tmp_path):
             T.main(argv)
         assert str(e.value).startswith("--vq-ckpt") and "\n" not in str(e.value)
     assert not (tmp_path / "codes").exists()  # nothing was written
+
+    train = (f"train --dataset folder --data-path {folder} --image-size 16 --results-dir {tmp_path / 'run'} "
+             f"--resume {tmp_path / 'bare.pt'}").split()
+    with pytest.raises(SystemExit, match="is not a checkpoint of `tokenizer.py train`"):
+        T.main(train)

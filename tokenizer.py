@@ -23,6 +23,8 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
+import data
+
 # ----------------------------------------------------------------------------------------------------
 # Config and presets
 # ----------------------------------------------------------------------------------------------------
@@ -233,7 +235,8 @@ class VectorQuantizer(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         self.n_e, self.e_dim, self.l2_norm = cfg.codebook_size, cfg.codebook_embed_dim, cfg.codebook_l2_norm
-        self.beta, self.entropy_ratio, self.show_usage = cfg.commit_loss_beta, cfg.entropy_loss_ratio, cfg.codebook_show_usage
+        self.beta, self.entropy_ratio = cfg.commit_loss_beta, cfg.entropy_loss_ratio
+        self.show_usage = cfg.codebook_show_usage
         self.embedding = nn.Embedding(self.n_e, self.e_dim)
         with torch.no_grad():
             self.embedding.weight.uniform_(-1.0 / self.n_e, 1.0 / self.n_e)
@@ -371,7 +374,8 @@ def load_vq(path, preset=None, device="cpu"):
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise ValueError(f"VQ checkpoint {path} is not a readable PyTorch checkpoint ({type(e).__name__})") from None
+        raise ValueError(f"VQ checkpoint {path} is not a readable PyTorch checkpoint "
+                         f"({type(e).__name__})") from None
     if not isinstance(ckpt, dict):
         raise ValueError(f"VQ checkpoint {path} holds a {type(ckpt).__name__}, expected a dict")
     if "config" in ckpt:  # our own format: the stored config wins over any preset
@@ -494,8 +498,8 @@ def find_resume(args):
     existing = sorted(f for f in os.listdir(ckpt_dir) if f.endswith(".pt")) if os.path.isdir(ckpt_dir) else []
     if args.resume is None:
         if existing:
-            raise SystemExit(f"--results-dir {args.results_dir} already holds checkpoints; pass --resume auto "
-                             "to continue that run or choose another folder.")
+            raise SystemExit(f"--results-dir {args.results_dir} already holds checkpoints; pass "
+                             "--resume auto to continue that run or choose another folder.")
         return None
     if args.resume == "auto":
         return os.path.join(ckpt_dir, existing[-1]) if existing else None
@@ -505,27 +509,35 @@ def find_resume(args):
 
 
 def train(args):
-    import data  # noqa: deferred so that the model can be used without data.py's dependencies
-
     rank, world, device = setup_distributed()
     torch.manual_seed(args.seed * world + rank)
     try:
         cfg = get_config(args.vq_model)
     except ValueError as e:
         raise SystemExit(f"--vq-model: {e}.")
-    cfg.commit_loss_beta, cfg.entropy_loss_ratio, cfg.dropout_p = args.commit_loss_beta, args.entropy_loss_ratio, args.dropout_p
+    cfg.commit_loss_beta, cfg.entropy_loss_ratio = args.commit_loss_beta, args.entropy_loss_ratio
+    cfg.dropout_p = args.dropout_p
     if args.codebook_size:
         cfg.codebook_size = args.codebook_size
     if args.codebook_embed_dim:
         cfg.codebook_embed_dim = args.codebook_embed_dim
     if args.global_batch_size % world != 0:
-        raise SystemExit(f"--global-batch-size {args.global_batch_size} is not divisible by the {world} processes.")
+        raise SystemExit(f"--global-batch-size {args.global_batch_size} is not divisible by the "
+                         f"{world} processes.")
     batch = args.global_batch_size // world
 
     resume_path = find_resume(args)
     ckpt = None
     if resume_path:
-        ckpt = torch.load(resume_path, map_location="cpu", weights_only=True)
+        try:
+            ckpt = torch.load(resume_path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise SystemExit(f"--resume {resume_path} is not a readable PyTorch checkpoint "
+                             f"({type(e).__name__}).") from None
+        needed = ("model", "config", "optimizer", "disc", "disc_optimizer", "steps")
+        if not isinstance(ckpt, dict) or any(k not in ckpt for k in needed):
+            raise SystemExit(f"--resume {resume_path} is not a checkpoint of `tokenizer.py train` "
+                             f"(it lacks some of {', '.join(needed)}).")
         if VQConfig(**ckpt["config"]) != cfg:
             raise SystemExit(f"--resume {resume_path} was trained with another tokenizer config than "
                              f"--vq-model {args.vq_model} and the flags given now: {ckpt['config']}.")
@@ -558,11 +570,13 @@ def train(args):
         raise SystemExit(f"--image-size: {e}.")
     per_epoch = len(dataset) // args.global_batch_size
     if per_epoch == 0:
-        raise SystemExit(f"--global-batch-size {args.global_batch_size} is larger than the dataset ({len(dataset)} images).")
+        raise SystemExit(f"--global-batch-size {args.global_batch_size} is larger than the dataset "
+                         f"({len(dataset)} images).")
     total = args.steps if args.steps else args.epochs * per_epoch
     fixed = torch.stack([dataset[i][0] for i in range(min(args.grid_images, len(dataset)))]).to(device)
 
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda" and args.mixed_precision == "bf16")
+    use_bf16 = device.type == "cuda" and args.mixed_precision == "bf16"
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_bf16)
     log_file = metrics_file = None
     if rank == 0:
         os.makedirs(os.path.join(args.results_dir, "checkpoints"), exist_ok=True)
@@ -586,8 +600,10 @@ def train(args):
         return path
 
     n_params = sum(p.numel() for p in raw_model.parameters())
-    log(f"VQ {args.vq_model}: {n_params / 1e6:.2f}M parameters, codebook {cfg.codebook_size}x{cfg.codebook_embed_dim}, "
-        f"grid {raw_model.grid_size(args.image_size)}^2; {len(dataset)} images, {total} steps"
+    side = raw_model.grid_size(args.image_size)
+    log(f"VQ {args.vq_model}: {n_params / 1e6:.2f}M parameters, "
+        f"codebook {cfg.codebook_size}x{cfg.codebook_embed_dim}, grid {side}x{side}; "
+        f"{len(dataset)} images, {total} steps"
         + (f", resuming from {resume_path} at step {step}" if ckpt else ""))
     model.train()
     disc.train()
@@ -604,7 +620,8 @@ def train(args):
                 recon, _, q_losses = model(x)
                 recon = recon.float()
                 rec = F.mse_loss(recon, x)
-                loss = args.reconstruction_weight * rec + args.codebook_weight * q_losses["codebook"] + q_losses["commit"]
+                loss = (args.reconstruction_weight * rec + args.codebook_weight * q_losses["codebook"]
+                        + q_losses["commit"])
                 if args.l1_weight > 0:
                     loss = loss + args.l1_weight * (recon - x).abs().mean()
                 if "entropy" in q_losses:
@@ -614,7 +631,8 @@ def train(args):
                     loss = loss + args.disc_weight * g_loss
             if not torch.isfinite(loss):
                 bar.close()
-                raise SystemExit(f"the loss became {loss.item()} at step {step}; the last good checkpoint is {last_good}.")
+                raise SystemExit(f"the loss became {loss.item()} at step {step}; the last good checkpoint "
+                                 f"is {last_good}.")
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if args.max_grad_norm > 0:
@@ -676,11 +694,10 @@ def train(args):
 
 
 def extract(args):
-    import data
-
     rank, world, device = setup_distributed()
     out = args.code_path
-    codes_path, labels_path, meta_path = (os.path.join(out, f) for f in ("codes.npy", "labels.npy", "meta.json"))
+    codes_path, labels_path, meta_path = (os.path.join(out, f)
+                                          for f in ("codes.npy", "labels.npy", "meta.json"))
     if os.path.exists(codes_path) and not args.overwrite:
         raise SystemExit(f"--code-path {out} already holds codes.npy; pass --overwrite to replace it.")
     try:
@@ -727,7 +744,8 @@ def extract(args):
     if rank == 0:
         meta = {"grid": [grid, grid], "vocab_size": vocab, "num_classes": source.num_classes,
                 "image_size": args.image_size, "views": args.views, "num_views": a, "dataset": args.dataset,
-                "split": split, "data_path": args.data_path and os.path.abspath(args.data_path), "tokenizer": os.path.abspath(args.vq_ckpt),
+                "split": split, "data_path": args.data_path and os.path.abspath(args.data_path),
+                "tokenizer": os.path.abspath(args.vq_ckpt),
                 "tokenizer_config": asdict(vq.config), "num_images": n}
         tmp = meta_path + ".tmp"
         with open(tmp, "w") as f:
@@ -751,7 +769,8 @@ def build_parser():
     t.add_argument("--data-path", default=None)
     t.add_argument("--split", default="train")
     t.add_argument("--image-size", type=int, default=32)
-    t.add_argument("--views", default="flip", choices=["none", "flip", "tencrop"], help="augmentation: a random view per image")
+    t.add_argument("--views", default="flip", choices=["none", "flip", "tencrop"],
+                   help="augmentation: a random view per image")
     t.add_argument("--vq-model", default="VQ-S", choices=list(VQ_PRESETS))
     t.add_argument("--codebook-size", type=int, default=None, help="override the preset's")
     t.add_argument("--codebook-embed-dim", type=int, default=None, help="override the preset's")
@@ -759,7 +778,8 @@ def build_parser():
     t.add_argument("--entropy-loss-ratio", type=float, default=0.0)
     t.add_argument("--dropout-p", type=float, default=0.0)
     t.add_argument("--results-dir", required=True)
-    t.add_argument("--resume", default=None, help="'auto' (newest checkpoint in --results-dir) or a checkpoint path")
+    t.add_argument("--resume", default=None,
+                   help="'auto' (newest checkpoint in --results-dir) or a checkpoint path")
     t.add_argument("--steps", type=int, default=None, help="total training steps (default: from --epochs)")
     t.add_argument("--epochs", type=int, default=40)
     t.add_argument("--global-batch-size", type=int, default=128)
@@ -770,11 +790,13 @@ def build_parser():
     t.add_argument("--reconstruction-weight", type=float, default=1.0, help="weight of the L2 loss")
     t.add_argument("--l1-weight", type=float, default=0.0)
     t.add_argument("--codebook-weight", type=float, default=1.0)
-    t.add_argument("--disc-start", type=int, default=20000, help="step that switches the GAN loss on; -1: never")
+    t.add_argument("--disc-start", type=int, default=20000,
+                   help="step that switches the GAN loss on; -1: never")
     t.add_argument("--disc-weight", type=float, default=0.5)
     t.add_argument("--disc-layers", type=int, default=0, help="PatchGAN depth; 0: suited to --image-size")
     t.add_argument("--disc-dim", type=int, default=64)
-    t.add_argument("--mixed-precision", default="bf16", choices=["bf16", "none"], help="bf16 applies on GPU only")
+    t.add_argument("--mixed-precision", default="bf16", choices=["bf16", "none"],
+                   help="bf16 applies on GPU only")
     t.add_argument("--log-every", type=int, default=100)
     t.add_argument("--sample-every", type=int, default=1000)
     t.add_argument("--ckpt-every", type=int, default=5000)
@@ -784,7 +806,8 @@ def build_parser():
 
     e = sub.add_parser("extract", help="encode a dataset into a code dataset")
     e.add_argument("--vq-ckpt", required=True)
-    e.add_argument("--vq-model", default=None, choices=list(VQ_PRESETS), help="architecture of a LlamaGen checkpoint")
+    e.add_argument("--vq-model", default=None, choices=list(VQ_PRESETS),
+                   help="architecture of a LlamaGen checkpoint (ours store their config)")
     e.add_argument("--dataset", required=True)
     e.add_argument("--data-path", default=None)
     e.add_argument("--split", default="train")
