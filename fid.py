@@ -304,6 +304,9 @@ def _as_nchw(batch):
         x = x.expand(-1, 3, -1, -1)
     if x.shape[1] != 3:
         raise ValueError(f"images must have 1 or 3 channels; got shape {tuple(batch.shape)}.")
+    if x.is_floating_point() and (x.min() < 0 or x.max() > 1):  # a [-1, 1] batch would pass silently
+        raise ValueError(f"float images must lie in [0, 1], got values in [{x.min():.3g}, {x.max():.3g}]; "
+                         "map [-1, 1] images with (x + 1) / 2 and clamp.")
     return x
 
 
@@ -351,7 +354,8 @@ def frechet_distance(mu1, sigma1, mu2, sigma2):
 
     S1 S2 is not symmetric, but it is similar to A S2 A with A = S1^(1/2), which is symmetric PSD:
     so its square root's trace is the sum of the square roots of eigvalsh(A S2 A). Clipping the
-    round-off negatives to 0 is exact for PSD inputs, where sqrtm of the product needs an eps fudge.
+    round-off negatives to 0 is exact for PSD inputs, where sqrtm of the product needs an eps fudge
+    (pytorch-fid) or drops an imaginary part (ADM).
     """
     mu1, mu2, sigma1, sigma2 = (torch.as_tensor(np.asarray(a), dtype=torch.float64) for a in (mu1, mu2, sigma1, sigma2))
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape or sigma1.shape != mu1.shape * 2:
@@ -363,8 +367,8 @@ def frechet_distance(mu1, sigma1, mu2, sigma2):
     torch.set_num_threads(1)
     try:
         w, v = torch.linalg.eigh(sigma1)
-        root1 = (v * w.clamp_min(0).sqrt()) @ v.T
-        inner = root1 @ sigma2 @ root1
+        root_w = w.clamp_min(0).sqrt()
+        inner = root_w[:, None] * (v.T @ sigma2 @ v) * root_w  # A S2 A in the eigenbasis of S1
         trace_sqrt = torch.linalg.eigvalsh((inner + inner.T) / 2).clamp_min(0).sqrt().sum()
     finally:
         torch.set_num_threads(threads)
@@ -443,7 +447,9 @@ class Side:
 
     def save(self, path):
         """mu, sigma (float64), num_images, a subset of pool3 rows and the IS, written atomically."""
-        arrays = {"mu": self.mu, "sigma": self.sigma, "num_images": np.int64(self.num_images)}
+        arrays = {"mu": self.mu, "sigma": self.sigma}
+        if self.num_images is not None:
+            arrays["num_images"] = np.int64(self.num_images)
         if self.pool3 is not None:
             keep = np.unique(np.linspace(0, len(self.pool3) - 1, MAX_STORED_FEATURES).round().astype(np.int64))
             arrays["pool3"] = self.pool3[keep].astype(np.float32)
@@ -475,7 +481,7 @@ def _npz_side(path, get_model, batch_size, device):
         pool3, logits = extract(get_model(), images, batch_size, device)
         side = Side.from_features(name, pool3, logits, image_size=images.shape[1])
         if {"mu", "sigma"} <= keys:  # an ADM reference batch: its stats cover more than its images
-            side.mu, side.sigma = npz["mu"], npz["sigma"]
+            side.mu, side.sigma = npz["mu"].astype(np.float64), npz["sigma"].astype(np.float64)
         return side
     if {"mu", "sigma"} <= keys:
         return Side(name, npz["mu"].astype(np.float64), npz["sigma"].astype(np.float64),
@@ -566,10 +572,10 @@ def load_side(source, get_model, batch_size=50, device="cpu", image_size=None, d
     return _dataset_side(source, get_model, batch_size, device, image_size, data_path)
 
 
-def compare(samples, reference):
+def compare(samples, reference, device="cpu"):
     """FID, IS (of the samples), precision and recall of two Sides; None where a side lacks features."""
     both = samples.pool3 is not None and reference.pool3 is not None
-    precision, recall = precision_recall(reference.pool3, samples.pool3) if both else (None, None)
+    precision, recall = precision_recall(reference.pool3, samples.pool3, device=device) if both else (None, None)
     return {"fid": frechet_distance(samples.mu, samples.sigma, reference.mu, reference.sigma),
             "is": samples.inception_score, "precision": precision, "recall": recall,
             "num_samples": samples.num_images, "num_reference": reference.num_images}
@@ -578,19 +584,21 @@ def compare(samples, reference):
 _references = {}  # reference Sides already loaded in this process, for training loops
 
 
-def evaluate(samples, reference, model=None, weights=None, batch_size=50, device="cpu", data_path=None):
+def evaluate(samples, reference, model=None, weights=None, batch_size=50, device=None, data_path=None):
     """Metrics of uint8 NHWC `samples` against `reference` (.npz, folder or dataset name).
 
     Returns {"fid", "is", "precision", "recall", "num_samples", "num_reference"}; None where the
-    reference gives statistics only. The reference is loaded once per process.
+    reference gives statistics only. The reference is loaded once per process. Runs on `model`'s
+    device, or loads the network (FileNotFoundError if its weights are nowhere) onto `device`.
     """
-    model = model or load_inception(weights, device)
+    model = model or load_inception(weights, device or "cpu")
+    device = next(model.parameters()).device
     pool3, logits = extract(model, samples, batch_size, device)
     side = Side.from_features("samples", pool3, logits, image_size=samples.shape[1])
     key = (str(reference), side.image_size, data_path)
     if key not in _references:
         _references[key] = load_side(reference, lambda: model, batch_size, device, side.image_size, data_path)
-    return compare(side, _references[key])
+    return compare(side, _references[key], device)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -648,7 +656,7 @@ def main(argv=None):
             return
         reference = load_side(args.reference, get_model, args.batch_size, device,
                               args.image_size or samples.image_size, args.data_path)
-        metrics = compare(samples, reference)
+        metrics = compare(samples, reference, device)
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(str(e))
     print(json.dumps(metrics) if args.json else format_table(metrics, samples, reference))

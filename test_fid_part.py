@@ -14,8 +14,12 @@ import fid
 TESTDATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "testdata")
 
 
-def fill_by_recipe(model, seed=2015):
-    """The fixture's fill_recipe: one generator walks the state_dict in order."""
+def fill_by_recipe(model, seed=2015, he=False):
+    """The fixtures' fill_recipe: one generator walks the state_dict in order.
+
+    he=False: shared/reference/fid_inception_random.pt; he=True: testdata/fid_inception_oracle.pt,
+    whose weights keep the output dependent on the input (the first fixture's barely is).
+    """
     g = torch.Generator().manual_seed(seed)
     state = {}
     for name, t in model.state_dict().items():
@@ -25,10 +29,12 @@ def fill_by_recipe(model, seed=2015):
         r = torch.randn(t.shape, generator=g)
         if name.endswith("running_var"):
             r = 1 + 0.1 * r.abs()
-        elif name.endswith("running_mean") or t.dim() == 1:
+        elif t.dim() > 1:  # conv / linear weight
+            r = r * ((2.0 if he else 1.0) / t[0].numel()) ** 0.5
+        elif he and name.endswith("bn.weight"):
+            r = 1 + 0.1 * r
+        else:
             r = 0.1 * r
-        else:  # conv / linear weight
-            r = r * (1.0 / t[0].numel()) ** 0.5
         state[name] = r
     model.load_state_dict(state, strict=True)
     return model
@@ -64,6 +70,26 @@ def test_fid_inception_matches_pytorch_fid(fixture, model):
     with_bias = logits + model.fc.bias.detach().numpy()
     assert np.abs(with_bias - ref_logits).max() <= 1e-4 * np.abs(ref_logits).max()
     assert np.abs(logits - ref_logits).max() > 1e-3  # the bias really was left out
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        fid.extract(model, fixture["images"] * 2 - 1, progress=False)
+
+
+def test_fid_inception_matches_pytorch_fid_on_input_dependent_weights():
+    # Made with pytorch-fid 0.3.0 (see the file's made_by / fill_recipe); it catches the details the
+    # random fixture cannot see: pooling kinds, resize corners, input scaling.
+    oracle = torch.load(os.path.join(TESTDATA, "fid_inception_oracle.pt"), weights_only=True)
+    model = fill_by_recipe(fid.FIDInceptionV3(), seed=oracle["seed"], he=True).eval()
+    model = model.to(memory_format=torch.channels_last).fold_batchnorm()
+    pool3, logits = fid.extract(model, oracle["images_uint8_nhwc"].numpy(), batch_size=4, progress=False)
+    ref_pool3, ref_logits = oracle["pool3"].numpy(), oracle["logits"].numpy()
+    assert np.abs(pool3 - ref_pool3).max() <= 1e-4 * np.abs(ref_pool3).max()
+    with_bias = logits + model.fc.bias.detach().numpy()
+    assert np.abs(with_bias - ref_logits).max() <= 1e-4 * np.abs(ref_logits).max()
+    # the unfolded (plain batch-norm) path agrees with the folded one
+    model.load_state_dict(model.state_dict())
+    assert model.Mixed_7c.branch_pool.folded_weight is None
+    plain, _ = fid.extract(model, oracle["images_uint8_nhwc"][3:].numpy(), progress=False)
+    assert np.abs(plain - pool3[3:]).max() <= 1e-5 * np.abs(ref_pool3).max()
 
 
 def numpy_sqrtm_fid(mu1, s1, mu2, s2):
@@ -141,7 +167,7 @@ def write_png_folder(folder, images):
 def test_cli_and_evaluate(tmp_path, random_weights, model, capsys):
     rng = np.random.default_rng(0)
     samples = rng.integers(0, 256, (4, 16, 16, 3), dtype=np.uint8)
-    reference = rng.integers(0, 256, (6, 16, 16, 3), dtype=np.uint8)
+    reference = rng.integers(0, 256, (5, 16, 16, 3), dtype=np.uint8)
     write_png_folder(tmp_path / "samples", samples)
     np.savez(tmp_path / "ref.npz", arr_0=reference)
     stats_path = tmp_path / "samples_stats.npz"
@@ -151,7 +177,7 @@ def test_cli_and_evaluate(tmp_path, random_weights, model, capsys):
     metrics = json.loads(capsys.readouterr().out)
     assert metrics["fid"] > 0 and metrics["is"] >= 1.0 - 1e-9
     assert 0 <= metrics["precision"] <= 1 and 0 <= metrics["recall"] <= 1
-    assert (metrics["num_samples"], metrics["num_reference"]) == (4, 6)
+    assert (metrics["num_samples"], metrics["num_reference"]) == (4, 5)
 
     saved = np.load(stats_path)
     assert saved["mu"].dtype == np.float64 and saved["sigma"].shape == (2048, 2048) and saved["pool3"].shape == (4, 2048)
@@ -171,6 +197,8 @@ def test_cli_and_evaluate(tmp_path, random_weights, model, capsys):
     assert "n/a" in table.split("precision")[1] and "n/a" in table.split("recall")[1]
     fid_line = [line for line in table.splitlines() if line.startswith("FID")][0]
     assert float(fid_line.split()[1]) == pytest.approx(8.0)
+    fid.main([str(tmp_path / "b.npz"), "--save-stats", str(tmp_path / "b_again.npz")])
+    assert np.array_equal(np.load(tmp_path / "b_again.npz")["mu"], np.ones(8))
 
     np.savez(tmp_path / "float.npz", arr_0=reference.astype(np.float32))
     with pytest.raises(SystemExit, match="arr_0 must hold uint8"):
