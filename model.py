@@ -391,8 +391,11 @@ def describe_state_dict(sd):
     return f"{like} (dim {dim}, {n_layer} layers), vocabulary {vocab}, {classes} classes"
 
 
-def load_state_dict_strict(model, sd, what="checkpoint"):
-    """load_state_dict(strict=True), but a mismatch raises one ValueError listing all of it."""
+def load_state_dict_strict(model, sd, what="checkpoint", looks_like=None):
+    """load_state_dict(strict=True), but a mismatch raises one ValueError that lists all of it.
+
+    looks_like(sd) may add a phrase saying what the checkpoint seems to be instead.
+    """
     own = model.state_dict()
     missing = [k for k in own if k not in sd]
     unexpected = [k for k in sd if k not in own]
@@ -403,7 +406,8 @@ def load_state_dict_strict(model, sd, what="checkpoint"):
             if items:
                 more = f" ... (+{len(items) - 5} more)" if len(items) > 5 else ""
                 parts.append(f"{name}: {', '.join(items[:5])}{more}")
-        raise ValueError(f"{what} does not fit the model: {'; '.join(parts)}. The checkpoint looks like {describe_state_dict(sd)}.")
+        hint = f" The checkpoint looks like {looks_like(sd)}." if looks_like else ""
+        raise ValueError(f"{what} does not fit the model: {'; '.join(parts)}.{hint}")
     model.load_state_dict(sd, strict=True)
 
 
@@ -451,7 +455,7 @@ def load_gpt(path, preset=None, grid_size=None, use_ema=False, device="cpu", **o
             raise ValueError(f"{path} is not a GPT checkpoint: {describe_state_dict(sd)}") from None
         cfg = gpt_config(preset, vocab_size=vocab, num_classes=classes, grid_size=grid_size, **overrides)
     model = GPT(cfg)
-    load_state_dict_strict(model, sd, what=f"GPT checkpoint {path}")
+    load_state_dict_strict(model, sd, what=f"GPT checkpoint {path}", looks_like=describe_state_dict)
     return model.to(device)
 
 

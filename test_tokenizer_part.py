@@ -9,6 +9,7 @@ import torch
 from PIL import Image
 
 import data as D
+import model as M
 import tokenizer as T
 
 TESTDATA = Path(__file__).parent / "testdata"
@@ -23,7 +24,7 @@ TINY_VQ = T.VQConfig(codebook_size=32, codebook_embed_dim=4, encoder_ch_mult=(1,
 def vq_fixture():
     ref = torch.load(TESTDATA / "llamagen_vq_tiny.pt", weights_only=True)
     vq = T.VQModel(T.VQConfig(**ref["config"]))
-    T.load_state_strict(vq, ref["state_dict"], "fixture")
+    M.load_state_dict_strict(vq, ref["state_dict"], "fixture")
     return vq.eval(), ref
 
 
@@ -94,14 +95,14 @@ def test_load_vq_reads_llamagen_and_our_formats_and_explains_mismatches(tmp_path
 
     with pytest.raises(ValueError, match="stores no config"):
         T.load_vq(str(tmp_path / "llamagen.pt"))
-    shapes = r"shapes differ.*quant_conv.weight \(8, 32, 1, 1\) vs \(8, 64, 1, 1\)"
+    shapes = r"shape mismatches.*quant_conv.weight \(8, 32, 1, 1\) vs model \(8, 64, 1, 1\)"
     with pytest.raises(ValueError, match=shapes):
         T.load_vq(str(tmp_path / "llamagen.pt"), preset="VQ-S")
     broken = dict(sd)
     broken.pop("encoder.conv_in.bias")
     broken["extra.weight"] = torch.zeros(1)
     torch.save({"model": broken}, tmp_path / "broken.pt")
-    keys = r"1 missing keys: encoder.conv_in.bias; 1 unexpected keys: extra.weight"
+    keys = r"missing keys: encoder.conv_in.bias; unexpected keys: extra.weight"
     with pytest.raises(ValueError, match=keys):
         T.load_vq(str(tmp_path / "broken.pt"), preset=cfg)
     with pytest.raises(FileNotFoundError, match="does not exist"):
@@ -183,7 +184,7 @@ def test_a_wrong_checkpoint_ends_with_one_sentence(tmp_path):
     cases = [("notes.txt", [], "not a readable PyTorch checkpoint"),
              ("gpt.pt", [], "not a VQ tokenizer's"),
              ("bare.pt", [], "stores no config"),
-             ("bare.pt", ["--vq-model", "VQ-S"], "does not fit this tokenizer"),
+             ("bare.pt", ["--vq-model", "VQ-S"], "does not fit the model"),
              ("missing.pt", [], "does not exist")]
     for name, extra, message in cases:
         argv = (f"extract --vq-ckpt {tmp_path / name} --dataset folder --data-path {folder} "

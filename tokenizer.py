@@ -24,6 +24,7 @@ from PIL import Image
 from tqdm import tqdm
 
 import data
+from model import load_state_dict_strict
 
 # ----------------------------------------------------------------------------------------------------
 # Config and presets
@@ -348,24 +349,6 @@ def save_atomic(obj, path):
     os.replace(tmp, path)
 
 
-def load_state_strict(model, sd, source):
-    """load_state_dict(strict=True) that names every problem in one sentence."""
-    own = model.state_dict()
-    missing = [k for k in own if k not in sd]
-    unexpected = [k for k in sd if k not in own]
-    shapes = [f"{k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}" for k in own
-              if k in sd and tuple(sd[k].shape) != tuple(own[k].shape)]
-    problems = []
-    for name, items in (("missing keys", missing), ("unexpected keys", unexpected),
-                        ("shapes differ (checkpoint vs model)", shapes)):
-        if items:
-            more = f" and {len(items) - 5} more" if len(items) > 5 else ""
-            problems.append(f"{len(items)} {name}: {', '.join(items[:5])}{more}")
-    if problems:
-        raise ValueError(f"{source} does not fit this tokenizer: {'; '.join(problems)}.")
-    model.load_state_dict(sd, strict=True)
-
-
 def load_vq(path, preset=None, device="cpu"):
     """A VQModel in eval mode from our checkpoint (which stores its config) or from LlamaGen's
     (`{"model": sd}` or a bare state_dict), whose architecture `preset` names (e.g. "VQ-16")."""
@@ -391,7 +374,7 @@ def load_vq(path, preset=None, device="cpu"):
                          f"(one of {', '.join(VQ_PRESETS)}), e.g. VQ-16 for LlamaGen's vq_ds16_c2i.pt")
     sd = ckpt.get("model", ckpt)
     model = VQModel(cfg)
-    load_state_strict(model, sd, f"VQ checkpoint {path}")
+    load_state_dict_strict(model, sd, f"VQ checkpoint {path}")
     return model.to(device).eval()
 
 # ----------------------------------------------------------------------------------------------------
@@ -548,7 +531,7 @@ def train(args):
     opt_d = torch.optim.Adam(disc.parameters(), lr=args.lr, betas=(args.beta1, args.beta2))
     step = 0
     if ckpt is not None:
-        load_state_strict(model, ckpt["model"], resume_path)
+        load_state_dict_strict(model, ckpt["model"], resume_path)
         disc.load_state_dict(ckpt["disc"])
         opt.load_state_dict(ckpt["optimizer"])
         opt_d.load_state_dict(ckpt["disc_optimizer"])

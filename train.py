@@ -23,6 +23,7 @@ import sys
 import time
 from dataclasses import asdict
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -85,10 +86,11 @@ def build_parser():
     r.add_argument("--log-every", type=int, default=100)
     r.add_argument("--ckpt-every", type=int, default=5000)
     r.add_argument("--sample-every", type=int, default=0, help="save a sample grid every N steps (0: only at the end)")
-    r.add_argument("--sample-cfg-scale", type=float, default=2.0)
+    r.add_argument("--cfg-scale", type=float, default=2.0, help="guidance of sample grids and FID samples")
     r.add_argument("--num-sample-images", type=int, default=32)
     r.add_argument("--eval-every", type=int, default=0, help="FID every N steps (needs fid.py's Inception weights)")
     r.add_argument("--eval-samples", type=int, default=1000)
+    r.add_argument("--eval-batch-size", type=int, default=64)
     r.add_argument("--eval-reference", default=None, help="reference for FID: stats .npz, images .npz or a dataset name")
     r.add_argument("--resume", default=None, help="a checkpoint path, or 'auto': the newest run of this model and foresight")
     r.add_argument("--exp-name", default=None, help="experiment folder name; default NNN-<model>-<foresight>")
@@ -338,6 +340,8 @@ def _train(args, rank, world, device):
     warmup = parse_warmup(args.foresight_warmup or ("15ep" if args.foresight == "explicit" else "0"),
                           steps_per_epoch, total_steps)
     FS.parse_schedule(args.foresight_schedule)
+    if args.eval_every and not (args.vq_ckpt and args.eval_reference):
+        raise ValueError("--eval-every needs --vq-ckpt (to decode samples) and --eval-reference (what to compare with)")
 
     gpt, vq = build_models(args, meta, device)
     fs, teacher, depth, coefs = build_foresight(args, gpt, vq, H, device)
@@ -468,21 +472,48 @@ def _train(args, rank, world, device):
         from sample import sample_images, save_grid
 
         labels = torch.arange(args.num_sample_images) % meta["num_classes"]
-        imgs = sample_images(ema if ema is not None else gpt, vq, labels, cfg_scale=args.sample_cfg_scale,
+        imgs = sample_images(ema if ema is not None else gpt, vq, labels, cfg_scale=args.cfg_scale,
                              generator=torch.Generator(device=device).manual_seed(args.seed))
         path = os.path.join(exp_dir, "samples", f"{step:07d}.png")
         save_grid(imgs, path, nrow=int(math.ceil(math.sqrt(len(labels)))))
         log(f"saved samples {path}")
         gpt.train()
 
-    def evaluate():
-        from fid import evaluate_gpt
+    inception = None
+    if args.eval_every:
+        # checked once up front: a run without the Inception weights trains on, with one notice
+        import fid
 
-        result = evaluate_gpt(ema if ema is not None else gpt, vq, args, device, rank, world)
-        if result is not None:
-            log("eval " + " | ".join(f"{k} {v:.4f}" for k, v in result.items()))
-            log.record({"step": step, **{f"eval_{k}": v for k, v in result.items()}})
+        ok = [True]
+        if rank == 0:
+            try:
+                inception = fid.load_inception(device=device)
+            except (FileNotFoundError, ValueError) as e:
+                ok = [False]
+                log(f"FID evaluation skipped: {e}")
+        if world > 1:
+            dist.broadcast_object_list(ok, src=0)
+        if not ok[0]:
+            args.eval_every = 0
+
+    def evaluate():
+        """FID / IS / precision / recall of --eval-samples EMA samples, made by all ranks, scored on rank 0."""
+        from sample import sample_images
+
+        mine = torch.arange(rank, args.eval_samples, world) % meta["num_classes"]
+        g = torch.Generator(device=device).manual_seed(args.seed * world + rank)
+        imgs = [sample_images(ema if ema is not None else gpt, vq, chunk, cfg_scale=args.cfg_scale, generator=g)
+                for chunk in mine.split(args.eval_batch_size)]
+        imgs = [i for part in gather(imgs, world) for i in part]
         gpt.train()
+        if rank != 0:
+            return
+        import fid
+
+        result = fid.evaluate(np.concatenate(imgs), args.eval_reference, model=inception, data_path=args.data_path)
+        result = {k: v for k, v in result.items() if v is not None}
+        log("eval " + " | ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in result.items()))
+        log.record({"step": step, **{f"eval_{k}": v for k, v in result.items()}})
 
     if not resume:
         # training's own random stream: not shifted by whichever optional models were built above
