@@ -243,7 +243,8 @@ def weights_path(weights=None, download=True):
     cached = os.path.join(torch.hub.get_dir(), "checkpoints", WEIGHTS_NAME)
     if os.path.isfile(cached):
         return cached
-    hint = f"FID Inception weights not found: download {WEIGHTS_URL} to {cached} (or pass its path with --inception-weights)."
+    hint = (f"FID Inception weights not found: download {WEIGHTS_URL} to {cached} "
+            "(or pass its path with --inception-weights).")
     if not download:
         raise FileNotFoundError(hint)
     os.makedirs(os.path.dirname(cached), exist_ok=True)
@@ -522,8 +523,8 @@ def _folder_side(path, get_model, batch_size, device):
             arrays = [read(f) for f in files[i:i + batch_size]]
             for f, a in zip(files[i:i + batch_size], arrays):
                 if a.shape != first.shape:
-                    raise ValueError(f"{f} is {a.shape[1]}x{a.shape[0]} but {files[0]} is {first.shape[1]}x{first.shape[0]}: "
-                                     "a folder of samples must hold images of one size.")
+                    raise ValueError(f"{f} is {a.shape[1]}x{a.shape[0]} but {files[0]} is {first.shape[1]}x"
+                                     f"{first.shape[0]}: a folder of samples must hold images of one size.")
             yield np.stack(arrays)
 
     pool3, logits = extract(get_model(), _Batches(len(files), batches), batch_size, device)
@@ -539,7 +540,8 @@ def _dataset_side(name, get_model, batch_size, device, image_size=None, data_pat
     try:
         import data  # only here: the rest of fid.py needs nothing of the project
     except ImportError as e:
-        raise ValueError(f"{name} is not a file or folder, and data.py cannot be imported to read it as a dataset ({e}).") from None
+        raise ValueError(f"{name} is not a file or folder, and data.py cannot be imported to read it "
+                         f"as a dataset ({e}).") from None
     source = data.open_dataset(name, data_path=data_path)
     size = image_size or min(source.image(0).size)
     tag = hashlib.sha1(os.path.abspath(data_path).encode()).hexdigest()[:8] + "-" if data_path else ""
@@ -594,7 +596,7 @@ def evaluate(samples, reference, model=None, weights=None, batch_size=50, device
     model = model or load_inception(weights, device or "cpu")
     device = next(model.parameters()).device
     pool3, logits = extract(model, samples, batch_size, device)
-    side = Side.from_features("samples", pool3, logits, image_size=samples.shape[1])
+    side = Side.from_features("samples", pool3, logits, image_size=_as_nchw(samples[:1]).shape[2])
     key = (str(reference), side.image_size, data_path)
     if key not in _references:
         _references[key] = load_side(reference, lambda: model, batch_size, device, side.image_size, data_path)
@@ -616,14 +618,20 @@ def format_table(metrics, samples, reference):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="FID, IS, precision and recall of generated images (pytorch-fid's Inception).")
-    p.add_argument("samples", help=".npz of images (arr_0, uint8 NHWC) or of stats (mu, sigma), a folder of images, or a dataset name (cifar10-train, ...)")
-    p.add_argument("reference", nargs="?", help="the same kinds as SAMPLES; dataset statistics are cached in " + cache_dir())
-    p.add_argument("--save-stats", metavar="PATH", help="write the statistics of SAMPLES to this .npz (refuses to overwrite)")
+    p = argparse.ArgumentParser(description="FID, IS, precision and recall of generated images "
+                                            "(pytorch-fid's Inception).")
+    p.add_argument("samples", help=".npz of images (arr_0, uint8 NHWC) or of stats (mu, sigma), a folder of images, "
+                                   "or a dataset name (cifar10-train, ...)")
+    p.add_argument("reference", nargs="?",
+                   help="the same kinds as SAMPLES; dataset statistics are cached in " + cache_dir())
+    p.add_argument("--save-stats", metavar="PATH",
+                   help="write the statistics of SAMPLES to this .npz (refuses to overwrite)")
     p.add_argument("--batch-size", type=int, default=50)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--inception-weights", metavar="PATH", help=f"{WEIGHTS_NAME} (default: torch hub cache, downloaded if missing)")
-    p.add_argument("--image-size", type=int, help="crop size for a dataset reference (default: the size of the samples)")
+    p.add_argument("--inception-weights", metavar="PATH",
+                   help=f"{WEIGHTS_NAME} (default: torch hub cache, downloaded if missing)")
+    p.add_argument("--image-size", type=int,
+                   help="crop size for a dataset reference (default: the size of the samples)")
     p.add_argument("--data-path", help="data folder for a dataset name (data.py's data_path)")
     p.add_argument("--json", action="store_true", help="print the metrics as one JSON object")
     args = p.parse_args(argv)

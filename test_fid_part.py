@@ -123,7 +123,8 @@ def test_fid_of_a_set_with_itself_is_zero_and_grows_with_a_shift():
     rng = np.random.default_rng(0)
     x = rng.standard_normal((400, 16)).astype(np.float32) * np.linspace(0.1, 3, 16).astype(np.float32)
     mu, sigma = fid.stats(x, chunk=64)
-    assert np.allclose(mu, x.astype(np.float64).mean(0)) and np.allclose(sigma, np.cov(x.astype(np.float64), rowvar=False))
+    x64 = x.astype(np.float64)
+    assert np.allclose(mu, x64.mean(0)) and np.allclose(sigma, np.cov(x64, rowvar=False))
     assert abs(fid.frechet_distance(mu, sigma, mu, sigma)) < 1e-9
     shift = np.full(16, 0.25)
     small = fid.frechet_distance(mu, sigma, mu + shift, sigma)
@@ -180,7 +181,8 @@ def test_cli_and_evaluate(tmp_path, random_weights, model, capsys):
     assert (metrics["num_samples"], metrics["num_reference"]) == (4, 5)
 
     saved = np.load(stats_path)
-    assert saved["mu"].dtype == np.float64 and saved["sigma"].shape == (2048, 2048) and saved["pool3"].shape == (4, 2048)
+    assert saved["mu"].dtype == np.float64 and saved["sigma"].shape == (2048, 2048)
+    assert saved["pool3"].shape == (4, 2048)
     with pytest.raises(SystemExit, match="already exists"):
         fid.main([str(tmp_path / "samples"), "--save-stats", str(stats_path)])
 
