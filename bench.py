@@ -5,10 +5,14 @@ Speed and memory figures, printed as one table. Not a test: numbers depend on th
     python bench.py --device cuda    # on a GPU, with MFU where the device's peak is known
 """
 import argparse
+import copy
+import resource
 import time
 
+import numpy as np
 import torch
 
+import foresight as FS
 import model as M
 
 # ----------------------------------------------------------------------------------------------------
@@ -47,21 +51,105 @@ def build_gpt(args, device):
 # Figures
 
 
-def bench_train_step(args, device):
+def bench_train_steps(args, device):
+    """Seconds per training step of the baseline, Mirai-E and Mirai-I, interleaved so that a machine
+    that gets busier or quieter during the run moves all three alike."""
     gpt = build_gpt(args, device).train()
-    opt = M.make_adamw([gpt], lr=1e-4)
+    ema = copy.deepcopy(gpt).requires_grad_(False).eval()
+    depth, k, P = args.foresight_depth, args.foresight_k, args.proj_dim
+    heads = {
+        "none": None,
+        "explicit": FS.Foresight("explicit", args.dim, args.grid, k=k, proj_dim=P).to(device),
+        "implicit": FS.Foresight("implicit", args.dim, args.grid, k=1, proj_dim=P, target_dim=args.teacher_dim).to(device),
+    }
     n = args.grid**2
     x = torch.randint(0, args.vocab, (args.batch, n), device=device)
     y = torch.randint(0, args.num_classes, (args.batch,), device=device)
+    feats = torch.randn(args.batch, n, args.teacher_dim, device=device)  # the encoder's output, timed apart
+    amp = dict(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
-    def step():
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            _, loss, _ = gpt(x[:, :-1], y, targets=x)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+    def make_step(mode):
+        fs = heads[mode]
+        opt = M.make_adamw([gpt] + ([fs] if fs is not None else []), lr=1e-4)
 
-    return timeit(step, device, args.warmup, args.iters), gpt
+        def step():
+            with torch.autocast(**amp):
+                if mode == "explicit":
+                    targets = FS.ema_targets(ema, x[:, :-1], y, depth)
+                _, loss, hidden = gpt(x[:, :-1], y, targets=x, hidden_layer=depth if fs is not None else None)
+                if fs is not None:
+                    loss = loss + 2.0 * fs(hidden, targets if mode == "explicit" else feats).sum()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            if mode == "explicit":
+                with torch.no_grad():
+                    torch._foreach_lerp_(list(ema.parameters()), list(gpt.parameters()), 1e-4)
+
+        return step
+
+    steps = {m: make_step(m) for m in heads}
+    for m in heads:
+        timeit(steps[m], device, args.warmup, 1)
+    times = {m: [] for m in heads}
+    for _ in range(args.iters):
+        for m in heads:
+            times[m].append(timeit(steps[m], device, 0, 1))
+    return {m: sorted(t)[len(t) // 2] for m, t in times.items()}, gpt
+
+
+def peak_memory(args, device):
+    """Peak memory of one baseline training step: allocated bytes on CUDA, the process's peak RSS on a CPU."""
+    gpt = build_gpt(args, device).train()
+    opt = M.make_adamw([gpt], lr=1e-4)
+    x = torch.randint(0, args.vocab, (args.batch, args.grid**2), device=device)
+    y = torch.randint(0, args.num_classes, (args.batch,), device=device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        _, loss, _ = gpt(x[:, :-1], y, targets=x)
+    loss.backward()
+    opt.step()
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20, "MiB", "allocated by torch"
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "MiB", "peak RSS of this process (all rows so far)"
+
+
+def bench_inception(args, device):
+    import fid
+
+    model = fid.FIDInceptionV3().eval().to(device, memory_format=torch.channels_last).fold_batchnorm()
+    imgs = np.random.default_rng(0).integers(0, 256, (2 * args.fid_batch, 32, 32, 3), dtype=np.uint8)
+    fid.extract(model, imgs[: args.fid_batch], batch_size=args.fid_batch, device=device, progress=False)
+    sync(device)
+    t = time.perf_counter()
+    fid.extract(model, imgs[args.fid_batch :], batch_size=args.fid_batch, device=device, progress=False)
+    sync(device)
+    return args.fid_batch / (time.perf_counter() - t)
+
+
+def bench_vq_teacher(args, device):
+    """The offline Mirai-I teacher's own forward (the VQ-S encoder at 32 px), per training batch."""
+    import tokenizer as T
+
+    vq = T.VQModel(T.get_config("VQ-S")).to(device)
+    teacher = FS.vq_teacher(vq, args.grid).to(device)
+    imgs = torch.randint(0, 256, (args.batch, 3, 32, 32), dtype=torch.uint8, device=device)
+    return timeit(lambda: teacher(imgs), device, 1, max(3, args.iters // 2))
+
+
+# Dense bf16 peak of known devices, for MFU.
+PEAK_BF16_TFLOPS = {"H200": 989, "H100": 989, "A100": 312, "L40S": 362, "A10": 125, "4090": 165, "V100": 125}
+
+
+def train_flops(args):
+    """Model FLOPs of one training step: 6 x non-embedding parameters x tokens, plus attention."""
+    gpt = M.GPT(M.GPTConfig(dim=args.dim, n_layer=args.n_layer, n_head=args.n_head, vocab_size=args.vocab,
+                            grid_size=args.grid, num_classes=args.num_classes))
+    emb = gpt.tok_embeddings.weight.numel() + gpt.cls_embedding.embedding_table.weight.numel()
+    tokens = args.batch * args.grid**2
+    attn = 6 * 2 * args.n_layer * args.dim * args.grid**2 * tokens // 2  # causal: half of the score matrix
+    return 6 * (gpt.num_params() - emb) * tokens + attn
 
 
 def bench_generate(args, device, gpt):
@@ -98,23 +186,50 @@ def main():
     p.add_argument("--vocab", type=int, default=1024)
     p.add_argument("--num-classes", type=int, default=10)
     p.add_argument("--batch", type=int, default=32, help="training batch")
+    p.add_argument("--foresight-depth", type=int, default=4)
+    p.add_argument("--foresight-k", type=int, default=3)
+    p.add_argument("--proj-dim", type=int, default=512, help="projector hidden size")
+    p.add_argument("--teacher-dim", type=int, default=768, help="Mirai-I feature size (768: DINOv2 ViT-B)")
     p.add_argument("--gen-batch", type=int, default=8, help="images per generate() call")
     p.add_argument("--cfg-scale", type=float, default=2.0)
+    p.add_argument("--fid-batch", type=int, default=50)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--gen-iters", type=int, default=3)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--skip", default="", help="comma-separated rows to leave out: train,sample,inception,memory")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    skip = set(args.skip.split(","))
 
     rows = []  # (figure, value, unit, note)
-    step, gpt = bench_train_step(args, device)
-    rows.append(("GPT training step (fwd+bwd+AdamW)", step, "s", f"batch {args.batch}, {args.grid**2} tokens"))
-    cached, uncached = bench_generate(args, device, gpt)
-    rows.append(("sampling, KV cache", cached, "tokens/s", f"{args.gen_batch} images, CFG {args.cfg_scale}"))
-    rows.append(("sampling, no cache", uncached, "tokens/s", f"KV cache is {cached / uncached:.1f}x faster"))
+    gpt = build_gpt(args, device)
+    if "train" not in skip:
+        t, gpt = bench_train_steps(args, device)
+        note = f"batch {args.batch} x {args.grid**2} tokens"
+        if device.type == "cuda":
+            name = torch.cuda.get_device_name(device)
+            peak = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
+            if peak:
+                note += f", MFU {train_flops(args) / t['none'] / (peak * 1e12):.1%} of {name}'s {peak} TFLOPS"
+        rows.append(("train step: baseline", t["none"], "s", note))
+        rows.append(("train step: Mirai-E", t["explicit"], "s",
+                     f"{t['explicit'] / t['none']:.2f}x baseline (depth {args.foresight_depth}, K={args.foresight_k}, P={args.proj_dim})"))
+        rows.append(("train step: Mirai-I", t["implicit"], "s",
+                     f"{t['implicit'] / t['none']:.2f}x baseline, encoder excluded (features {args.teacher_dim})"))
+        enc = bench_vq_teacher(args, device)
+        rows.append(("Mirai-I teacher: VQ-S encoder", enc, "s", f"per batch of {args.batch} (32 px); DINOv2 is timed by no one here"))
+    if "sample" not in skip:
+        cached, uncached = bench_generate(args, device, gpt)
+        rows.append(("sampling, KV cache", cached, "tokens/s", f"{args.gen_batch} images, CFG {args.cfg_scale}"))
+        rows.append(("sampling, no cache", uncached, "tokens/s", f"KV cache is {cached / uncached:.1f}x faster"))
+    if "inception" not in skip:
+        rows.append(("FID Inception", bench_inception(args, device), "images/s", f"32 px inputs resized to 299, batch {args.fid_batch}"))
+    if "memory" not in skip:
+        value, unit, note = peak_memory(args, device)
+        rows.append(("peak memory, baseline train step", value, unit, note))
 
     print(f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} threads; "
           f"GPT dim {args.dim}, {args.n_layer} layers, {args.n_head} heads, vocab {args.vocab}, {args.grid}x{args.grid} grid")

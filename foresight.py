@@ -82,30 +82,9 @@ def neighbour_pairs(grid, k, layout="2d", num_targets=None):
 # Projector heads
 
 
-class Projectors(nn.Module):
-    """k heads Linear(dim, P) - SiLU - Linear(P, P) - SiLU - Linear(P, out), stacked so that all k run
-    as one matmul plus two batched matmuls (k separate small heads cost ~k times the launch overhead)."""
-
-    def __init__(self, k, dim, hidden, out_dim):
-        super().__init__()
-        self.k, self.hidden = k, hidden
-        self.w1 = nn.Parameter(torch.empty(dim, k * hidden))
-        self.b1 = nn.Parameter(torch.empty(k * hidden))
-        self.w2 = nn.Parameter(torch.empty(k, hidden, hidden))
-        self.b2 = nn.Parameter(torch.empty(k, 1, hidden))
-        self.w3 = nn.Parameter(torch.empty(k, hidden, out_dim))
-        self.b3 = nn.Parameter(torch.empty(k, 1, out_dim))
-        # nn.Linear's default: uniform(-1/sqrt(fan_in), 1/sqrt(fan_in)) for weights and biases
-        for w, b, fan_in in ((self.w1, self.b1, dim), (self.w2, self.b2, hidden), (self.w3, self.b3, hidden)):
-            nn.init.uniform_(w, -1 / math.sqrt(fan_in), 1 / math.sqrt(fan_in))
-            nn.init.uniform_(b, -1 / math.sqrt(fan_in), 1 / math.sqrt(fan_in))
-
-    def forward(self, x):
-        """x (M, dim) -> (k, M, out)."""
-        h = F.silu(torch.addmm(self.b1, x, self.w1))  # (M, k*P)
-        h = h.view(x.shape[0], self.k, self.hidden).transpose(0, 1)  # (k, M, P)
-        h = F.silu(torch.baddbmm(self.b2, h, self.w2))
-        return torch.baddbmm(self.b3, h, self.w3)
+def projector(dim, hidden, out_dim):
+    """The paper's head: Linear(dim, P) - SiLU - Linear(P, P) - SiLU - Linear(P, out)."""
+    return nn.Sequential(nn.Linear(dim, hidden), nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU(), nn.Linear(hidden, out_dim))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -141,7 +120,7 @@ class Foresight(nn.Module):
             if not pairs:
                 raise ValueError("output-level foresight needs --foresight-k >= 2 (target 1 is the model's own next token)")
         self.k = len(pairs)
-        self.projectors = Projectors(self.k, dim, proj_dim, out)
+        self.projectors = nn.ModuleList(projector(dim, proj_dim, out) for _ in pairs)
         # pairs live as buffers so they follow .to(device); not persistent: they are derived from the config
         for j, (s, t) in enumerate(pairs):
             self.register_buffer(f"student_{j}", s, persistent=False)
@@ -154,17 +133,15 @@ class Foresight(nn.Module):
         """hidden: (B, N, dim) residual stream after block d (position 0 = class token).
         Returns a (k,) tensor of losses: mean -cos per target, or cross-entropy at the output level."""
         student = hidden[:, 1:]  # position p read cell p-1
-        B, M, D = student.shape
-        proj = self.projectors(student.reshape(B * M, D)).view(self.k, B, M, -1)
         losses = []
-        for j in range(self.k):
+        for j, head in enumerate(self.projectors):
             s, t = self.pairs(j)
-            p = proj[j][:, s]
+            p = head(student[:, s])  # only students with a valid pair: the edge-masked rows cost nothing
             if self.mode == "explicit":
-                tgt = targets[:, 1:][:, t]
+                tgt = targets[:, t + 1]  # the position that read cell t
             elif self.mode == "implicit":
                 tgt = targets[:, t]
-            else:  # the neighbour position (read cell t, at sequence position t+1) predicts token x_{t+1}
+            else:  # that position predicts token x_{t+1}
                 losses.append(F.cross_entropy(p.reshape(-1, p.shape[-1]).float(), targets[:, t + 1].reshape(-1)))
                 continue
             losses.append(-F.cosine_similarity(p.float(), tgt.float(), dim=-1).mean())

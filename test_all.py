@@ -2,6 +2,7 @@
 
 Run: python -m pytest -q test_all.py
 """
+import math
 import os
 import re
 from dataclasses import asdict
@@ -60,12 +61,14 @@ def test_llamagen_greedy_cfg_generation_matches_fixture(llamagen_tiny):
 
 def test_class_position_has_zero_rotary_table():
     cfg = M.GPTConfig(dim=64, n_head=4, grid_size=4)
-    rope = M.rotary_table(cfg)
+    rope = torch.view_as_real(M.rotary_table(cfg))  # (positions, pairs, [cos, sin])
     assert rope.shape == (1 + 16, 8, 2)
     assert torch.all(rope[0] == 0)
     # cell (0, 0): identity rotation; cell (0, 1): rows half unrotated, columns half rotated
     assert torch.allclose(rope[1, :, 0], torch.ones(8)) and torch.all(rope[1, :, 1] == 0)
     assert torch.all(rope[2, :4, 1] == 0) and rope[2, 4, 1] > 0
+    # cell (1, 0) rotates the first pair by row frequency 1: angle 1 radian
+    torch.testing.assert_close(rope[1 + 4, 0], torch.tensor([math.cos(1.0), math.sin(1.0)]))
 
 
 def test_gpt_b_has_llamagen_keys_and_shapes():
@@ -273,14 +276,9 @@ def test_1d_layout_takes_the_next_tokens_in_raster_order():
 
 
 def direct_cos_loss(fs, hidden, targets, offsets, explicit, grid):
-    """The loss written out pair by pair, with plain nn.Linear heads made from the stacked weights."""
-    P = fs.projectors
+    """The loss written out pair by pair: one student vector through its head at a time."""
     losses = []
     for j, (dy, dx) in enumerate(offsets):
-        def head(v):
-            h = torch.nn.functional.silu(v @ P.w1[:, j * P.hidden:(j + 1) * P.hidden] + P.b1[j * P.hidden:(j + 1) * P.hidden])
-            h = torch.nn.functional.silu(h @ P.w2[j] + P.b2[j, 0])
-            return h @ P.w3[j] + P.b3[j, 0]
         terms = []
         for cell in range(grid * grid - 1):
             r, c = divmod(cell, grid)
@@ -289,7 +287,7 @@ def direct_cos_loss(fs, hidden, targets, offsets, explicit, grid):
             if tr >= grid or tc >= grid or (explicit and tcell >= grid * grid - 1):
                 continue
             tgt = targets[:, tcell + 1] if explicit else targets[:, tcell]
-            terms.append(-torch.nn.functional.cosine_similarity(head(hidden[:, cell + 1]), tgt, dim=-1))
+            terms.append(-torch.nn.functional.cosine_similarity(fs.projectors[j](hidden[:, cell + 1]), tgt, dim=-1))
         losses.append(torch.stack(terms).mean())
     return torch.stack(losses)
 
@@ -321,8 +319,9 @@ def test_output_level_heads_predict_the_neighbours_next_token():
     assert fs.k == 2  # the (0, 0) target is the model's own next-token head
     hidden, tokens = torch.randn(2, 9, 8), torch.randint(0, 7, (2, 9))
     s, t = fs.pairs(0)  # (0, 1): the position that read cell t predicts token t + 1
-    proj = fs.projectors(hidden[:, 1:].reshape(-1, 8)).view(2, 2, 8, 7)[0]
-    want = torch.nn.functional.cross_entropy(proj[:, s].reshape(-1, 7), tokens[:, t + 1].reshape(-1))
+    assert dict(zip(s.tolist(), t.tolist())) == {0: 1, 1: 2, 3: 4, 4: 5, 6: 7}
+    logits = fs.projectors[0](hidden[:, 1:])  # every student, then keep the valid ones
+    want = torch.nn.functional.cross_entropy(logits[:, s].reshape(-1, 7), tokens[:, t + 1].reshape(-1))
     torch.testing.assert_close(fs(hidden, tokens)[0], want)
 
 
@@ -360,7 +359,7 @@ def test_ema_teacher_is_the_ema_weights_up_to_depth_and_gets_no_gradient():
     _, loss, hidden = student(idx, cond, targets=torch.randint(0, 16, (2, 9)), hidden_layer=1)
     (loss + fs(hidden, t).sum()).backward()
     assert all(p.grad is None for p in ema.parameters())
-    assert student.layers[0].attention.wqkv.weight.grad is not None and fs.projectors.w1.grad is not None
+    assert student.layers[0].attention.wqkv.weight.grad is not None and fs.projectors[0][0].weight.grad is not None
     assert ema.training is False
 
 
@@ -454,7 +453,7 @@ def test_warmup_keeps_the_foresight_heads_untouched(tmp_path, codes_dir):
     n_gpt = len(list(fresh.parameters()))
     stepped = set(ckpt["optimizer"]["state"])
     n_all = sum(len(g["params"]) for g in ckpt["optimizer"]["param_groups"])
-    assert len(stepped) == n_gpt and n_all == n_gpt + 6  # the 6 projector tensors were never stepped
+    assert len(stepped) == n_gpt and n_all == n_gpt + 3 * 6  # the 3 heads' 6 tensors each were never stepped
 
 
 def test_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path, codes_dir):
