@@ -2,19 +2,38 @@
 
 Run: python -m pytest -q test_all.py
 """
+import gzip
+import hashlib
+import json
 import math
 import os
+import pickle
 import re
+import struct
+import subprocess
+import sys
+import tarfile
+import threading
+import types
 from dataclasses import asdict
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
+import data
+import fid
+import foresight as FS
 import model as M
+import sample as S
+import tokenizer as T
+import train as TR
 
-TESTDATA = Path(__file__).parent / "testdata"
-torch.set_num_threads(min(2, torch.get_num_threads()))
+ROOT = Path(__file__).parent
+TESTDATA = ROOT / "testdata"
+torch.set_num_threads(1)  # tiny ops: a second OpenMP thread costs more than it gives
 
 
 # ====================================================================================================
@@ -242,17 +261,6 @@ def test_checkpoint_mismatch_is_explained(tmp_path, llamagen_tiny):
 # ====================================================================================================
 # foresight.py
 
-
-import json
-import subprocess
-import sys
-
-import numpy as np
-
-import foresight as FS
-import train as TR
-
-ROOT = Path(__file__).parent
 
 
 def test_2d_neighbours_are_masked_at_edges_never_wrapped():
@@ -506,3 +514,901 @@ def test_bad_flags_fail_with_one_sentence(tmp_path, codes_dir, capsys):
         run_train(tmp_path, codes_dir, "--max-steps", "1", "--resume", str(tmp_path / "nope.pt"))
     with pytest.raises(SystemExit, match="not a code dataset"):
         run_train(tmp_path, tmp_path / "empty", "--max-steps", "1")
+
+
+# ====================================================================================================
+# data.py
+
+
+def write_cifar(root, per_batch=2, seed=0):
+    """cifar-10-python.tar.gz in the official layout; returns (tarball, {batch: (data, labels)})."""
+    rng = np.random.default_rng(seed)
+    folder = os.path.join(root, data.CIFAR_DIR)
+    os.makedirs(folder)
+    batches = {}
+    for name in data.CIFAR_BATCHES["train"] + data.CIFAR_BATCHES["test"]:
+        d = rng.integers(0, 256, (per_batch, 3072), dtype=np.uint8)
+        labels = rng.integers(0, 10, per_batch).tolist()
+        batches[name] = (d, labels)
+        with open(os.path.join(folder, name), "wb") as f:
+            pickle.dump({"batch_label": name, "labels": labels, "data": d,
+                         "filenames": [f"{k}.png" for k in range(per_batch)]}, f, protocol=2)
+    tarball = os.path.join(root, data.CIFAR_FILE)
+    with tarfile.open(tarball, "w:gz") as tar:
+        tar.add(folder, arcname=data.CIFAR_DIR)
+    return tarball, batches
+
+
+def write_idx(folder, split, images, labels, image_magic=2051):
+    os.makedirs(folder, exist_ok=True)
+    img_file, lbl_file = data.IDX_FILES[split]
+    with gzip.open(os.path.join(folder, img_file), "wb") as f:
+        f.write(struct.pack(">iiii", image_magic, *images.shape) + images.tobytes())
+    with gzip.open(os.path.join(folder, lbl_file), "wb") as f:
+        f.write(struct.pack(">ii", 2049, len(labels)) + labels.astype(np.uint8).tobytes())
+
+
+def write_folder(root, sizes=((40, 30), (25, 50), (64, 64), (33, 33))):
+    """Two classes of PNGs of various sizes; returns [(path, label)] in the expected order."""
+    rng = np.random.default_rng(1)
+    out = []
+    for k, (w, h) in enumerate(sizes):
+        cls = ["cat", "dog"][k % 2]
+        os.makedirs(os.path.join(root, cls), exist_ok=True)
+        p = os.path.join(root, cls, f"img{k}.png")
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(p)
+        out.append((p, k % 2))
+    return sorted(out, key=lambda t: (t[1], t[0]))
+
+
+@pytest.fixture
+def no_system(tmp_path, monkeypatch):
+    # keep the machine's own /usr/share/datasets out of the tests that expect a miss
+    monkeypatch.setattr(data, "SYSTEM_DATASETS", str(tmp_path / "system"))
+
+
+# ----------------------------------------------------------------------------- CIFAR-10
+
+
+def test_cifar_tarball_and_folder_load_pixels_and_labels(tmp_path):
+    tarball, batches = write_cifar(str(tmp_path))
+    for path in (str(tmp_path), tarball, os.path.join(str(tmp_path), data.CIFAR_DIR)):
+        train = data.open_dataset("cifar10", path)
+        assert len(train) == 10 and train.num_classes == 10 and train.name == "cifar10"
+        d, labels = batches["data_batch_3"]
+        img = train.image(5)  # second image of the third batch
+        assert img.mode == "RGB" and img.size == (32, 32) and train.label(5) == labels[1]
+        assert np.array_equal(np.asarray(img), d[1].reshape(3, 32, 32).transpose(1, 2, 0))
+    # every image, in batch order
+    train = data.open_dataset("cifar10", tarball)
+    for b, name in enumerate(data.CIFAR_BATCHES["train"]):
+        d, labels = batches[name]
+        for j in range(2):
+            i = 2 * b + j
+            want = d[j].reshape(3, 32, 32).transpose(1, 2, 0)
+            assert np.array_equal(np.asarray(train.image(i)), want)
+            assert train.label(i) == labels[j]
+    test = data.open_dataset("cifar10-test", str(tmp_path))
+    d, labels = batches["test_batch"]
+    assert len(test) == 2 and [test.label(0), test.label(1)] == labels
+    assert np.array_equal(np.asarray(test.image(1))[:, :, 2], d[1, 2048:].reshape(32, 32))
+
+
+def test_cifar_download_checks_md5(tmp_path, monkeypatch):
+    tarball, batches = write_cifar(str(tmp_path / "src"))
+    md5 = hashlib.md5(open(tarball, "rb").read()).hexdigest()
+    monkeypatch.setattr(data, "CIFAR_URL", "file://" + tarball)
+    # a corrupted download (MD5 mismatch) is deleted, never kept as the dataset
+    monkeypatch.setattr(data, "CIFAR_MD5", "0" * 32)
+    dest = tmp_path / "dl"
+    with pytest.raises(ValueError, match="MD5"):
+        data.open_dataset("cifar10", str(dest))
+    assert os.listdir(dest) == []
+    # the right MD5: downloaded, renamed from .part, and readable
+    monkeypatch.setattr(data, "CIFAR_MD5", md5)
+    ds = data.open_dataset("cifar10-test", str(dest))
+    assert sorted(os.listdir(dest)) == [data.CIFAR_FILE]
+    assert ds.label(0) == batches["test_batch"][1][0]
+
+
+def test_download_restarts_stale_part_and_reports_offline(tmp_path):
+    src = tmp_path / "src.bin"
+    src.write_bytes(b"abc")
+    assert data.file_md5(str(src)) == "900150983cd24fb0d6963f7d28e17f72"
+    dest = str(tmp_path / "dest.bin")
+    with open(dest + ".part", "wb") as f:
+        f.write(b"junk that is not a prefix")
+    # file:// cannot resume (no 206), so the stale .part is rewritten rather than appended to
+    data.download_file("file://" + str(src), dest, "900150983cd24fb0d6963f7d28e17f72")
+    assert open(dest, "rb").read() == b"abc" and not os.path.exists(dest + ".part")
+    with pytest.raises(FileNotFoundError, match="by hand") as e:
+        data.download_file("file://" + str(tmp_path / "nowhere.tar.gz"), str(tmp_path / "x"))
+    assert "\n" not in str(e.value) and not os.path.exists(tmp_path / "x")
+
+
+# ----------------------------------------------------------------------------- MNIST-style IDX
+
+
+def test_idx_files_load_and_bad_headers_are_refused(tmp_path, no_system):
+    rng = np.random.default_rng(2)
+    images = rng.integers(0, 256, (5, 28, 28), dtype=np.uint8)
+    labels = np.array([3, 1, 4, 1, 5])
+    write_idx(str(tmp_path / "fashion-mnist"), "test", images, labels)
+    ds = data.open_dataset("fashion-mnist-test", str(tmp_path))  # found in data_path/<name>/
+    assert len(ds) == 5 and ds.num_classes == 10
+    img = ds.image(2)
+    assert img.mode == "RGB" and img.size == (28, 28)
+    assert all(np.array_equal(np.asarray(img)[:, :, c], images[2]) for c in range(3))
+    assert [ds.label(i) for i in range(5)] == labels.tolist()
+
+    write_idx(str(tmp_path / "bad"), "train", images, labels, image_magic=2049)
+    with pytest.raises(ValueError, match="magic number 2049, expected 2051"):
+        data.open_dataset("mnist", str(tmp_path / "bad"))
+    lbl = os.path.join(tmp_path, "fashion-mnist", data.IDX_FILES["test"][1])
+    with gzip.open(lbl, "wb") as f:  # truncated: header says 5, body has 3
+        f.write(struct.pack(">ii", 2049, 5) + bytes(3))
+    with pytest.raises(ValueError, match="truncated"):
+        data.open_dataset("fashion-mnist", str(tmp_path), split="test")
+
+
+@pytest.mark.skipif(not os.path.isdir("/usr/share/datasets/fashion-mnist"),
+                    reason="Debian's dataset-fashion-mnist is not installed")
+def test_debian_fashion_mnist_copy():
+    ds = data.open_dataset("fashion-mnist-test", None, download=False)
+    assert len(ds) == 10000 and ds.image(0).size == (28, 28)
+    assert sorted(set(ds.labels.tolist())) == list(range(10))
+
+
+# ----------------------------------------------------------------------------- image folders
+
+
+def test_image_folder(tmp_path):
+    expected = write_folder(str(tmp_path / "train"))
+    for path in (str(tmp_path), str(tmp_path / "train")):  # root with train/, or the folder itself
+        ds = data.open_dataset("folder", path)
+        assert ds.classes == ["cat", "dog"] and len(ds) == 4 and ds.num_classes == 2
+        for i, (p, label) in enumerate(expected):
+            assert ds.label(i) == label
+            assert np.array_equal(np.asarray(ds.image(i)), np.asarray(Image.open(p).convert("RGB")))
+    assert data.open_dataset("folder", str(tmp_path)).image(3).size == (33, 33)
+
+
+def test_missing_datasets_say_how_to_get_them(tmp_path, no_system):
+    cases = [("cifar10", "cifar-10-python.tar.gz"), ("mnist", "t10k-images-idx3-ubyte.gz"),
+             ("fashion-mnist", "fashion-mnist")]
+    for name, hint in cases:
+        with pytest.raises(FileNotFoundError, match="not found") as e:
+            data.open_dataset(name + "-test", str(tmp_path / "empty"), download=False)
+        assert hint in str(e.value) and "\n" not in str(e.value)
+    with pytest.raises(FileNotFoundError, match="--data-path"):
+        data.open_dataset("folder", None)
+    with pytest.raises(FileNotFoundError, match="no class sub-folders"):
+        data.open_dataset("folder", str(tmp_path))
+    with pytest.raises(ValueError, match="known: cifar10, mnist"):
+        data.open_dataset("svhn")
+    r = subprocess.run([sys.executable, "data.py", "mnist", "--data-path", str(tmp_path / "e"),
+                        "--no-download"], capture_output=True, text=True,
+                       cwd=os.path.dirname(os.path.abspath(data.__file__)),
+                       env={**os.environ, "PYTHONPATH": ""})
+    assert r.returncode != 0 and r.stderr.startswith("error: ") and r.stderr.count("\n") == 1
+
+
+# ----------------------------------------------------------------------------- views
+
+
+def random_image(w, h, seed=3):
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8))
+
+
+def test_views_are_reproducible_and_well_formed():
+    img = random_image(50, 41)
+    for views, n in (("none", 1), ("flip", 2), ("tencrop", 10)):
+        assert data.num_views(views) == n
+        crops = [data.make_view(img, 32, views, v) for v in range(n)]
+        for v, c in enumerate(crops):
+            assert c.shape == (32, 32, 3) and c.dtype == np.uint8
+            assert np.array_equal(c, data.make_view(img.copy(), 32, views, v))
+        assert len({c.tobytes() for c in crops}) == n  # all distinct
+    none = data.make_view(img, 32, "none", 0)
+    assert np.array_equal(data.make_view(img, 32, "flip", 1), none[:, ::-1])
+    assert np.array_equal(data.make_view(img, 32, "flip", 0), none)
+    # ten-crop: the mirrored top-left is the mirror of the top-right (torchvision's order)
+    assert np.array_equal(data.make_view(img, 32, "tencrop", 5),
+                          data.make_view(img, 32, "tencrop", 1)[:, ::-1])
+    with pytest.raises(ValueError, match="views must be one of"):
+        data.make_view(img, 32, "fivecrop", 0)
+    with pytest.raises(ValueError, match="out of range"):
+        data.make_view(img, 32, "flip", 2)
+
+
+def test_adm_crop_halves_with_box_and_small_images_are_padded():
+    img = random_image(64, 80)
+    a = np.asarray(img).astype(np.float64)
+    # 64x80 -> BOX halving to 32x40 (2x2 means), no further resize, then the middle 32 rows
+    box = a.reshape(40, 2, 32, 2, 3).mean((1, 3))
+    got = data.make_view(img, 32, "none", 0).astype(np.float64)
+    assert np.abs(got - box[4:36]).max() <= 1
+    digit = Image.fromarray(np.random.default_rng(4).integers(1, 256, (28, 28), dtype=np.uint8))
+    v = data.make_view(digit.convert("RGB"), 32, "none", 0)
+    assert np.array_equal(v[2:30, 2:30, 0], np.asarray(digit)) and v[:2].max() == 0
+    assert data.make_view(digit.convert("RGB"), 64, "none", 0).shape == (64, 64, 3)  # resized
+
+
+def test_view_dataset(tmp_path):
+    write_folder(str(tmp_path))
+    src = data.open_dataset("folder", str(tmp_path))
+    all_views = data.ViewDataset(src, 16, "flip", random_view=False)
+    assert len(all_views) == 8
+    x, label, i, v = all_views[3]
+    assert (i, v, label) == (1, 1, src.label(1)) and x.dtype == torch.float32
+    assert x.shape == (3, 16, 16) and -1 <= x.min() and x.max() <= 1
+    want = torch.from_numpy(data.make_view(src.image(1), 16, "flip", 1)).permute(2, 0, 1)
+    assert torch.allclose((x + 1) * 127.5, want.float(), atol=1e-4)
+    rnd = data.ViewDataset(src, 16, "tencrop")
+    assert len(rnd) == 4
+    torch.manual_seed(0)
+    first = [rnd[k][3] for k in range(4)] + [rnd[0][3] for _ in range(8)]
+    torch.manual_seed(0)
+    assert [rnd[k][3] for k in range(4)] + [rnd[0][3] for _ in range(8)] == first
+    assert len(set(first)) > 1
+
+
+# ----------------------------------------------------------------------------- code datasets
+
+
+def write_codes(root, src_path, n=4, views="flip", image_size=16):
+    A = data.num_views(views)
+    os.makedirs(root)
+    codes = np.arange(n * A * 4, dtype=np.int16).reshape(n, A, 4)
+    np.save(os.path.join(root, "codes.npy"), codes)
+    np.save(os.path.join(root, "labels.npy"), np.array([0, 0, 1, 1], dtype=np.int64)[:n])
+    meta = {"grid": [2, 2], "vocab_size": 100, "num_classes": 2, "image_size": image_size,
+            "views": views, "num_views": A, "dataset": "folder", "split": "train",
+            "data_path": src_path, "tokenizer": "vq.pt", "tokenizer_config": {}, "num_images": n}
+    with open(os.path.join(root, "meta.json"), "w") as f:
+        json.dump(meta, f)
+    return codes
+
+
+def test_code_dataset_reads_codes_and_remakes_the_crop(tmp_path):
+    write_folder(str(tmp_path / "imgs"))
+    codes = write_codes(str(tmp_path / "codes"), str(tmp_path / "imgs"))
+    ds = data.CodeDataset(str(tmp_path / "codes"), random_view=False)
+    assert len(ds) == 8 and ds.meta["grid"] == [2, 2]
+    c, label, view = ds[5]
+    assert c.dtype == torch.int64 and c.tolist() == codes[2, 1].tolist()
+    assert label.item() == 1 and view.item() == 1 and label.dtype == torch.int64
+    clone = pickle.loads(pickle.dumps(ds))  # as a spawned DataLoader worker gets it
+    assert clone.codes is None and clone[5][0].tolist() == codes[2, 1].tolist()
+
+    ds = data.CodeDataset(str(tmp_path / "codes"), with_images=True)
+    src = data.open_dataset("folder", str(tmp_path / "imgs"))
+    torch.manual_seed(1)
+    seen = set()
+    for _ in range(6):
+        c, label, view, img = ds[3]
+        seen.add(view.item())
+        assert c.tolist() == codes[3, view.item()].tolist()
+        assert img.dtype == torch.uint8 and img.shape == (3, 16, 16)
+        want = data.make_view(src.image(3), 16, "flip", view.item())
+        assert np.array_equal(img.permute(1, 2, 0).numpy(), want)
+    assert seen == {0, 1}
+
+
+def test_code_dataset_bad_inputs(tmp_path):
+    with pytest.raises(FileNotFoundError, match="codes.npy, labels.npy, meta.json"):
+        data.CodeDataset(str(tmp_path))
+    write_folder(str(tmp_path / "imgs"))
+    write_codes(str(tmp_path / "codes"), str(tmp_path / "imgs"))
+    np.save(tmp_path / "codes" / "codes.npy", np.zeros((4, 2, 9), dtype=np.int16))
+    with pytest.raises(ValueError, match=r"\(4, 2, 4\)"):
+        data.CodeDataset(str(tmp_path / "codes"))
+    write_codes(str(tmp_path / "codes2"), str(tmp_path / "imgs"))
+    other = tmp_path / "other"
+    write_folder(str(other), sizes=((20, 20),) * 3)
+    with pytest.raises(ValueError, match="do not match"):
+        data.CodeDataset(str(tmp_path / "codes2"), with_images=True, data_path=str(other))
+
+
+# ====================================================================================================
+# tokenizer.py
+
+
+# a VQ small enough for a few CPU steps: 16 px -> 8x8 tokens, GroupNorm(32) still divides every width
+TINY_VQ = T.VQConfig(codebook_size=32, codebook_embed_dim=4, encoder_ch_mult=(1, 2), decoder_ch_mult=(1, 2),
+                     z_channels=32, ch=32, num_res_blocks=1)
+
+
+@pytest.fixture(scope="module")
+def vq_fixture():
+    ref = torch.load(TESTDATA / "llamagen_vq_tiny.pt", weights_only=True)
+    vq = T.VQModel(T.VQConfig(**ref["config"]))
+    M.load_state_dict_strict(vq, ref["state_dict"], "fixture")
+    return vq.eval(), ref
+
+
+def make_image_folder(root, classes=2, per_class=8, size=16, seed=0):
+    """An ImageNet-style folder of smooth, class-dependent pictures (a reconstructable signal)."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:size, 0:size] / size
+    for c in range(classes):
+        (root / f"class{c}").mkdir(parents=True)
+        for i in range(per_class):
+            f = rng.uniform(1, 3, size=3)
+            p = rng.uniform(0, 6.28, size=3)
+            img = np.stack([np.sin(f[k] * (xx if (k + c) % 2 else yy) * 6.28 + p[k]) for k in range(3)], -1)
+            Image.fromarray(((img + 1) * 127.5).astype(np.uint8)).save(root / f"class{c}" / f"{i}.png")
+    return root
+
+
+def save_tiny_vq(path, seed=0):
+    torch.manual_seed(seed)
+    vq = T.VQModel(TINY_VQ).eval()
+    torch.save({"model": vq.state_dict(), "config": asdict(TINY_VQ)}, path)
+    return vq
+
+
+def test_vq_fixture_parity(vq_fixture):
+    vq, ref = vq_fixture
+    codes = vq.encode(ref["images"])
+    assert codes.dtype == torch.long and torch.equal(codes, ref["codes"])
+    with torch.no_grad():
+        quant = vq.quantize(vq.quant_conv(vq.encoder(ref["images"])))[0]
+    torch.testing.assert_close(quant, ref["quant"], atol=1e-4, rtol=0)
+    torch.testing.assert_close(vq.decode_code(ref["codes"]), ref["decoded"], atol=1e-4, rtol=0)
+    # the flat (B, N) form the GPT produces decodes to the same images
+    torch.testing.assert_close(vq.decode_code(ref["codes"].flatten(1)), ref["decoded"], atol=1e-4, rtol=0)
+    feats = vq.encoder_features(ref["images"])
+    assert feats.shape == (2, ref["config"]["z_channels"], 8, 8)
+    assert vq.grid_size(32) == 8
+    with pytest.raises(ValueError, match="multiple of"):
+        vq.grid_size(30)
+
+
+def test_vq16_preset_has_llamagen_keys_and_shapes():
+    expected = {}
+    for line in (TESTDATA / "llamagen_vq16_state_dict.txt").read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            key, shape = line.split("\t")
+            expected[key] = tuple(int(s) for s in shape.strip("()").split(",") if s.strip())
+    with torch.device("meta"):  # no memory, no init cost
+        vq = T.VQModel(T.get_config("VQ-16"))
+    assert {k: tuple(v.shape) for k, v in vq.state_dict().items()} == expected
+    assert vq.grid_size(256) == 16
+    with torch.device("meta"):
+        assert T.VQModel(T.get_config("VQ-8")).grid_size(256) == 32
+        assert T.VQModel(T.get_config("VQ-S")).grid_size(32) == 8
+
+
+def test_load_vq_reads_llamagen_and_our_formats_and_explains_mismatches(tmp_path, vq_fixture):
+    vq, ref = vq_fixture
+    cfg = T.VQConfig(**ref["config"])
+    sd = ref["state_dict"]
+    torch.save({"model": sd}, tmp_path / "llamagen.pt")
+    torch.save(sd, tmp_path / "bare.pt")
+    torch.save({"model": sd, "config": asdict(cfg), "steps": 3}, tmp_path / "ours.pt")
+    for path, preset in (("llamagen.pt", cfg), ("bare.pt", cfg), ("ours.pt", None)):
+        loaded = T.load_vq(str(tmp_path / path), preset=preset)
+        assert not loaded.training
+        assert torch.equal(loaded.encode(ref["images"]), ref["codes"])
+
+    with pytest.raises(ValueError, match="stores no config"):
+        T.load_vq(str(tmp_path / "llamagen.pt"))
+    shapes = r"shape mismatches.*quant_conv.weight \(8, 32, 1, 1\) vs model \(8, 64, 1, 1\)"
+    with pytest.raises(ValueError, match=shapes):
+        T.load_vq(str(tmp_path / "llamagen.pt"), preset="VQ-S")
+    broken = dict(sd)
+    broken.pop("encoder.conv_in.bias")
+    broken["extra.weight"] = torch.zeros(1)
+    torch.save({"model": broken}, tmp_path / "broken.pt")
+    keys = r"missing keys: encoder.conv_in.bias; unexpected keys: extra.weight"
+    with pytest.raises(ValueError, match=keys):
+        T.load_vq(str(tmp_path / "broken.pt"), preset=cfg)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        T.load_vq(str(tmp_path / "nope.pt"))
+
+
+def test_training_reduces_reconstruction_loss_and_resumes(tmp_path, monkeypatch):
+    folder = make_image_folder(tmp_path / "images")
+    monkeypatch.setitem(T.VQ_PRESETS, "VQ-T", TINY_VQ)
+    out = tmp_path / "run"
+    argv = (f"train --dataset folder --data-path {folder} --image-size 16 --vq-model VQ-T "
+            f"--results-dir {out} --global-batch-size 8 --lr 2e-3 --log-every 10 --sample-every 60 "
+            "--ckpt-every 30 --disc-start 50 "
+            "--disc-weight 0.05 --grid-images 4 --l1-weight 0.1").split()
+    last = T.main(argv + ["--steps", "60"])
+    assert Path(last) == out / "checkpoints" / "0000060.pt"
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [10, 20, 30, 40, 50, 60]
+    before_gan = metrics[4]
+    assert before_gan["rec"] < 0.5 * metrics[0]["rec"]
+    assert before_gan["psnr"] > metrics[0]["psnr"] + 3
+    assert "d_loss" in metrics[-1] and "d_loss" not in before_gan  # the GAN switched on at step 50
+    assert metrics[-1]["rec"] < metrics[0]["rec"]
+    assert 0 < metrics[-1]["usage"] <= 1
+    assert (out / "samples" / "recon_0000060.png").is_file()
+    vq = T.load_vq(last)
+    assert vq.config == TINY_VQ
+
+    with pytest.raises(SystemExit, match="already holds checkpoints; pass --resume auto"):
+        T.main(argv + ["--steps", "65"])
+    last = T.main(argv + ["--steps", "65", "--resume", "auto"])
+    assert Path(last) == out / "checkpoints" / "0000065.pt"
+    assert "resuming from" in (out / "log.txt").read_text()
+    assert json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 65
+    assert torch.load(last, weights_only=True)["steps"] == 65
+
+
+def test_extract_writes_what_code_dataset_reads(tmp_path):
+    folder = make_image_folder(tmp_path / "images", per_class=5)
+    vq = save_tiny_vq(tmp_path / "vq.pt")
+    out = tmp_path / "codes"
+    argv = (f"extract --vq-ckpt {tmp_path / 'vq.pt'} --dataset folder --data-path {folder} --image-size 16 "
+            f"--views flip --code-path {out} --batch-size 3").split()
+    T.main(argv)
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["grid"] == [8, 8] and meta["vocab_size"] == 32 and meta["num_views"] == 2
+    assert meta["num_images"] == 10 and meta["num_classes"] == 2 and meta["views"] == "flip"
+    assert T.VQConfig(**meta["tokenizer_config"]) == TINY_VQ
+    assert np.load(out / "codes.npy", mmap_mode="r").dtype == np.int16
+
+    ds = data.CodeDataset(str(out), with_images=True, random_view=False)
+    assert len(ds) == 20
+    seen_views = set()
+    for k in range(len(ds)):
+        codes, label, view, image = ds[k]
+        x = image.float().unsqueeze(0) / 127.5 - 1.0
+        assert torch.equal(codes, vq.encode(x).flatten())
+        assert label.item() == k // 2 // 5  # classes are sorted, 5 images each
+        seen_views.add(view.item())
+    assert seen_views == {0, 1}
+    # a flipped crop gives other codes than the plain one (the views are not duplicates)
+    assert not torch.equal(ds[0][0], ds[1][0])
+
+    with pytest.raises(SystemExit, match="already holds codes.npy; pass --overwrite"):
+        T.main(argv)
+    before = (out / "meta.json").stat().st_mtime_ns
+    T.main(argv + ["--overwrite", "--views", "none"])
+    assert json.loads((out / "meta.json").read_text())["num_views"] == 1
+    assert (out / "meta.json").stat().st_mtime_ns >= before
+    assert np.load(out / "codes.npy", mmap_mode="r").shape == (10, 1, 64)
+
+
+def test_a_wrong_checkpoint_ends_with_one_sentence(tmp_path):
+    folder = make_image_folder(tmp_path / "images", per_class=1)
+    (tmp_path / "notes.txt").write_text("not a checkpoint")
+    gpt_like = {"model": {"tok_embeddings.weight": torch.zeros(4, 4)}, "config": {"n_layer": 2}}
+    torch.save(gpt_like, tmp_path / "gpt.pt")
+    torch.save({"model": T.VQModel(TINY_VQ).state_dict()}, tmp_path / "bare.pt")
+    cases = [("notes.txt", [], "not a readable PyTorch checkpoint"),
+             ("gpt.pt", [], "not a VQ tokenizer's"),
+             ("bare.pt", [], "stores no config"),
+             ("bare.pt", ["--vq-model", "VQ-S"], "does not fit the model"),
+             ("missing.pt", [], "does not exist")]
+    for name, extra, message in cases:
+        argv = (f"extract --vq-ckpt {tmp_path / name} --dataset folder --data-path {folder} "
+                f"--image-size 16 --code-path {tmp_path / 'codes'}").split() + extra
+        with pytest.raises(SystemExit, match=message) as e:
+            T.main(argv)
+        assert str(e.value).startswith("--vq-ckpt") and "\n" not in str(e.value)
+    assert not (tmp_path / "codes").exists()  # nothing was written
+
+    train = (f"train --dataset folder --data-path {folder} --image-size 16 --results-dir {tmp_path / 'run'} "
+             f"--resume {tmp_path / 'bare.pt'}").split()
+    with pytest.raises(SystemExit, match="is not a checkpoint of `tokenizer.py train`"):
+        T.main(train)
+
+
+# ====================================================================================================
+# sample.py
+
+
+# 8 px images -> 4x4 tokens (stride 2); GroupNorm(32) needs widths that are multiples of 32
+SAMPLE_VQ = T.VQConfig(codebook_size=16, codebook_embed_dim=4, encoder_ch_mult=(1, 2), decoder_ch_mult=(1, 2),
+                       z_channels=32, ch=32, num_res_blocks=1)
+
+
+def save_gpt(path, vq_path=None, llamagen=False, **kw):
+    torch.manual_seed(0)
+    if llamagen:
+        cfg = M.gpt_config("GPT-T", vocab_size=16, grid_size=4, num_classes=5)
+    else:
+        cfg = M.GPTConfig(**{**dict(dim=32, n_layer=2, n_head=4, vocab_size=16, grid_size=4, num_classes=5), **kw})
+    gpt = M.GPT(cfg)
+    with torch.no_grad():  # the zero-initialised head would make every token equally likely
+        gpt.output.weight.normal_(0, 0.5)
+    sd = gpt.state_dict()
+    ours = {"model": sd, "ema": sd, "gpt_config": asdict(cfg), "vq_ckpt": vq_path}
+    torch.save({"model": sd} if llamagen else ours, path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sample_ckpts")
+    torch.manual_seed(0)
+    vq = T.VQModel(SAMPLE_VQ)
+    vq_path = str(root / "vq.pt")
+    torch.save({"model": vq.state_dict(), "config": asdict(SAMPLE_VQ)}, vq_path)
+    return {"vq": vq_path, "gpt": save_gpt(root / "gpt.pt", vq_path)}
+
+
+def read_png(path):
+    with Image.open(path) as im:
+        return np.asarray(im)
+
+
+def test_grid_png_has_the_right_size_and_is_reproducible(ckpts, tmp_path):
+    common = ["--gpt-ckpt", ckpts["gpt"], "--num-samples", "5", "--nrow", "3", "--batch-size", "2", "--ema"]
+    S.main(common + ["--vq-ckpt", ckpts["vq"], "--out", str(tmp_path / "a.png")])
+    S.main(common + ["--out", str(tmp_path / "b.png")])  # the tokenizer the checkpoint recorded
+    S.main(common + ["--out", str(tmp_path / "c.png"), "--seed", "1"])
+    a, b, c = (read_png(tmp_path / f"{n}.png") for n in "abc")
+    # 2 rows x 3 columns of 8x8 images with 2 px gaps around each
+    assert a.shape == (2 + 2 * 10, 2 + 3 * 10, 3) and a.dtype == np.uint8
+    assert np.array_equal(a, b)
+    assert not np.array_equal(a, c)
+    assert a[2:10, 2:10].std() > 0 and np.all(a[:2] == 0)  # a picture inside, black padding around
+
+
+def test_grid_with_given_classes_matches_sample_images(ckpts, tmp_path):
+    S.main(["--gpt-ckpt", ckpts["gpt"], "--num-samples", "3", "--nrow", "3", "--batch-size", "3",
+            "--classes", "4,0,2", "--cfg-scale", "1.5", "--top-k", "8", "--out", str(tmp_path / "g.png")])
+    gpt = M.load_gpt(ckpts["gpt"])
+    vq = T.load_vq(ckpts["vq"])
+    images = S.sample_images(gpt, vq, [4, 0, 2], cfg_scale=1.5, top_k=8,
+                             generator=S.chunk_generator(0, 0, torch.device("cpu")))
+    assert images.shape == (3, 8, 8, 3) and images.dtype == np.uint8
+    grid = read_png(tmp_path / "g.png")
+    for i in range(3):
+        assert np.array_equal(grid[2:10, 2 + 10 * i:10 + 10 * i], images[i])
+
+
+def fid_args(ckpts, sample_dir, *extra):
+    return ["--gpt-ckpt", ckpts["gpt"], "--vq-ckpt", ckpts["vq"], "--num-fid-samples", "7", "--batch-size", "3",
+            "--sample-dir", str(sample_dir), *extra]
+
+
+def test_fid_npz_shape_resume_and_sharding(ckpts, tmp_path, monkeypatch):
+    d = tmp_path / "fid"
+    S.main(fid_args(ckpts, d))
+    with np.load(d / "samples.npz") as z:
+        arr, labels = z["arr_0"], z["labels"]
+    assert arr.shape == (7, 8, 8, 3) and arr.dtype == np.uint8
+    assert labels.tolist() == [0, 1, 2, 3, 4, 0, 1]
+    assert sorted(p.name for p in d.glob("*.png")) == [f"{i:06d}.png" for i in range(7)]
+    assert np.array_equal(read_png(d / "000005.png"), arr[5])
+
+    # resumption: deleted PNGs come back identical, the others are left alone
+    (d / "000001.png").unlink()
+    (d / "000006.png").unlink()
+    (d / "samples.npz").rename(tmp_path / "first.npz")
+    kept = (d / "000003.png").stat().st_mtime_ns
+    S.main(fid_args(ckpts, d))
+    with np.load(d / "samples.npz") as z:
+        assert np.array_equal(z["arr_0"], arr)
+    assert (d / "000003.png").stat().st_mtime_ns == kept
+
+    # two ranks (threads meeting at a real barrier) make the same images as one process
+    meet = threading.Barrier(2, timeout=60)
+    monkeypatch.setattr(S, "barrier", lambda world: meet.wait())
+    d2 = tmp_path / "fid2"
+    args = S.build_parser().parse_args(fid_args(ckpts, d2))
+    S.check_args(args)
+    gpt, vq = S.load_models(args, torch.device("cpu"))
+    cpu = torch.device("cpu")
+    ranks = [threading.Thread(target=S.make_fid_samples, args=(args, gpt, vq, r, 2, cpu)) for r in (0, 1)]
+    for t in ranks:
+        t.start()
+    for t in ranks:
+        t.join()
+    monkeypatch.undo()
+    with np.load(d2 / "samples.npz") as z:
+        assert np.array_equal(z["arr_0"], arr)
+
+    # other settings in the same folder are refused; with --overwrite every old PNG is made again
+    (d / "samples.npz").unlink()
+    with pytest.raises(SystemExit, match="seed: 0 there, 3 now"):
+        S.main(fid_args(ckpts, d, "--seed", "3"))
+    S.main(fid_args(ckpts, d, "--seed", "3", "--overwrite"))
+    S.main(fid_args(ckpts, tmp_path / "fid3", "--seed", "3"))
+    with np.load(d / "samples.npz") as z, np.load(tmp_path / "fid3" / "samples.npz") as z3:
+        assert np.array_equal(z["arr_0"], z3["arr_0"]) and not np.array_equal(z["arr_0"], arr)
+    with pytest.raises(SystemExit, match="already exists; pass --overwrite"):
+        S.main(fid_args(ckpts, d, "--seed", "3"))
+
+
+def test_vocab_and_grid_mismatch_and_existing_out_are_one_sentence(ckpts, tmp_path):
+    big_vocab = save_gpt(tmp_path / "v32.pt", ckpts["vq"], vocab_size=32)
+    with pytest.raises(SystemExit, match=r"vocabulary has 32 tokens but the tokenizer's codebook has 16"):
+        S.main(["--gpt-ckpt", big_vocab, "--out", str(tmp_path / "x.png")])
+    with pytest.raises(SystemExit, match=r"--image-size 16 makes a 8x8 token grid .* GPT's grid is 4x4 \(image size 8"):
+        S.main(["--gpt-ckpt", ckpts["gpt"], "--image-size", "16", "--out", str(tmp_path / "x.png")])
+    out = tmp_path / "mine.png"
+    out.write_bytes(b"user data")
+    with pytest.raises(SystemExit, match="already exists; pass --overwrite"):
+        S.main(["--gpt-ckpt", ckpts["gpt"], "--out", str(out)])
+    assert out.read_bytes() == b"user data"
+    assert not (tmp_path / "x.png").exists()
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "000000.png").write_bytes(b"not ours")
+    with pytest.raises(SystemExit, match="PNGs this script did not make"):
+        S.main(fid_args(ckpts, foreign))
+    assert (foreign / "000000.png").read_bytes() == b"not ours"
+    moved = save_gpt(tmp_path / "moved.pt", str(tmp_path / "gone" / "vq.pt"))
+    with pytest.raises(SystemExit, match="trained with the tokenizer .*gone.* give its path with --vq-ckpt"):
+        S.main(["--gpt-ckpt", moved, "--out", str(tmp_path / "x.png")])
+
+    # the real CLI: one line on stderr, no traceback
+    r = subprocess.run([sys.executable, "sample.py", "--gpt-ckpt", big_vocab, "--out", str(tmp_path / "x.png")],
+                       capture_output=True, text=True, cwd=Path(__file__).parent)
+    assert r.returncode == 1
+    assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert "32" in r.stderr and "16" in r.stderr
+
+
+def test_llamagen_checkpoint_needs_and_takes_gpt_model(ckpts, tmp_path):
+    ll = save_gpt(tmp_path / "c2i_T_8.pt", llamagen=True)
+    base = ["--gpt-ckpt", ll, "--vq-ckpt", ckpts["vq"], "--num-samples", "2", "--out", str(tmp_path / "l.png")]
+    with pytest.raises(SystemExit, match="give --gpt-model"):
+        S.main(base)
+    S.main(base + ["--gpt-model", "GPT-T", "--image-size", "8"])
+    assert read_png(tmp_path / "l.png").shape == (2 + 10, 2 + 2 * 10, 3)  # one row of two
+    with pytest.raises(SystemExit, match="does not record which tokenizer"):
+        S.main(["--gpt-ckpt", ll, "--gpt-model", "GPT-T", "--image-size", "8", "--out", str(tmp_path / "m.png")])
+
+
+# ====================================================================================================
+# fid.py
+
+
+def fill_by_recipe(model, seed=2015, he=False):
+    """The fixtures' fill_recipe: one generator walks the state_dict in order.
+
+    he=False: shared/reference/fid_inception_random.pt; he=True: testdata/fid_inception_oracle.pt,
+    whose weights keep the output dependent on the input (the first fixture's barely is).
+    """
+    g = torch.Generator().manual_seed(seed)
+    state = {}
+    for name, t in model.state_dict().items():
+        if name.endswith("num_batches_tracked"):
+            state[name] = t
+            continue
+        r = torch.randn(t.shape, generator=g)
+        if name.endswith("running_var"):
+            r = 1 + 0.1 * r.abs()
+        elif t.dim() > 1:  # conv / linear weight
+            r = r * ((2.0 if he else 1.0) / t[0].numel()) ** 0.5
+        elif he and name.endswith("bn.weight"):
+            r = 1 + 0.1 * r
+        else:
+            r = 0.1 * r
+        state[name] = r
+    model.load_state_dict(state, strict=True)
+    return model
+
+
+@pytest.fixture(scope="module")
+def fixture():
+    return torch.load(os.path.join(TESTDATA, "fid_inception_random.pt"), weights_only=True)
+
+
+@pytest.fixture(scope="module")
+def random_weights(tmp_path_factory, fixture):
+    """A weights file in the real file's layout, holding the fixture's random network."""
+    model = fill_by_recipe(fid.FIDInceptionV3())
+    path = tmp_path_factory.mktemp("weights") / fid.WEIGHTS_NAME
+    torch.save(model.state_dict(), path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def model(random_weights):
+    return fid.load_inception(random_weights)
+
+
+def test_fid_inception_matches_pytorch_fid(fixture, model):
+    keys = [(k, tuple(v.shape)) for k, v in fid.FIDInceptionV3().state_dict().items()]
+    assert keys == [(k, tuple(s)) for k, s in fixture["state_dict_keys"]]
+    # float [0, 1] NCHW input through the whole extraction path (channels_last, folded batch norm)
+    pool3, logits = fid.extract(model, fixture["images"], batch_size=3, progress=False)
+    ref_pool3, ref_logits = fixture["pool3"].numpy(), fixture["logits"].numpy()
+    assert np.abs(pool3 - ref_pool3).max() <= 1e-4 * np.abs(ref_pool3).max()
+    # extract gives the IS logits (no bias); the fixture holds fc(pool3) with it
+    with_bias = logits + model.fc.bias.detach().numpy()
+    assert np.abs(with_bias - ref_logits).max() <= 1e-4 * np.abs(ref_logits).max()
+    assert np.abs(logits - ref_logits).max() > 1e-3  # the bias really was left out
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        fid.extract(model, fixture["images"] * 2 - 1, progress=False)
+
+
+def test_fid_inception_matches_pytorch_fid_on_input_dependent_weights():
+    # Made with pytorch-fid 0.3.0 (see the file's made_by / fill_recipe); it catches the details the
+    # random fixture cannot see: pooling kinds, resize corners, input scaling.
+    oracle = torch.load(os.path.join(TESTDATA, "fid_inception_oracle.pt"), weights_only=True)
+    model = fill_by_recipe(fid.FIDInceptionV3(), seed=oracle["seed"], he=True).eval()
+    model = model.to(memory_format=torch.channels_last).fold_batchnorm()
+    pool3, logits = fid.extract(model, oracle["images_uint8_nhwc"].numpy(), batch_size=4, progress=False)
+    ref_pool3, ref_logits = oracle["pool3"].numpy(), oracle["logits"].numpy()
+    assert np.abs(pool3 - ref_pool3).max() <= 1e-4 * np.abs(ref_pool3).max()
+    with_bias = logits + model.fc.bias.detach().numpy()
+    assert np.abs(with_bias - ref_logits).max() <= 1e-4 * np.abs(ref_logits).max()
+    # the unfolded (plain batch-norm) path agrees with the folded one
+    model.load_state_dict(model.state_dict())
+    assert model.Mixed_7c.branch_pool.folded_weight is None
+    plain, _ = fid.extract(model, oracle["images_uint8_nhwc"][3:].numpy(), progress=False)
+    assert np.abs(plain - pool3[3:]).max() <= 1e-5 * np.abs(ref_pool3).max()
+
+
+def numpy_sqrtm_fid(mu1, s1, mu2, s2):
+    # The usual formula: tr sqrtm(S1 S2) = sum of sqrt of the (real, >= 0) eigenvalues of S1 S2.
+    eig = np.linalg.eigvals(s1 @ s2)
+    return float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * np.sqrt(np.clip(eig.real, 0, None)).sum())
+
+
+def random_cov(rng, d, eigenvalues):
+    q, _ = np.linalg.qr(rng.standard_normal((d, d)))
+    return (q * eigenvalues) @ q.T
+
+
+@pytest.mark.parametrize("case", ["well", "ill", "rank-deficient"])
+def test_frechet_distance_matches_numpy_sqrtm(case):
+    rng = np.random.default_rng({"well": 0, "ill": 1, "rank-deficient": 2}[case])
+    d = 48
+    mu1, mu2 = rng.standard_normal(d), rng.standard_normal(d)
+    if case == "well":
+        s1, s2 = random_cov(rng, d, rng.uniform(0.5, 2, d)), random_cov(rng, d, rng.uniform(0.5, 2, d))
+    elif case == "ill":
+        s1, s2 = random_cov(rng, d, np.logspace(-9, 3, d)), random_cov(rng, d, np.logspace(-8, 2, d))
+    else:  # covariances of fewer samples than dimensions, as FID of small sets
+        s1 = np.cov(rng.standard_normal((20, d)), rowvar=False)
+        s2 = np.cov(rng.standard_normal((30, d)) * 2, rowvar=False)
+    ours, ref = fid.frechet_distance(mu1, s1, mu2, s2), numpy_sqrtm_fid(mu1, s1, mu2, s2)
+    assert abs(ours - ref) <= 1e-6 * abs(ref)
+
+
+def test_fid_of_a_set_with_itself_is_zero_and_grows_with_a_shift():
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((400, 16)).astype(np.float32) * np.linspace(0.1, 3, 16).astype(np.float32)
+    mu, sigma = fid.stats(x, chunk=64)
+    x64 = x.astype(np.float64)
+    assert np.allclose(mu, x64.mean(0)) and np.allclose(sigma, np.cov(x64, rowvar=False))
+    assert abs(fid.frechet_distance(mu, sigma, mu, sigma)) < 1e-9
+    shift = np.full(16, 0.25)
+    small = fid.frechet_distance(mu, sigma, mu + shift, sigma)
+    big = fid.frechet_distance(mu, sigma, mu + 4 * shift, sigma)
+    assert small == pytest.approx(shift @ shift, rel=1e-6) and big == pytest.approx(16 * shift @ shift, rel=1e-6)
+    with pytest.raises(ValueError, match="do not match"):
+        fid.frechet_distance(mu, sigma, mu[:8], sigma[:8, :8])
+
+
+def test_inception_score():
+    assert fid.inception_score(np.zeros((100, 1008))) == pytest.approx(1.0)
+    confident = np.zeros((100, 1008))
+    confident[np.arange(100), np.arange(100) % 10] = 50.0  # each split of 10 sees the 10 classes once
+    assert fid.inception_score(confident) == pytest.approx(10.0, rel=1e-6)
+    # ten splits: a set whose halves each see one class only scores lower than the whole would
+    halves = np.zeros((100, 1008))
+    halves[np.arange(100), (np.arange(100) >= 50).astype(int)] = 50.0
+    assert fid.inception_score(halves) == pytest.approx(1.0, abs=1e-6)
+    assert fid.inception_score(halves, splits=1) == pytest.approx(2.0, rel=1e-6)
+
+
+def test_precision_recall():
+    rng = np.random.default_rng(0)
+    real = rng.standard_normal((60, 8)).astype(np.float32)
+    assert fid.precision_recall(real, real.copy()) == (1.0, 1.0)
+    assert fid.precision_recall(real, real + 100) == (0.0, 0.0)
+    fake = np.concatenate([real[:30], rng.standard_normal((30, 8)).astype(np.float32) + 100])
+    precision, recall = fid.precision_recall(real, fake)
+    assert precision == pytest.approx(0.5)
+    assert fid.precision_recall(real, fake, block_size=7) == (precision, recall)  # blocks change nothing
+    with pytest.raises(ValueError, match="more than 3"):
+        fid.precision_recall(real[:3], fake)
+
+
+def write_png_folder(folder, images):
+    folder.mkdir()
+    for i, img in enumerate(images):
+        Image.fromarray(img).save(folder / f"{i:03d}.png")
+
+
+def test_cli_and_evaluate(tmp_path, random_weights, model, capsys):
+    rng = np.random.default_rng(0)
+    samples = rng.integers(0, 256, (4, 16, 16, 3), dtype=np.uint8)
+    reference = rng.integers(0, 256, (5, 16, 16, 3), dtype=np.uint8)
+    write_png_folder(tmp_path / "samples", samples)
+    np.savez(tmp_path / "ref.npz", arr_0=reference)
+    stats_path = tmp_path / "samples_stats.npz"
+
+    fid.main([str(tmp_path / "samples"), str(tmp_path / "ref.npz"), "--inception-weights", random_weights,
+              "--batch-size", "3", "--device", "cpu", "--save-stats", str(stats_path), "--json"])
+    metrics = json.loads(capsys.readouterr().out)
+    assert metrics["fid"] > 0 and metrics["is"] >= 1.0 - 1e-9
+    assert 0 <= metrics["precision"] <= 1 and 0 <= metrics["recall"] <= 1
+    assert (metrics["num_samples"], metrics["num_reference"]) == (4, 5)
+
+    saved = np.load(stats_path)
+    assert saved["mu"].dtype == np.float64 and saved["sigma"].shape == (2048, 2048)
+    assert saved["pool3"].shape == (4, 2048)
+    with pytest.raises(SystemExit, match="already exists"):
+        fid.main([str(tmp_path / "samples"), "--save-stats", str(stats_path)])
+
+    # the Python API with the roles swapped: FID is symmetric, precision and recall trade places
+    swapped = fid.evaluate(reference, str(stats_path), model=model, batch_size=4)
+    assert swapped["fid"] == pytest.approx(metrics["fid"], rel=1e-6)
+    assert (swapped["precision"], swapped["recall"]) == (metrics["recall"], metrics["precision"])
+
+    # statistics alone: FID without the network (its weights file is absent); no precision or recall
+    np.savez(tmp_path / "a.npz", mu=np.zeros(8), sigma=np.eye(8), pool3=np.zeros((5, 8), np.float32))
+    np.savez(tmp_path / "b.npz", mu=np.ones(8), sigma=np.eye(8))
+    fid.main([str(tmp_path / "a.npz"), str(tmp_path / "b.npz"), "--inception-weights", str(tmp_path / "absent.pth")])
+    table = capsys.readouterr().out
+    assert "n/a" in table.split("precision")[1] and "n/a" in table.split("recall")[1]
+    fid_line = [line for line in table.splitlines() if line.startswith("FID")][0]
+    assert float(fid_line.split()[1]) == pytest.approx(8.0)
+    fid.main([str(tmp_path / "b.npz"), "--save-stats", str(tmp_path / "b_again.npz")])
+    assert np.array_equal(np.load(tmp_path / "b_again.npz")["mu"], np.ones(8))
+
+    np.savez(tmp_path / "float.npz", arr_0=reference.astype(np.float32))
+    with pytest.raises(SystemExit, match="arr_0 must hold uint8"):
+        fid.main([str(tmp_path / "float.npz"), str(stats_path), "--inception-weights", random_weights])
+    with pytest.raises(SystemExit, match="does not exist"):
+        fid.main([str(tmp_path / "missing.npz"), str(stats_path)])
+
+
+def test_dataset_reference_is_cached(tmp_path, model, monkeypatch):
+    images = np.random.default_rng(1).integers(0, 256, (4, 12, 12, 3), dtype=np.uint8)
+
+    class Source:  # stands in for data.py's SourceDataset
+        def __len__(self):
+            return len(images)
+
+        def image(self, i):
+            return Image.fromarray(images[i])
+
+    fake_data = types.ModuleType("data")
+    fake_data.open_dataset = lambda name, data_path=None, **kw: Source()
+    fake_data.make_view = lambda img, size, views, v: np.asarray(img.resize((size, size)))
+    monkeypatch.setitem(sys.modules, "data", fake_data)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    first = fid.load_side("toy-train", lambda: model, batch_size=4, image_size=12)
+    cached = os.path.join(fid.cache_dir(), "toy-train-12px.npz")
+    assert os.path.isfile(cached) and first.num_images == 4
+
+    def no_network():
+        raise AssertionError("the cached statistics should have been used")
+
+    again = fid.load_side("toy-train", no_network, image_size=12)
+    assert np.allclose(again.mu, first.mu) and np.allclose(again.pool3, first.pool3)
+    assert again.inception_score == pytest.approx(first.inception_score)
+
+
+def test_weights_errors_are_one_sentence(tmp_path, monkeypatch):
+    garbage = tmp_path / "garbage.pth"
+    garbage.write_bytes(b"not a checkpoint at all" * 10)
+    with pytest.raises(ValueError, match="corrupt"):
+        fid.load_inception(str(garbage))
+
+    good = tmp_path / "small.pth"
+    torch.save({"fc.weight": torch.zeros(1008, 2048)}, good)
+    truncated = tmp_path / "truncated.pth"
+    truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    with pytest.raises(ValueError, match="truncated"):
+        fid.load_inception(str(truncated))
+    with pytest.raises(ValueError, match="keys missing"):
+        fid.load_inception(str(good))
+
+    np.savez(tmp_path / "s.npz", arr_0=np.zeros((4, 8, 8, 3), np.uint8))
+    with pytest.raises(SystemExit) as e:
+        fid.main([str(tmp_path / "s.npz"), str(tmp_path / "s.npz"), "--inception-weights", str(truncated)])
+    assert "truncated" in str(e.value) and "\n" not in str(e.value)
+
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    with pytest.raises(FileNotFoundError) as e:
+        fid.load_inception(download=False)
+    message = str(e.value)
+    assert fid.WEIGHTS_URL in message and os.path.join(str(tmp_path / "hub"), "checkpoints") in message
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        fid.load_inception(str(tmp_path / "nowhere.pth"))
