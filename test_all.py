@@ -939,6 +939,21 @@ def test_training_reduces_reconstruction_loss_and_resumes(tmp_path, monkeypatch)
     assert torch.load(last, weights_only=True)["steps"] == 65
 
 
+def test_tokenizer_training_reports_rfid_when_inception_weights_exist(tmp_path, monkeypatch):
+    folder = make_image_folder(tmp_path / "images", per_class=4)
+    monkeypatch.setitem(T.VQ_PRESETS, "VQ-T", TINY_VQ)
+    argv = (f"train --dataset folder --data-path {folder} --image-size 16 --vq-model VQ-T --global-batch-size 4 "
+            f"--steps 2 --log-every 2 --ckpt-every 2 --disc-start -1 --rfid-images 6").split()
+    T.main(argv + ["--results-dir", str(tmp_path / "without")])  # no weights here: one notice, training goes on
+    assert "rFID skipped: FID Inception weights not found" in (tmp_path / "without" / "log.txt").read_text()
+    torch.manual_seed(0)
+    random_inception = fid.FIDInceptionV3().eval()  # stands in for the real weights: rFID is then finite
+    monkeypatch.setattr(fid, "load_inception", lambda *a, **k: random_inception)
+    T.main(argv + ["--results-dir", str(tmp_path / "with")])
+    rows = [json.loads(line) for line in (tmp_path / "with" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "rfid" in r] == [2] and math.isfinite(rows[-1]["rfid"]) and rows[-1]["rfid"] >= 0
+
+
 def test_extract_writes_what_code_dataset_reads(tmp_path):
     folder = make_image_folder(tmp_path / "images", per_class=5)
     vq = save_tiny_vq(tmp_path / "vq.pt")

@@ -436,6 +436,32 @@ def save_recon_grid(x, recon, path, per_row=8):
     Image.fromarray(np.concatenate(rows, axis=0)).save(tmp)
     os.replace(tmp, path)
 
+def make_rfid(args, model, device, log):
+    """A function computing rFID (reconstructions vs originals of held-out images), or None with one
+    notice when the Inception weights or the held-out split are not to be had."""
+    import fid
+
+    try:
+        inception = fid.load_inception(args.inception_weights, device, download=False)
+        source = data.open_dataset(args.dataset, args.data_path, split=args.rfid_split, download=False)
+    except (FileNotFoundError, ValueError) as e:
+        log(f"rFID skipped: {e}")
+        return None
+    held_out = data.ViewDataset(source, args.image_size, views="none", random_view=False)
+    images = torch.stack([held_out[i][0] for i in range(min(args.rfid_images, len(held_out)))])
+    real = fid.stats(fid.extract(inception, to_uint8(images), device=device, progress=False)[0])
+
+    def rfid():
+        model.eval()
+        with torch.no_grad():
+            recon = torch.cat([model(b.to(device))[0].float().cpu() for b in images.split(64)])
+        model.train()
+        fake = fid.stats(fid.extract(inception, to_uint8(recon), device=device, progress=False)[0])
+        return fid.frechet_distance(*fake, *real)
+
+    return rfid
+
+
 # ----------------------------------------------------------------------------------------------------
 # Distributed helpers (the same command runs alone or under torchrun)
 # ----------------------------------------------------------------------------------------------------
@@ -582,6 +608,7 @@ def train(args):
                      "args": vars(args)}, path)
         return path
 
+    rfid = make_rfid(args, raw_model, device, log) if rank == 0 and args.rfid_images > 0 else None
     n_params = sum(p.numel() for p in raw_model.parameters())
     side = raw_model.grid_size(args.image_size)
     log(f"VQ {args.vq_model}: {n_params / 1e6:.2f}M parameters, "
@@ -660,6 +687,11 @@ def train(args):
                 log(f"step {step:7d} fixed-batch psnr {psnr(fixed_recon, fixed):.2f} dB -> {grid_path}")
             if step % args.ckpt_every == 0 or step == total:
                 last_good = save(step) or last_good
+                if rfid is not None:
+                    value = rfid()
+                    log(f"step {step:7d} rFID {value:.3f} on {args.rfid_images} held-out images")
+                    metrics_file.write(json.dumps({"step": step, "rfid": value}) + "\n")
+                    metrics_file.flush()
                 barrier(world)
             if step >= total:
                 break
@@ -784,6 +816,11 @@ def build_parser():
     t.add_argument("--sample-every", type=int, default=1000)
     t.add_argument("--ckpt-every", type=int, default=5000)
     t.add_argument("--grid-images", type=int, default=16)
+    t.add_argument("--rfid-images", type=int, default=1000,
+                   help="rFID on this many held-out (--rfid-split) images at each checkpoint, when the "
+                        "FID Inception weights are available; 0: never")
+    t.add_argument("--rfid-split", default="test")
+    t.add_argument("--inception-weights", default=None, help="pt_inception-2015-12-05-6726825d.pth (fid.py)")
     t.add_argument("--num-workers", type=int, default=0)
     t.add_argument("--seed", type=int, default=0)
 
