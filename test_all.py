@@ -1427,3 +1427,47 @@ def test_weights_errors_are_one_sentence(tmp_path, monkeypatch):
     assert fid.WEIGHTS_URL in message and os.path.join(str(tmp_path / "hub"), "checkpoints") in message
     with pytest.raises(FileNotFoundError, match="does not exist"):
         fid.load_inception(str(tmp_path / "nowhere.pth"))
+
+
+# ====================================================================================================
+# The main job end to end: tokenizer -> codes -> each foresight variant -> samples -> statistics
+
+
+def test_the_whole_pipeline_end_to_end(tmp_path, monkeypatch, capsys):
+    folder = make_image_folder(tmp_path / "images", classes=2, per_class=16)
+    out = tmp_path / "run"
+    common = ["--dataset", "folder", "--data-path", str(folder), "--out", str(out), "--image-size", "16",
+              "--vq-steps", "4", "--max-steps", "3", "--global-batch-size", "4", "--no-progress",
+              "--num-sample-images", "4", "--foresight-proj-dim", "32"]
+    for variant in ("none", "explicit", "implicit"):
+        TR.main(common + ["--foresight", variant, "--foresight-warmup", "1"])
+    assert (out / "vq" / "checkpoints" / "0000004.pt").is_file()
+    meta = json.loads((out / "codes" / "meta.json").read_text())
+    assert meta["grid"] == [4, 4] and meta["num_views"] == 2 and meta["num_images"] == 32
+    for variant in ("none", "explicit", "implicit"):
+        exp = out / f"gpt-{variant}"
+        assert (exp / "samples" / "0000003.png").is_file() and (exp / "checkpoints" / "last.pt").is_file()
+        if variant != "none":
+            assert "foresight" in json.loads((exp / "metrics.jsonl").read_text().splitlines()[-1])
+    # a second run of the same command reuses every stage: nothing is trained or extracted again
+    codes_made = (out / "codes" / "codes.npy").stat().st_mtime_ns
+    capsys.readouterr()
+    TR.main(common + ["--foresight", "implicit", "--foresight-warmup", "1"])
+    said = capsys.readouterr().out
+    assert "stage 1/3" not in said and "stage 2/3" not in said and "(resuming)" in said
+    assert (out / "codes" / "codes.npy").stat().st_mtime_ns == codes_made
+
+    # samples: a grid and an ADM .npz, then their statistics with a (random) Inception network
+    S.main(["--gpt-ckpt", str(out / "gpt-explicit" / "checkpoints" / "last.pt"), "--ema", "--num-samples", "4",
+            "--out", str(tmp_path / "grid.png")])
+    assert Image.open(tmp_path / "grid.png").size[0] > 16
+    S.main(["--gpt-ckpt", str(out / "gpt-implicit" / "checkpoints" / "last.pt"), "--ema",
+            "--num-fid-samples", "6", "--sample-dir", str(tmp_path / "fid")])
+    arr = np.load(tmp_path / "fid" / "samples.npz")["arr_0"]
+    assert arr.shape == (6, 16, 16, 3) and arr.dtype == np.uint8
+    torch.manual_seed(0)
+    random_inception = fid.FIDInceptionV3().eval()
+    monkeypatch.setattr(fid, "load_inception", lambda *a, **k: random_inception)
+    fid.main([str(tmp_path / "fid" / "samples.npz"), "--save-stats", str(tmp_path / "stats.npz")])
+    stats = np.load(tmp_path / "stats.npz")
+    assert stats["mu"].shape == (2048,) and stats["sigma"].shape == (2048, 2048) and np.isfinite(stats["sigma"]).all()

@@ -41,7 +41,13 @@ from tokenizer import cleanup_distributed, save_atomic, setup_distributed
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument_group("data and model")
-    a.add_argument("--code-path", required=True, help="code dataset folder from `tokenizer.py extract`")
+    a.add_argument("--code-path", default=None, help="code dataset folder from `tokenizer.py extract`")
+    a.add_argument("--dataset", default=None,
+                   help="the main job in one command instead of --code-path: tokenizer, codes and GPT for this dataset "
+                        "(fashion-mnist, mnist, cifar10, folder), each stage reusing what --out already holds")
+    a.add_argument("--out", default=None, help="with --dataset: the folder of all stages (default runs/<dataset>)")
+    a.add_argument("--image-size", type=int, default=32, help="with --dataset: image side (the VQ-S tokenizer makes 8x8 tokens of 32 px)")
+    a.add_argument("--vq-steps", type=int, default=None, help="with --dataset: tokenizer training steps (default 700 on a CPU, 5000 on a GPU)")
     a.add_argument("--data-path", default=None, help="the images the codes came from (Mirai-I); default: meta.json's")
     a.add_argument("--results-dir", default="results")
     a.add_argument("--gpt-model", default="GPT-B", choices=list(GPT_PRESETS))
@@ -589,9 +595,73 @@ def foresight_setup(args, fs, depth):
             "encoder": args.foresight_encoder if fs.mode == "implicit" else None}
 
 
+# ----------------------------------------------------------------------------------------------------
+# The main job in one command: tokenizer -> codes -> GPT, each stage reusing what --out already holds
+
+# A small run's settings in place of LlamaGen's ImageNet defaults; flags on the command line win.
+SMALL_RUN = dict(gpt_model="GPT-T", global_batch_size=64, lr=5e-4, max_steps=3000, ema=True, ema_decay=0.99,
+                 log_every=100, ckpt_every=1000, sample_every=1000, foresight_warmup="10%", foresight_encoder="vq")
+
+
+def given_flags(parser, argv):
+    """The dests of the flags that argv sets explicitly."""
+    opts = {a.split("=")[0] for a in argv if a.startswith("--")}
+    return {act.dest for act in parser._actions if opts & set(act.option_strings)}
+
+
+def pipeline(args, given):
+    import tokenizer
+
+    out = args.out or os.path.join("runs", args.dataset)
+    for key, value in SMALL_RUN.items():
+        if key not in given:
+            setattr(args, key, value)
+    if args.foresight == "explicit" and "foresight_coef" not in given:
+        args.foresight_coef = "1"  # lambda 2 per target overwhelms a small model's next-token loss early on
+    where = ["--dataset", args.dataset, "--image-size", str(args.image_size)]
+    where += ["--data-path", args.data_path] if args.data_path else []
+
+    if not args.vq_ckpt:  # 1. the tokenizer, trained to its final step once
+        vq_dir = os.path.join(out, "vq")
+        steps = args.vq_steps or (5000 if torch.cuda.is_available() else 700)
+        args.vq_ckpt = os.path.join(vq_dir, "checkpoints", f"{steps:07d}.pt")
+        if not os.path.exists(args.vq_ckpt):
+            started = glob.glob(os.path.join(vq_dir, "checkpoints", "*.pt"))
+            print(f"== stage 1/3: tokenizer -> {vq_dir}" + (" (resuming)" if started else ""))
+            tokenizer.main(["train", *where, "--vq-model", "VQ-S", "--results-dir", vq_dir, "--steps", str(steps),
+                            "--global-batch-size", "32", "--lr", "1e-3", "--disc-start", "-1", "--log-every", "50",
+                            "--sample-every", "100", "--ckpt-every", "100"] + (["--resume", "auto"] if started else []))
+
+    code_path = os.path.join(out, "codes")  # 2. the codes, made once per tokenizer
+    meta_path = os.path.join(code_path, "meta.json")
+    if os.path.exists(meta_path):
+        with open(meta_path) as f:
+            made_with = json.load(f)["tokenizer"]
+        if made_with != os.path.abspath(args.vq_ckpt):
+            raise ValueError(f"{code_path} holds codes of another tokenizer ({made_with}); remove it or choose another --out")
+    else:  # a codes.npy without meta.json is an extraction that was cut short: made again
+        print(f"== stage 2/3: codes -> {code_path}")
+        tokenizer.main(["extract", *where, "--vq-ckpt", args.vq_ckpt, "--views", "flip", "--code-path", code_path,
+                        "--batch-size", "256", "--overwrite"])
+
+    args.code_path, args.results_dir = code_path, out  # 3. the GPT, resumed if a run is there
+    args.exp_name = args.exp_name or f"gpt-{args.foresight}"
+    last = os.path.join(out, args.exp_name, "checkpoints", "last.pt")
+    if args.resume is None and os.path.exists(last):
+        args.resume = last
+    print(f"== stage 3/3: GPT -> {os.path.join(out, args.exp_name)}" + (" (resuming)" if args.resume else ""))
+    return train(args)
+
+
 def main(argv=None):
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    args = parser.parse_args(argv)
+    if (args.code_path is None) == (args.dataset is None):
+        parser.error("give either --code-path (a code dataset) or --dataset (the whole pipeline), not both")
     try:
+        if args.dataset:
+            return pipeline(args, given_flags(parser, argv))
         return train(args)
     except (ValueError, FileNotFoundError, RuntimeError, FloatingPointError) as e:
         if os.environ.get("MIRAI_DEBUG"):
