@@ -154,15 +154,17 @@ def test_train_mode_drops_labels_and_eval_mode_is_deterministic():
     torch.testing.assert_close(c[changed], null[changed])  # ... and those rows equal null-class rows
 
 
-def reference_generate(gpt, cond, cfg_scale):
-    """Greedy CFG generation without a cache: a full forward for every token."""
+def reference_generate(gpt, cond, cfg_scale, first_unguided=None):
+    """Greedy CFG generation without a cache: a full forward for every token; from token
+    first_unguided on (if given), the conditional logits alone."""
     seq = torch.zeros(cond.shape[0], 0, dtype=torch.long)
     null = torch.full_like(cond, gpt.config.num_classes)
-    for _ in range(gpt.config.block_size):
+    for t in range(gpt.config.block_size):
         with torch.no_grad():
             c = gpt(seq, cond)[0][:, -1]
             u = gpt(seq, null)[0][:, -1]
-        logits = u + (c - u) * cfg_scale
+        guided = first_unguided is None or t < first_unguided
+        logits = u + (c - u) * cfg_scale if guided else c
         seq = torch.cat([seq, logits.argmax(-1, keepdim=True)], dim=1)
     return seq
 
@@ -195,19 +197,7 @@ def test_cfg_interval_stops_guidance_after_the_interval():
     # LlamaGen's count: interval 2 keeps guidance for tokens 0..3, then conditional logits only
     mixed = gpt.generate(cond, cfg_scale=4.0, cfg_interval=2, top_k=1)
     assert torch.equal(mixed[:, :4], guided[:, :4])
-    assert torch.equal(mixed, reference_mixed(gpt, cond, 4.0, first_unguided=4))
-
-
-def reference_mixed(gpt, cond, scale, first_unguided):
-    seq = torch.zeros(cond.shape[0], 0, dtype=torch.long)
-    null = torch.full_like(cond, gpt.config.num_classes)
-    for t in range(gpt.config.block_size):
-        with torch.no_grad():
-            c = gpt(seq, cond)[0][:, -1]
-            u = gpt(seq, null)[0][:, -1]
-        logits = u + (c - u) * scale if t < first_unguided else c
-        seq = torch.cat([seq, logits.argmax(-1, keepdim=True)], dim=1)
-    return seq
+    assert torch.equal(mixed, reference_generate(gpt, cond, 4.0, first_unguided=4))
 
 
 def test_top_k_and_top_p_filtering():
