@@ -302,7 +302,7 @@ class GPT(nn.Module):
             x = layer(x, rope, c, pos)
         return self.output(self.norm(x[:, -1])).float()
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def generate(
         self,
         cond,
