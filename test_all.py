@@ -484,6 +484,17 @@ def test_ddp_with_two_gloo_processes_equals_one_process(tmp_path, codes_dir):
     assert not torch.equal(a["model"]["output.weight"], torch.zeros_like(a["model"]["output.weight"]))
 
 
+def test_gradient_accumulation_gives_the_same_update(tmp_path, codes_dir):
+    common = ["--max-steps", "3", "--ckpt-every", "3", "--lr", "1e-3", "--dropout-p", "0", "--token-dropout-p", "0",
+              "--class-dropout-prob", "0", "--foresight", "explicit", "--foresight-warmup", "1", "--ema-decay", "0.5"]
+    one = run_train(tmp_path, codes_dir, *common, name="one")
+    two = run_train(tmp_path, codes_dir, *common, "--grad-accum", "2", name="two")
+    a, b = state(one, 3), state(two, 3)
+    for key in ("model", "foresight"):
+        for k in a[key]:
+            torch.testing.assert_close(a[key][k], b[key][k], atol=1e-5, rtol=1e-4)
+
+
 def test_bad_flags_fail_with_one_sentence(tmp_path, codes_dir, capsys):
     def fails(*extra, match):
         with pytest.raises(SystemExit) as e:
