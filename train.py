@@ -481,7 +481,8 @@ def _train(args, rank, world, device):
         imgs = sample_images(ema if ema is not None else gpt, vq, labels, cfg_scale=args.cfg_scale,
                              generator=torch.Generator(device=device).manual_seed(args.seed))
         path = os.path.join(exp_dir, "samples", f"{step:07d}.png")
-        save_grid(imgs, path, nrow=int(math.ceil(math.sqrt(len(labels)))))
+        classes = meta["num_classes"]  # one class per column where they fit in a row
+        save_grid(imgs, path, nrow=classes if classes <= 16 else int(math.ceil(math.sqrt(len(labels)))))
         log(f"saved samples {path}")
         gpt.train()
 
