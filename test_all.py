@@ -507,6 +507,8 @@ def test_bad_flags_fail_with_one_sentence(tmp_path, codes_dir, capsys):
     fails("--foresight", "explicit", "--foresight-depth", "9", match="outside the model's 1..4 blocks")
     fails("--foresight", "implicit", "--foresight-encoder", "vq", match="needs --data-path")
     fails("--global-batch-size", "64", match="larger than the dataset")
+    fails("--foresight", "implicit", "--foresight-level", "output", "--data-path", str(tmp_path),
+          match="use it with --foresight explicit")
     fails("--foresight", "explicit", "--foresight-warmup", "later", match="foresight-warmup")
     other = write_code_dataset(tmp_path / "other", vocab=40)
     gpt = run_train(tmp_path, other, "--max-steps", "1", "--ckpt-every", "1", name="v40")

@@ -261,7 +261,7 @@ def build_models(args, meta, device):
         check_data(args, meta, c.vocab_size, c.grid_size, c.num_classes, f"--gpt-ckpt {args.gpt_ckpt}")
     else:
         gpt = GPT(gpt_config(args.gpt_model, vocab_size=meta["vocab_size"], grid_size=grid,
-                                                 num_classes=meta["num_classes"], **overrides))
+                             num_classes=meta["num_classes"], **overrides))
     gpt = gpt.to(device)
     vq = None
     if args.vq_ckpt:
@@ -330,6 +330,8 @@ def _train(args, rank, world, device):
     if args.global_batch_size % (world * args.grad_accum):
         raise ValueError(f"--global-batch-size {args.global_batch_size} does not split into {world} ranks x "
                          f"{args.grad_accum} micro-batches")
+    if args.foresight_level == "output" and args.foresight == "implicit":
+        raise ValueError("--foresight-level output predicts the neighbours' own tokens: use it with --foresight explicit")
     per_rank = args.global_batch_size // world
     micro = per_rank // args.grad_accum
     data = CodeDataset(args.code_path, with_images=args.foresight == "implicit", random_view=False,
