@@ -515,6 +515,12 @@ def test_bad_flags_fail_with_one_sentence(tmp_path, codes_dir, capsys):
     fails("--gpt-ckpt", str(gpt / "checkpoints" / "last.pt"), match="vocabulary 40, but the codes .* vocabulary 32")
     with pytest.raises(SystemExit, match="no such checkpoint"):
         run_train(tmp_path, codes_dir, "--max-steps", "1", "--resume", str(tmp_path / "nope.pt"))
+    torch.save({"model": {}}, tmp_path / "other.pt")
+    with pytest.raises(SystemExit, match="not a checkpoint of train.py .it lacks optimizer"):
+        run_train(tmp_path, codes_dir, "--max-steps", "1", "--resume", str(tmp_path / "other.pt"))
+    with pytest.raises(SystemExit, match="another model or foresight setup"):
+        run_train(tmp_path, codes_dir, "--max-steps", "2", "--foresight", "explicit", "--resume",
+                  str(gpt / "checkpoints" / "last.pt"), "--code-path", str(other))
     with pytest.raises(SystemExit, match="not a code dataset"):
         run_train(tmp_path, tmp_path / "empty", "--max-steps", "1")
 

@@ -365,7 +365,13 @@ def _train(args, rank, world, device):
         raise FileNotFoundError(f"--resume {resume}: no such checkpoint")
     step, epoch, in_epoch = 0, 0, 0
     if resume:
-        ckpt = torch.load(resume, map_location="cpu", weights_only=True)
+        try:
+            ckpt = torch.load(resume, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise ValueError(f"--resume {resume} could not be read ({type(e).__name__}); is it a torch checkpoint?") from None
+        lacks = [k for k in ("model", "optimizer", "steps", "epoch", "step_in_epoch", "rng") if k not in ckpt]
+        if lacks:
+            raise ValueError(f"--resume {resume} is not a checkpoint of train.py (it lacks {', '.join(lacks)})")
         if ckpt.get("gpt_config") != asdict(gpt.config) or ckpt.get("foresight_setup") != foresight_setup(args, fs, depth):
             raise ValueError(f"--resume {resume} was trained with another model or foresight setup "
                              f"({ckpt.get('gpt_config')}, {ckpt.get('foresight_setup')}); use the flags it was made with")
