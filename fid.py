@@ -23,8 +23,6 @@ import math
 import os
 import sys
 import tempfile
-import urllib.error
-import urllib.request
 
 import numpy as np
 import torch
@@ -248,20 +246,12 @@ def weights_path(weights=None, download=True):
     if not download:
         raise FileNotFoundError(hint)
     os.makedirs(os.path.dirname(cached), exist_ok=True)
-    part = cached + ".part"
+    from data import download_file  # the one downloader: progress bar, .part file, resumable
+
     try:
-        with urllib.request.urlopen(WEIGHTS_URL, timeout=30) as response, open(part, "wb") as f:
-            total = int(response.headers.get("Content-Length") or 0) or None
-            with tqdm(total=total, unit="B", unit_scale=True, desc=WEIGHTS_NAME) as bar:
-                while chunk := response.read(1 << 20):
-                    f.write(chunk)
-                    bar.update(len(chunk))
-    except (urllib.error.URLError, OSError) as e:
-        if os.path.exists(part):
-            os.remove(part)
-        raise FileNotFoundError(hint[:-1] + f"; the download failed ({getattr(e, 'reason', e)}).") from None
-    os.replace(part, cached)
-    return cached
+        return download_file(WEIGHTS_URL, cached)
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"FID Inception weights not found and {e}") from None
 
 
 def load_inception(weights=None, device="cpu", download=True):
