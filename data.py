@@ -445,6 +445,17 @@ def make_view(img, image_size, views, v):
     return np.array(a)  # a fresh, writable copy: PIL's buffer is read-only
 
 
+def image_and_view(k, num_views, random_view):
+    """Item k of a dataset over views -> (image index, view index).
+
+    random_view: item k is image k with a random view (torch's RNG, so DataLoader worker seeding
+    makes the choice reproducible); else all views of one image are neighbours, k = i * views + v.
+    """
+    if random_view:
+        return k, int(torch.randint(num_views, ()).item())
+    return divmod(k, num_views)
+
+
 class ViewDataset(torch.utils.data.Dataset):
     """Crops of a source dataset as float tensors in [-1, 1], with where they came from."""
 
@@ -456,11 +467,7 @@ class ViewDataset(torch.utils.data.Dataset):
         return len(self.source) * (1 if self.random_view else self.num_views)
 
     def __getitem__(self, k):
-        if self.random_view:
-            # torch's RNG, so DataLoader worker seeding makes the choice reproducible
-            i, v = k, int(torch.randint(self.num_views, ()).item())
-        else:
-            i, v = divmod(k, self.num_views)  # all views of one image are neighbours
+        i, v = image_and_view(k, self.num_views, self.random_view)
         a = make_view(self.source.image(i), self.image_size, self.views, v)
         x = torch.from_numpy(a).permute(2, 0, 1).float() / 127.5 - 1.0
         return x, self.source.label(i), i, v
@@ -507,10 +514,7 @@ class CodeDataset(torch.utils.data.Dataset):
         return len(self.labels) * (1 if self.random_view else self.num_views)
 
     def __getitem__(self, k):
-        if self.random_view:
-            i, v = k, int(torch.randint(self.num_views, ()).item())
-        else:
-            i, v = divmod(k, self.num_views)
+        i, v = image_and_view(k, self.num_views, self.random_view)
         if self.codes is None:
             self.codes = np.load(self.codes_path, mmap_mode="r")
         out = (torch.from_numpy(self.codes[i, v].astype(np.int64)),
