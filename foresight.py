@@ -45,29 +45,26 @@ def default_proj_dim(dim):
 def neighbour_pairs(grid, k, layout="2d", num_targets=None):
     """For each of the k targets, (student_cells, target_cells): LongTensors of equal length.
 
-    Students are the cells 0..N-2 (cell N-1 is never read, so no position holds it). Targets are cells
-    0..num_targets-1: N-2 for the EMA (only read cells have a hidden state), N-1 for an image encoder.
+    Students are the cells 0..N-2 (cell N-1 is never read, so no position holds it). Targets are the
+    cells below num_targets: N-1 for the EMA (only read cells have a hidden state), N for an image encoder.
     2d: neighbour (dy, dx) of (r, c) is (r+dy, c+dx) when inside the grid; 1d: the cell j steps later in
     raster order (the next k-1 tokens, the flat sequence's own future).
     """
     H, W = (grid, grid) if isinstance(grid, int) else grid
     N = H * W
     num_targets = N - 1 if num_targets is None else num_targets
-    if layout == "2d":
-        if not 1 <= k <= len(NEIGHBOURS_2D):
-            raise ValueError(f"--foresight-k {k} is out of range: the 2d layout has 1..{len(NEIGHBOURS_2D)} targets")
-        offsets = NEIGHBOURS_2D[:k]
-    elif layout == "1d":
-        if k < 1:
-            raise ValueError(f"--foresight-k {k} must be at least 1")
-        offsets = [divmod(j, W) for j in range(k)]  # only used to name the flat step j
-    else:
+    if layout not in ("2d", "1d"):
         raise ValueError(f"--foresight-layout {layout!r} is unknown; expected 2d or 1d")
+    if layout == "2d" and not 1 <= k <= len(NEIGHBOURS_2D):
+        raise ValueError(f"--foresight-k {k} is out of range: the 2d layout has 1..{len(NEIGHBOURS_2D)} targets")
+    if k < 1:
+        raise ValueError(f"--foresight-k {k} must be at least 1")
     cells = torch.arange(N - 1)
     r, c = cells // W, cells % W
     pairs = []
-    for j, (dy, dx) in enumerate(offsets):
+    for j in range(k):
         if layout == "2d":
+            dy, dx = NEIGHBOURS_2D[j]
             tr, tc = r + dy, c + dx
             target = tr * W + tc
             valid = (tr < H) & (tc < W) & (target < num_targets)
