@@ -142,10 +142,8 @@ def bench_vq_teacher(args, device):
 PEAK_BF16_TFLOPS = {"H200": 989, "H100": 989, "A100": 312, "L40S": 362, "A10": 125, "4090": 165, "V100": 125}
 
 
-def train_flops(args):
+def train_flops(args, gpt):
     """Model FLOPs of one training step: 6 x non-embedding parameters x tokens, plus attention."""
-    gpt = M.GPT(M.GPTConfig(dim=args.dim, n_layer=args.n_layer, n_head=args.n_head, vocab_size=args.vocab,
-                            grid_size=args.grid, num_classes=args.num_classes))
     emb = gpt.tok_embeddings.weight.numel() + gpt.cls_embedding.embedding_table.weight.numel()
     tokens = args.batch * args.grid**2
     attn = 6 * 2 * args.n_layer * args.dim * args.grid**2 * tokens // 2  # causal: half of the score matrix
@@ -205,7 +203,7 @@ def main():
     skip = set(args.skip.split(","))
 
     rows = []  # (figure, value, unit, note)
-    gpt = build_gpt(args, device)
+    gpt = None
     if "train" not in skip:
         t, gpt = bench_train_steps(args, device)
         note = f"batch {args.batch} x {args.grid**2} tokens"
@@ -213,7 +211,7 @@ def main():
             name = torch.cuda.get_device_name(device)
             peak = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
             if peak:
-                note += f", MFU {train_flops(args) / t['none'] / (peak * 1e12):.1%} of {name}'s {peak} TFLOPS"
+                note += f", MFU {train_flops(args, gpt) / t['none'] / (peak * 1e12):.1%} of {name}'s {peak} TFLOPS"
         rows.append(("train step: baseline", t["none"], "s", note))
         rows.append(("train step: Mirai-E", t["explicit"], "s",
                      f"{t['explicit'] / t['none']:.2f}x baseline (depth {args.foresight_depth}, K={args.foresight_k}, P={args.proj_dim})"))
@@ -222,7 +220,7 @@ def main():
         enc = bench_vq_teacher(args, device)
         rows.append(("Mirai-I teacher: VQ-S encoder", enc, "s", f"per batch of {args.batch} (32 px); DINOv2 is timed by no one here"))
     if "sample" not in skip:
-        cached, uncached = bench_generate(args, device, gpt)
+        cached, uncached = bench_generate(args, device, gpt or build_gpt(args, device))
         rows.append(("sampling, KV cache", cached, "tokens/s", f"{args.gen_batch} images, CFG {args.cfg_scale}"))
         rows.append(("sampling, no cache", uncached, "tokens/s", f"KV cache is {cached / uncached:.1f}x faster"))
     if "inception" not in skip:
