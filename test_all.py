@@ -1446,22 +1446,25 @@ def test_the_whole_pipeline_end_to_end(tmp_path, monkeypatch, capsys):
     folder = make_image_folder(tmp_path / "images", classes=2, per_class=16)
     out = tmp_path / "run"
     common = ["--dataset", "folder", "--data-path", str(folder), "--out", str(out), "--image-size", "16",
-              "--vq-steps", "4", "--max-steps", "3", "--global-batch-size", "4", "--no-progress",
+              "--vq-steps", "4", "--max-steps", "10", "--global-batch-size", "4", "--no-progress",
               "--num-sample-images", "4", "--foresight-proj-dim", "32"]
     for variant in ("none", "explicit", "implicit"):
-        TR.main(common + ["--foresight", variant, "--foresight-warmup", "1"])
+        TR.main(common + ["--foresight", variant])
     assert (out / "vq" / "checkpoints" / "0000004.pt").is_file()
     meta = json.loads((out / "codes" / "meta.json").read_text())
     assert meta["grid"] == [4, 4] and meta["num_views"] == 2 and meta["num_images"] == 32
     for variant in ("none", "explicit", "implicit"):
         exp = out / f"gpt-{variant}"
-        assert (exp / "samples" / "0000003.png").is_file() and (exp / "checkpoints" / "last.pt").is_file()
+        assert (exp / "samples" / "0000010.png").is_file() and (exp / "checkpoints" / "last.pt").is_file()
         if variant != "none":
             assert "foresight" in json.loads((exp / "metrics.jsonl").read_text().splitlines()[-1])
+    # a small run's defaults: Mirai-E waits 10% of the run with lambda 1, Mirai-I starts at once with lambda 2
+    assert "lambda [1.0, 1.0, 1.0], warm-up 1 steps" in (out / "gpt-explicit" / "log.txt").read_text()
+    assert "lambda [2.0], warm-up 0 steps" in (out / "gpt-implicit" / "log.txt").read_text()
     # a second run of the same command reuses every stage: nothing is trained or extracted again
     codes_made = (out / "codes" / "codes.npy").stat().st_mtime_ns
     capsys.readouterr()
-    TR.main(common + ["--foresight", "implicit", "--foresight-warmup", "1"])
+    TR.main(common + ["--foresight", "implicit"])
     said = capsys.readouterr().out
     assert "stage 1/3" not in said and "stage 2/3" not in said and "(resuming)" in said
     assert (out / "codes" / "codes.npy").stat().st_mtime_ns == codes_made

@@ -609,7 +609,10 @@ def foresight_setup(args, fs, depth):
 
 # A small run's settings in place of LlamaGen's ImageNet defaults; flags on the command line win.
 SMALL_RUN = dict(gpt_model="GPT-T", global_batch_size=64, lr=5e-4, max_steps=3000, ema=True, ema_decay=0.99,
-                 log_every=100, ckpt_every=1000, sample_every=1000, foresight_warmup="10%", foresight_encoder="vq")
+                 log_every=100, ckpt_every=1000, sample_every=1000, foresight_encoder="vq")
+# Mirai-E's teacher is the EMA, which must learn something first: a short run's warm-up and a smaller
+# lambda (2 per target overwhelms a small model's next-token loss early on). Mirai-I needs neither.
+SMALL_RUN_EXPLICIT = dict(foresight_warmup="10%", foresight_coef="1")
 
 
 def given_flags(parser, argv):
@@ -625,8 +628,9 @@ def pipeline(args, given):
     for key, value in SMALL_RUN.items():
         if key not in given:
             setattr(args, key, value)
-    if args.foresight == "explicit" and "foresight_coef" not in given:
-        args.foresight_coef = "1"  # lambda 2 per target overwhelms a small model's next-token loss early on
+    for key, value in SMALL_RUN_EXPLICIT.items():
+        if args.foresight == "explicit" and key not in given:
+            setattr(args, key, value)
     where = ["--dataset", args.dataset, "--image-size", str(args.image_size)]
     where += ["--data-path", args.data_path] if args.data_path else []
 
