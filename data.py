@@ -9,10 +9,12 @@ crops of LlamaGen / ADM, and the code datasets written by `tokenizer.py extract`
 
 Run `python data.py cifar10 --data-path data` to fetch a dataset and print what it holds.
 """
+import argparse
 import gzip
 import hashlib
 import io
 import json
+import math
 import os
 import pickle
 import struct
@@ -24,6 +26,50 @@ import numpy as np
 import torch
 from PIL import Image
 from tqdm import tqdm
+
+# -----------------------------------------------------------------------------
+# command-line values, checked when the flags are parsed (every entry point uses these)
+
+
+def arg_type(kind, lo=None, hi=None, lo_open=False, hi_open=False):
+    """An argparse `type`: parses with `kind`, refuses non-finite values and values outside [lo, hi]
+    (open ends where asked); argparse then names the flag in its one-line error."""
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, "
+                                             f"got {text!r}") from None
+        low = lo is not None and (value <= lo if lo_open else value < lo)
+        high = hi is not None and (value >= hi if hi_open else value > hi)
+        if not math.isfinite(value) or low or high:
+            bounds = " and ".join(b for b in (
+                lo is not None and f"{'above' if lo_open else 'at least'} {lo}",
+                hi is not None and f"{'below' if hi_open else 'at most'} {hi}") if b)
+            raise argparse.ArgumentTypeError(f"expected a finite value {bounds or ''}, got {text!r}".rstrip())
+        return value
+    parse.__name__ = kind.__name__
+    return parse
+
+
+POSITIVE_INT, NONNEG_INT = arg_type(int, 1), arg_type(int, 0)
+POSITIVE, NONNEG = arg_type(float, 0, lo_open=True), arg_type(float, 0)
+PROBABILITY = arg_type(float, 0, 1, hi_open=True)  # dropout rates, EMA decays, Adam betas
+FINITE = arg_type(float)
+
+
+def one_line(error):
+    """The one sentence a command prints for a refused input: the message itself, or for an error
+    re-raised by a DataLoader worker (which carries the worker's traceback) its last line."""
+    lines = [ln.strip() for ln in str(error).strip().splitlines() if ln.strip()] or [type(error).__name__]
+    return lines[-1] if "Traceback" in str(error) else lines[0]
+
+
+def folder_name(text):
+    """A run's folder name: one path component, so it stays inside its results folder."""
+    if not text or text in (".", "..") or "/" in text or "\\" in text or os.sep in text:
+        raise argparse.ArgumentTypeError(f"expected a plain folder name without path separators, got {text!r}")
+    return text
 
 # -----------------------------------------------------------------------------
 # where datasets live
@@ -476,8 +522,25 @@ class ViewDataset(torch.utils.data.Dataset):
 # code datasets written by `tokenizer.py extract`
 
 
+def check_range(array, limit, path, what, name, rows=1 << 16):
+    """Refuse any value outside [0, limit): vectorised over chunks of rows, so a memory-mapped
+    ImageNet code file (1.28M x 10 x 256) is read once in seconds and never held in memory."""
+    for start in range(0, len(array), rows):
+        chunk = np.asarray(array[start:start + rows])
+        if chunk.size and (chunk.min() < 0 or chunk.max() >= limit):
+            bad = np.argwhere((chunk < 0) | (chunk >= limit))[0]
+            index = (start + int(bad[0]), *map(int, bad[1:]))
+            raise ValueError(f"{path} holds the {what} {int(chunk[tuple(bad)])} at index {index}, outside "
+                             f"0..{limit - 1} ({name} in meta.json); make it again with `python tokenizer.py "
+                             f"extract ... --overwrite`")
+
+
 class CodeDataset(torch.utils.data.Dataset):
-    """Memory-mapped codes (N, A, H*W), one view per item, optionally with the crop itself."""
+    """Memory-mapped codes (N, A, H*W), one view per item, optionally with the crop itself.
+
+    Opening one checks it whole (shapes against meta.json, every code below the vocabulary, every
+    label below the number of classes), so a bad file stops a run before its first step.
+    """
 
     def __init__(self, root, with_images=False, random_view=True, data_path=None):
         files = [os.path.join(root, f) for f in ("codes.npy", "labels.npy", "meta.json")]
@@ -485,16 +548,28 @@ class CodeDataset(torch.utils.data.Dataset):
         if missing:
             raise FileNotFoundError(f"{root} is not a code dataset: it lacks {', '.join(missing)} "
                                     f"(make one with `python tokenizer.py extract`)")
-        with open(files[2]) as f:
-            self.meta = json.load(f)
+        remake = "make it again with `python tokenizer.py extract ... --overwrite`"
+        try:
+            with open(files[2]) as f:
+                self.meta = json.load(f)
+            H, W = self.meta["grid"]
+            N, A = self.meta["num_images"], self.meta["num_views"]
+            vocab, classes = self.meta["vocab_size"], self.meta["num_classes"]
+        except (ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"{files[2]} is not a valid code-dataset description ({type(e).__name__}: {e}); "
+                             f"{remake}") from None
         self.codes_path = files[0]
-        self.codes = np.load(self.codes_path, mmap_mode="r")
-        self.labels = np.load(files[1])
-        H, W = self.meta["grid"]
-        N, A = self.labels.shape[0], self.meta["num_views"]
-        if self.codes.shape != (N, A, H * W):
-            raise ValueError(f"{files[0]} has shape {self.codes.shape}, but meta.json and "
-                             f"labels.npy say (N, views, H*W) = {(N, A, H * W)}")
+        for path, shape in ((files[0], (N, A, H * W)), (files[1], (N,))):
+            try:
+                array = np.load(path, mmap_mode="r")
+            except (ValueError, OSError, EOFError) as e:
+                raise ValueError(f"{path} cannot be read ({e}): it is truncated or not a .npy file; {remake}") from None
+            if array.shape != shape or array.dtype.kind not in "iu":
+                raise ValueError(f"{path} holds {array.dtype} {array.shape}, but meta.json says integers of "
+                                 f"shape {shape} (images, views, tokens); {remake}")
+        self.codes, self.labels = np.load(files[0], mmap_mode="r"), np.load(files[1])
+        check_range(self.codes, vocab, files[0], "code", "the vocabulary")
+        check_range(self.labels, classes, files[1], "label", "the number of classes")
         self.num_views, self.random_view = A, random_view
         self.source = None
         if with_images:

@@ -23,6 +23,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from model import GPT_PRESETS, load_gpt
+from data import FINITE, NONNEG_INT, POSITIVE, POSITIVE_INT, arg_type
 from tokenizer import VQ_PRESETS, barrier, cleanup_distributed, load_vq, setup_distributed, to_uint8
 
 SETTINGS_FILE = "sample_settings.json"  # in --sample-dir: what made its PNGs, so a resume cannot mix runs
@@ -225,28 +226,28 @@ def build_parser():
     p.add_argument("--vq-ckpt", default=None, help="tokenizer checkpoint (default: the one the GPT checkpoint records)")
     p.add_argument("--vq-model", default=None, choices=list(VQ_PRESETS),
                    help="architecture of a LlamaGen tokenizer, e.g. VQ-16")
-    p.add_argument("--image-size", type=int, default=None,
+    p.add_argument("--image-size", type=POSITIVE_INT, default=None,
                    help="image side in pixels; needed for LlamaGen's checkpoints")
     p.add_argument("--precision", default="bf16", choices=list(PRECISIONS),
                    help="GPT weights' dtype on a GPU (a CPU uses fp32)")
-    p.add_argument("--cfg-scale", type=float, default=2.0, help="classifier-free guidance; 1.0 turns it off")
-    p.add_argument("--cfg-interval", type=int, default=-1, help="stop guidance after this many tokens; -1: never")
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0, help="0: no top-k filtering")
-    p.add_argument("--top-p", type=float, default=1.0, help="1.0: no nucleus filtering")
-    p.add_argument("--seed", "--global-seed", dest="seed", type=int, default=0)
-    p.add_argument("--batch-size", "--per-proc-batch-size", dest="batch_size", type=int, default=32,
+    p.add_argument("--cfg-scale", type=FINITE, default=2.0, help="classifier-free guidance; 1.0 turns it off")
+    p.add_argument("--cfg-interval", type=arg_type(int, -1), default=-1, help="stop guidance after this many tokens; -1: never")
+    p.add_argument("--temperature", type=POSITIVE, default=1.0)
+    p.add_argument("--top-k", type=NONNEG_INT, default=0, help="0: no top-k filtering")
+    p.add_argument("--top-p", type=arg_type(float, 0, 1, lo_open=True), default=1.0, help="1.0: no nucleus filtering")
+    p.add_argument("--seed", "--global-seed", dest="seed", type=NONNEG_INT, default=0)
+    p.add_argument("--batch-size", "--per-proc-batch-size", dest="batch_size", type=POSITIVE_INT, default=32,
                    help="samples per forward; part of what decides the samples (it shapes the random stream)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace an existing --out / --npz, or a --sample-dir made with other settings")
     g = p.add_argument_group("grid")
-    g.add_argument("--num-samples", type=int, default=32)
+    g.add_argument("--num-samples", type=POSITIVE_INT, default=32)
     g.add_argument("--classes", default=None,
                    help="comma-separated class ids, repeated to fill the grid (default: drawn with --seed)")
-    g.add_argument("--nrow", type=int, default=0, help="images per grid row; 0: a square")
+    g.add_argument("--nrow", type=POSITIVE_INT, default=None, help="images per grid row; default: a square")
     g.add_argument("--out", default="samples.png", help="the grid PNG")
     f = p.add_argument_group("FID samples (sharded over ranks under torchrun, resumable)")
-    f.add_argument("--num-fid-samples", type=int, default=0, help="make this many samples as PNGs and an .npz")
+    f.add_argument("--num-fid-samples", type=POSITIVE_INT, default=None, help="make this many samples as PNGs and an .npz")
     f.add_argument("--sample-dir", default=None, help="folder of the PNGs 000000.png ...")
     f.add_argument("--npz", default=None, help="the ADM-evaluator .npz (default: <sample-dir>/samples.npz)")
     return p
@@ -254,18 +255,13 @@ def build_parser():
 
 def check_args(args):
     """Everything a user can get wrong without loading a model, said before any rank starts work."""
-    for name in ("batch_size", "num_samples"):
-        if getattr(args, name) < 1:
-            raise SystemExit(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}.")
-    if args.seed < 0:
-        raise SystemExit(f"--seed must be 0 or more, got {args.seed}.")
-    if args.num_fid_samples < 0:
-        raise SystemExit(f"--num-fid-samples must be 0 or more, got {args.num_fid_samples}.")
     if args.classes is not None:
         try:
             args.classes = [int(c) for c in args.classes.split(",") if c.strip()]
         except ValueError:
             raise SystemExit(f"--classes expects comma-separated integers like 1,2,3, got {args.classes!r}.") from None
+    if args.num_fid_samples is None and (args.sample_dir or args.npz):
+        raise SystemExit("--sample-dir and --npz are for FID samples: give --num-fid-samples too (or --out for a grid).")
     if args.num_fid_samples:
         if not args.sample_dir:
             raise SystemExit("--num-fid-samples needs --sample-dir, the folder for its PNGs.")

@@ -2,6 +2,7 @@
 
 Run: python -m pytest -q test_all.py
 """
+import argparse
 import gzip
 import hashlib
 import json
@@ -331,8 +332,8 @@ def test_coefficient_schedules_and_warmup():
     assert FS.coef_schedule(60, 100, 0, "50:0.5,80:0") == 0.5 and FS.coef_schedule(90, 100, 0, "50:0.5,80:0") == 0.0
     assert TR.parse_warmup("15ep", 100, 10_000) == 1500 and TR.parse_warmup("10%", 100, 2000) == 200
     assert TR.parse_warmup("250", 100, 2000) == 250
-    with pytest.raises(ValueError, match="foresight-warmup"):
-        TR.parse_warmup("soon", 1, 1)
+    with pytest.raises(argparse.ArgumentTypeError, match="15ep"):
+        TR.warmup_text("soon")
     with pytest.raises(ValueError, match="foresight-schedule"):
         FS.parse_schedule("linear")
 
@@ -466,14 +467,30 @@ def test_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path, codes_dir):
         assert torch.equal(sa["exp_avg_sq"], sb["exp_avg_sq"])
 
 
+def free_port():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(*argv, nproc=2):
+    """Two gloo processes on a free port; their output is shown when they fail."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1",
+           f"--master_port={free_port()}", *argv]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, f"torchrun exited {done.returncode}:\n{done.stdout[-3000:]}\n{done.stderr[-5000:]}"
+    return done
+
+
 def test_ddp_with_two_gloo_processes_equals_one_process(tmp_path, codes_dir):
     common = ["--code-path", str(codes_dir), "--results-dir", str(tmp_path), "--gpt-model", "GPT-T",
               "--global-batch-size", "8", "--max-steps", "3", "--ckpt-every", "3", "--no-progress", "--lr", "1e-3",
               "--dropout-p", "0", "--token-dropout-p", "0", "--class-dropout-prob", "0",
               "--foresight", "explicit", "--foresight-warmup", "1", "--ema-decay", "0.5"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
-                    str(ROOT / "train.py"), *common, "--exp-name", "ddp"], check=True, env=env, capture_output=True)
+    torchrun(str(ROOT / "train.py"), *common, "--exp-name", "ddp")
     TR.main([*common, "--exp-name", "single"])
     a = torch.load(tmp_path / "ddp" / "checkpoints" / "0000003.pt", weights_only=True)
     b = torch.load(tmp_path / "single" / "checkpoints" / "0000003.pt", weights_only=True)
@@ -509,7 +526,6 @@ def test_bad_flags_fail_with_one_sentence(tmp_path, codes_dir, capsys):
     fails("--global-batch-size", "64", match="larger than the dataset")
     fails("--foresight", "implicit", "--foresight-level", "output", "--data-path", str(tmp_path),
           match="use it with --foresight explicit")
-    fails("--foresight", "explicit", "--foresight-warmup", "later", match="foresight-warmup")
     other = write_code_dataset(tmp_path / "other", vocab=40)
     gpt = run_train(tmp_path, other, "--max-steps", "1", "--ckpt-every", "1", name="v40")
     fails("--gpt-ckpt", str(gpt / "checkpoints" / "last.pt"), match="vocabulary 40, but the codes .* vocabulary 32")
@@ -523,6 +539,141 @@ def test_bad_flags_fail_with_one_sentence(tmp_path, codes_dir, capsys):
                   str(gpt / "checkpoints" / "last.pt"), "--code-path", str(other))
     with pytest.raises(SystemExit, match="not a code dataset"):
         run_train(tmp_path, tmp_path / "empty", "--max-steps", "1")
+
+
+def refused(capsys, main, argv, match):
+    """A refusal: a non-zero exit, one line naming what was wrong, no traceback."""
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    err = capsys.readouterr().err
+    msg = e.value.code if isinstance(e.value.code, str) else err.strip().splitlines()[-1]
+    assert e.value.code != 0 and "Traceback" not in err and re.search(match, msg), (msg, err)
+    return msg
+
+
+@pytest.mark.parametrize("flag,value", [
+    ("--max-steps", "0"), ("--max-steps", "-5"), ("--foresight-k", "0"), ("--foresight-depth", "0"),
+    ("--global-batch-size", "0"), ("--foresight-coef", "nan"), ("--foresight-coef", "1,inf"), ("--lr", "nan"),
+    ("--ema-decay", "1.5"), ("--epochs", "0"), ("--eval-every", "0"), ("--foresight-warmup", "later"),
+    ("--exp-name", "../outside"), ("--exp-name", "a/b"),
+])
+def test_counts_and_choices_are_refused_when_parsed(tmp_path, codes_dir, capsys, flag, value):
+    argv = ["--code-path", str(codes_dir), "--results-dir", str(tmp_path / "r"), "--foresight", "explicit", flag, value]
+    refused(capsys, TR.main, argv, re.escape(flag))
+    assert not (tmp_path / "r").exists() and not (tmp_path / "outside").exists()
+
+
+@pytest.mark.parametrize("argv", [
+    "train --dataset folder --results-dir R --steps -5", "train --dataset folder --results-dir R --global-batch-size 0",
+    "extract --vq-ckpt v.pt --dataset folder --image-size 16 --code-path R --batch-size 0",
+])
+def test_tokenizer_counts_are_refused_when_parsed(tmp_path, capsys, argv):
+    refused(capsys, T.main, argv.replace("R", str(tmp_path / "r")).split(), r"--(steps|global-batch-size|batch-size)")
+    assert not (tmp_path / "r").exists()
+
+
+def test_sample_counts_are_refused_when_parsed(tmp_path, capsys):
+    refused(capsys, S.main, ["--gpt-ckpt", "x.pt", "--num-fid-samples", "0", "--sample-dir", str(tmp_path / "s")],
+            "--num-fid-samples")
+    refused(capsys, S.main, ["--gpt-ckpt", "x.pt", "--sample-dir", str(tmp_path / "s")], "give --num-fid-samples")
+    assert not (tmp_path / "s").exists() and not os.path.exists("samples.png")
+
+
+@pytest.mark.parametrize("where,value,match", [
+    ("codes", 32, r"code 32 at index \(5, 1, 3\), outside 0..31"),
+    ("codes", -1, r"code -1 at index \(5, 1, 3\)"),
+    ("labels", 3, r"label 3 at index \(5,\), outside 0..2"),
+])
+def test_codes_out_of_range_are_refused_before_training(tmp_path, capsys, where, value, match):
+    root = write_code_dataset(tmp_path / "bad")
+    array = np.load(root / f"{where}.npy")
+    array[(5, 1, 3) if where == "codes" else 5] = value
+    np.save(root / f"{where}.npy", array)
+    msg = refused(capsys, TR.main, ["--code-path", str(root), "--results-dir", str(tmp_path / "r"), "--max-steps", "1"],
+                  match)
+    assert f"{where}.npy" in msg and not (tmp_path / "r").exists()
+
+
+def test_broken_code_files_are_named_with_how_to_remake_them(tmp_path):
+    root = write_code_dataset(tmp_path / "bad")
+    (root / "meta.json").write_text('{"grid": [4, 4], "vocab_size": ')
+    with pytest.raises(ValueError, match=r"meta.json is not a valid .*tokenizer.py extract"):
+        data.CodeDataset(str(root))
+    root = write_code_dataset(tmp_path / "short")
+    raw = (root / "codes.npy").read_bytes()
+    (root / "codes.npy").write_bytes(raw[: len(raw) // 2])
+    with pytest.raises(ValueError, match=r"codes.npy cannot be read .*truncated.*tokenizer.py extract"):
+        data.CodeDataset(str(root))
+    root = write_code_dataset(tmp_path / "shape", n=48)
+    np.save(root / "labels.npy", np.zeros(47, dtype=np.int64))
+    with pytest.raises(ValueError, match=r"labels.npy holds int64 \(47,\), but meta.json says .* \(48,\)"):
+        data.CodeDataset(str(root))
+
+
+def test_range_check_reads_in_chunks(tmp_path):
+    codes = np.lib.format.open_memmap(tmp_path / "c.npy", mode="w+", dtype=np.int16, shape=(1000, 2, 16))
+    codes[:] = 7
+    codes[999, 1, 15] = 99
+    with pytest.raises(ValueError, match=r"code 99 at index \(999, 1, 15\)"):
+        data.check_range(codes, 32, "c.npy", "code", "the vocabulary", rows=64)
+    data.check_range(codes, 100, "c.npy", "code", "the vocabulary", rows=64)
+
+
+def test_a_resume_that_would_change_the_run_is_refused(tmp_path, codes_dir, capsys):
+    common = ["--foresight", "explicit", "--foresight-warmup", "2", "--ckpt-every", "2"]
+    run = run_train(tmp_path, codes_dir, "--max-steps", "2", *common)
+    last = str(run / "checkpoints" / "last.pt")
+    before = sorted(os.listdir(run / "checkpoints"))
+    for extra, match in [(["--global-batch-size", "4"], r"--global-batch-size 8 \(now 4\)"),
+                         (["--lr", "0.001"], r"--lr 0\.0001 \(now 0\.001\)"),
+                         (["--global-seed", "3"], r"--global-seed 0 \(now 3\)"),
+                         (["--foresight-coef", "1"], r"--foresight-coef \[2\.0, 2\.0, 2\.0\] \(now \[1\.0, 1\.0, 1\.0\]\)"),
+                         (["--foresight-k", "2"], r"foresight k 3 \(now 2\)"),
+                         (["--dropout-p", "0.2"], r"resid_dropout_p 0\.1 \(now 0\.2\)")]:
+        argv = ["--code-path", str(codes_dir), "--results-dir", str(tmp_path), "--exp-name", "run", "--gpt-model",
+                "GPT-T", "--global-batch-size", "8", "--no-progress", "--max-steps", "4", *common, *extra, "--resume", last]
+        msg = refused(capsys, TR.main, argv, match)
+        assert "{" not in msg  # names the fields, not whole dicts
+    assert sorted(os.listdir(run / "checkpoints")) == before
+    # a longer run is what --max-steps is for: applied and logged; --resume auto finds the --exp-name run
+    run_train(tmp_path, codes_dir, "--max-steps", "4", *common, "--resume", "auto")
+    assert torch.load(run / "checkpoints" / "last.pt", weights_only=True)["steps"] == 4
+    assert "--max-steps changed from 2 to 4" in (run / "log.txt").read_text()
+
+
+def test_gpt_ckpt_of_another_size_and_bad_resume_files_are_refused(tmp_path, codes_dir, capsys, monkeypatch):
+    small = run_train(tmp_path, codes_dir, "--max-steps", "1", "--ckpt-every", "1", "--gpt-model", "GPT-S", name="s")
+    argv = ["--code-path", str(codes_dir), "--results-dir", str(tmp_path), "--exp-name", "t", "--max-steps", "1",
+            "--global-batch-size", "8", "--no-progress"]
+    refused(capsys, TR.main, argv + ["--gpt-model", "GPT-T", "--gpt-ckpt", str(small / "checkpoints" / "last.pt")],
+            r"holds a GPT-S model .* not --gpt-model GPT-T")
+    torch.save(torch.zeros(3), tmp_path / "tensor.pt")
+    refused(capsys, TR.main, argv + ["--gpt-model", "GPT-T", "--resume", str(tmp_path / "tensor.pt")],
+            r"tensor.pt is not a checkpoint of train.py")
+    assert not (tmp_path / "t").exists()
+
+    def full_disk(obj, path, *a, **k):
+        with open(path, "wb") as f:
+            f.write(b"half a checkpoint")
+        raise RuntimeError("[enforce fail at inline_container.cc:603] . unexpected pos 64 vs 0\nmore detail")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    msg = refused(capsys, TR.main, argv + ["--gpt-model", "GPT-T", "--ckpt-every", "1"],
+                  r"could not write .*0000001.pt \(.*enforce fail.*\); is the disk full\?")
+    assert not list((tmp_path / "t" / "checkpoints").glob("*.tmp")) and "more detail" not in msg
+
+
+def test_an_unreadable_image_ends_with_one_sentence_and_no_codes(tmp_path, capsys):
+    folder = make_image_folder(tmp_path / "images", per_class=3)
+    png = folder / "class1" / "1.png"
+    png.write_bytes(png.read_bytes()[:60])
+    save_tiny_vq(tmp_path / "vq.pt")
+    out = tmp_path / "codes"
+    refused(capsys, T.main, f"extract --vq-ckpt {tmp_path / 'vq.pt'} --dataset folder --data-path {folder} "
+            f"--image-size 16 --code-path {out} --batch-size 2".split(), r"cannot read the image .*1\.png")
+    assert not (out / "codes.npy").exists() and not (out / "meta.json").exists()
+    refused(capsys, T.main, f"train --dataset folder --data-path {folder} --image-size 16 --results-dir {tmp_path / 'vq'} "
+            f"--global-batch-size 2 --steps 4 --num-workers 1".split(), r"^error: .*cannot read the image .*1\.png")
 
 
 # ====================================================================================================

@@ -24,6 +24,7 @@ from PIL import Image
 from tqdm import tqdm
 
 import data
+from data import NONNEG, NONNEG_INT, POSITIVE, POSITIVE_INT, PROBABILITY, arg_type
 from model import load_state_dict_strict
 
 # ----------------------------------------------------------------------------------------------------
@@ -344,9 +345,16 @@ class VQModel(nn.Module):
 
 
 def save_atomic(obj, path):
+    """torch.save through a temporary file: a crash or a full disk never leaves a half-written `path`
+    (nor a stray .tmp beside it)."""
     tmp = f"{path}.tmp"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise OSError(f"could not write {path} ({data.one_line(e)}); is the disk full?") from None
 
 
 def load_vq(path, preset=None, device="cpu"):
@@ -581,7 +589,7 @@ def train(args):
     if per_epoch == 0:
         raise SystemExit(f"--global-batch-size {args.global_batch_size} is larger than the dataset "
                          f"({len(dataset)} images).")
-    total = args.steps if args.steps else args.epochs * per_epoch
+    total = args.steps if args.steps is not None else args.epochs * per_epoch
     fixed = torch.stack([dataset[i][0] for i in range(min(args.grid_images, len(dataset)))]).to(device)
 
     use_bf16 = device.type == "cuda" and args.mixed_precision == "bf16"
@@ -747,12 +755,19 @@ def extract(args):
     loader = torch.utils.data.DataLoader(mine, batch_size=args.batch_size, num_workers=args.num_workers)
     codes = np.lib.format.open_memmap(codes_path, mode="r+")
     labels = np.lib.format.open_memmap(labels_path, mode="r+")
-    for x, y, idx, v in tqdm(loader, disable=rank != 0, desc=f"extract {args.views}", dynamic_ncols=True):
-        c = vq.encode(x.to(device)).flatten(1).cpu().numpy()
-        codes[idx.numpy(), v.numpy()] = c.astype(dtype)
-        labels[idx.numpy()] = y.numpy()
-    codes.flush()
-    labels.flush()
+    try:
+        for x, y, idx, v in tqdm(loader, disable=rank != 0, desc=f"extract {args.views}", dynamic_ncols=True):
+            c = vq.encode(x.to(device)).flatten(1).cpu().numpy()
+            codes[idx.numpy(), v.numpy()] = c.astype(dtype)
+            labels[idx.numpy()] = y.numpy()
+        codes.flush()
+        labels.flush()
+    except BaseException:  # an unreadable image, Ctrl-C: no codes.npy is left that looks like a dataset
+        del codes, labels
+        for path in (codes_path, labels_path):
+            if os.path.exists(path):
+                os.remove(path)
+        raise
     del codes, labels
     barrier(world)
 
@@ -783,46 +798,46 @@ def build_parser():
     t.add_argument("--dataset", required=True, help="cifar10, mnist, fashion-mnist or folder")
     t.add_argument("--data-path", default=None)
     t.add_argument("--split", default="train")
-    t.add_argument("--image-size", type=int, default=32)
+    t.add_argument("--image-size", type=POSITIVE_INT, default=32)
     t.add_argument("--views", default="flip", choices=["none", "flip", "tencrop"],
                    help="augmentation: a random view per image")
     t.add_argument("--vq-model", default="VQ-S", choices=list(VQ_PRESETS))
-    t.add_argument("--codebook-size", type=int, default=None, help="override the preset's")
-    t.add_argument("--codebook-embed-dim", type=int, default=None, help="override the preset's")
-    t.add_argument("--commit-loss-beta", type=float, default=0.25)
-    t.add_argument("--entropy-loss-ratio", type=float, default=0.0)
-    t.add_argument("--dropout-p", type=float, default=0.0)
+    t.add_argument("--codebook-size", type=POSITIVE_INT, default=None, help="override the preset's")
+    t.add_argument("--codebook-embed-dim", type=POSITIVE_INT, default=None, help="override the preset's")
+    t.add_argument("--commit-loss-beta", type=NONNEG, default=0.25)
+    t.add_argument("--entropy-loss-ratio", type=NONNEG, default=0.0)
+    t.add_argument("--dropout-p", type=PROBABILITY, default=0.0)
     t.add_argument("--results-dir", required=True)
     t.add_argument("--resume", default=None,
                    help="'auto' (newest checkpoint in --results-dir) or a checkpoint path")
-    t.add_argument("--steps", type=int, default=None, help="total training steps (default: from --epochs)")
-    t.add_argument("--epochs", type=int, default=40)
-    t.add_argument("--global-batch-size", type=int, default=128)
-    t.add_argument("--lr", type=float, default=1e-4)
-    t.add_argument("--beta1", type=float, default=0.9)
-    t.add_argument("--beta2", type=float, default=0.95)
-    t.add_argument("--max-grad-norm", type=float, default=1.0)
-    t.add_argument("--reconstruction-weight", type=float, default=1.0, help="weight of the L2 loss")
-    t.add_argument("--l1-weight", type=float, default=0.0)
-    t.add_argument("--codebook-weight", type=float, default=1.0)
-    t.add_argument("--disc-start", type=int, default=20000,
+    t.add_argument("--steps", type=POSITIVE_INT, default=None, help="total training steps (default: from --epochs)")
+    t.add_argument("--epochs", type=POSITIVE_INT, default=40)
+    t.add_argument("--global-batch-size", type=POSITIVE_INT, default=128)
+    t.add_argument("--lr", type=POSITIVE, default=1e-4)
+    t.add_argument("--beta1", type=PROBABILITY, default=0.9)
+    t.add_argument("--beta2", type=PROBABILITY, default=0.95)
+    t.add_argument("--max-grad-norm", type=POSITIVE, default=1.0)
+    t.add_argument("--reconstruction-weight", type=NONNEG, default=1.0, help="weight of the L2 loss")
+    t.add_argument("--l1-weight", type=NONNEG, default=0.0)
+    t.add_argument("--codebook-weight", type=NONNEG, default=1.0)
+    t.add_argument("--disc-start", type=arg_type(int, -1), default=20000,
                    help="step that switches the GAN loss on; -1: never")
-    t.add_argument("--disc-weight", type=float, default=0.5)
-    t.add_argument("--disc-layers", type=int, default=0, help="PatchGAN depth; 0: suited to --image-size")
-    t.add_argument("--disc-dim", type=int, default=64)
+    t.add_argument("--disc-weight", type=NONNEG, default=0.5)
+    t.add_argument("--disc-layers", type=POSITIVE_INT, default=None, help="PatchGAN depth; default: suited to --image-size")
+    t.add_argument("--disc-dim", type=POSITIVE_INT, default=64)
     t.add_argument("--mixed-precision", default="bf16", choices=["bf16", "none"],
                    help="bf16 applies on GPU only")
-    t.add_argument("--log-every", type=int, default=100)
-    t.add_argument("--sample-every", type=int, default=1000)
-    t.add_argument("--ckpt-every", type=int, default=5000)
-    t.add_argument("--grid-images", type=int, default=16)
-    t.add_argument("--rfid-images", type=int, default=1000,
+    t.add_argument("--log-every", type=POSITIVE_INT, default=100)
+    t.add_argument("--sample-every", type=POSITIVE_INT, default=1000)
+    t.add_argument("--ckpt-every", type=POSITIVE_INT, default=5000)
+    t.add_argument("--grid-images", type=POSITIVE_INT, default=16)
+    t.add_argument("--rfid-images", type=NONNEG_INT, default=1000,
                    help="rFID on this many held-out (--rfid-split) images at each checkpoint, when the "
                         "FID Inception weights are available; 0: never")
     t.add_argument("--rfid-split", default="test")
     t.add_argument("--inception-weights", default=None, help="pt_inception-2015-12-05-6726825d.pth (fid.py)")
-    t.add_argument("--num-workers", type=int, default=0)
-    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--num-workers", type=NONNEG_INT, default=0)
+    t.add_argument("--seed", type=NONNEG_INT, default=0)
 
     e = sub.add_parser("extract", help="encode a dataset into a code dataset")
     e.add_argument("--vq-ckpt", required=True)
@@ -831,20 +846,23 @@ def build_parser():
     e.add_argument("--dataset", required=True)
     e.add_argument("--data-path", default=None)
     e.add_argument("--split", default="train")
-    e.add_argument("--image-size", type=int, required=True)
+    e.add_argument("--image-size", type=POSITIVE_INT, required=True)
     e.add_argument("--views", default="none", choices=["none", "flip", "tencrop"])
     e.add_argument("--code-path", required=True)
     e.add_argument("--overwrite", action="store_true")
-    e.add_argument("--batch-size", type=int, default=64)
-    e.add_argument("--num-workers", type=int, default=0)
+    e.add_argument("--batch-size", type=POSITIVE_INT, default=64)
+    e.add_argument("--num-workers", type=NONNEG_INT, default=0)
     return p
 
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    if args.command == "train":
-        return train(args)
-    return extract(args)
+    try:
+        return train(args) if args.command == "train" else extract(args)
+    except (ValueError, OSError, RuntimeError) as e:
+        if os.environ.get("MIRAI_DEBUG"):
+            raise
+        raise SystemExit(f"error: {data.one_line(e)}") from None
 
 
 if __name__ == "__main__":

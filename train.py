@@ -30,7 +30,7 @@ import torch.nn as nn
 from tqdm import tqdm
 
 import foresight as FS
-from data import CodeDataset
+from data import FINITE, NONNEG, NONNEG_INT, POSITIVE, POSITIVE_INT, PROBABILITY, CodeDataset, folder_name, one_line
 from model import GPT, GPT_PRESETS, gpt_config, load_gpt, make_adamw
 from tokenizer import cleanup_distributed, save_atomic, setup_distributed
 
@@ -46,69 +46,71 @@ def build_parser():
                    help="the main job in one command instead of --code-path: tokenizer, codes and GPT for this dataset "
                         "(fashion-mnist, mnist, cifar10, folder), each stage reusing what --out already holds")
     a.add_argument("--out", default=None, help="with --dataset: the folder of all stages (default runs/<dataset>)")
-    a.add_argument("--image-size", type=int, default=32, help="with --dataset: image side (the VQ-S tokenizer makes 8x8 tokens of 32 px)")
-    a.add_argument("--vq-steps", type=int, default=None, help="with --dataset: tokenizer training steps (default 700 on a CPU, 5000 on a GPU)")
+    a.add_argument("--image-size", type=POSITIVE_INT, default=32, help="with --dataset: image side (the VQ-S tokenizer makes 8x8 tokens of 32 px)")
+    a.add_argument("--vq-steps", type=POSITIVE_INT, default=None, help="with --dataset: tokenizer training steps (default 700 on a CPU, 5000 on a GPU)")
     a.add_argument("--data-path", default=None, help="the images the codes came from (Mirai-I); default: meta.json's")
     a.add_argument("--results-dir", default="results")
     a.add_argument("--gpt-model", default="GPT-B", choices=list(GPT_PRESETS))
     a.add_argument("--gpt-ckpt", default=None, help="start from these GPT weights (ours or LlamaGen's)")
     a.add_argument("--vq-ckpt", default=None, help="tokenizer: decodes sample grids; the 'vq' Mirai-I teacher")
-    a.add_argument("--dropout-p", type=float, default=0.1, help="residual and FFN dropout")
-    a.add_argument("--token-dropout-p", type=float, default=0.1)
-    a.add_argument("--drop-path-rate", type=float, default=0.0)
-    a.add_argument("--class-dropout-prob", type=float, default=0.1, help="label dropout for CFG")
+    a.add_argument("--dropout-p", type=PROBABILITY, default=0.1, help="residual and FFN dropout")
+    a.add_argument("--token-dropout-p", type=PROBABILITY, default=0.1)
+    a.add_argument("--drop-path-rate", type=PROBABILITY, default=0.0)
+    a.add_argument("--class-dropout-prob", type=PROBABILITY, default=0.1, help="label dropout for CFG")
     f = p.add_argument_group("foresight (Mirai)")
     f.add_argument("--foresight", default="none", choices=["none", "explicit", "implicit"])
     f.add_argument("--foresight-level", default="representation", choices=["representation", "output"],
                    help="align hidden states (Mirai) or predict the neighbours' tokens with extra heads")
-    f.add_argument("--foresight-depth", type=int, default=None, help="student block (1-based); default 2/3 of the layers")
-    f.add_argument("--foresight-k", type=int, default=None, help="targets per position; default 3 explicit, 1 implicit")
+    f.add_argument("--foresight-depth", type=POSITIVE_INT, default=None, help="student block (1-based); default 2/3 of the layers")
+    f.add_argument("--foresight-k", type=POSITIVE_INT, default=None, help="targets per position; default 3 explicit, 1 implicit")
     f.add_argument("--foresight-layout", default="2d", choices=["2d", "1d"])
-    f.add_argument("--foresight-coef", default="2", help="lambda: one value for all targets or one per target, comma-separated")
-    f.add_argument("--foresight-warmup", default=None,
+    f.add_argument("--foresight-coef", type=coef_list, default="2", help="lambda: one value for all targets or one per target, comma-separated")
+    f.add_argument("--foresight-warmup", type=warmup_text, default=None,
                    help="plain next-token training first: steps (500), epochs (15ep) or a share of the run (10%%); "
                         "default 15ep explicit, 0 implicit")
     f.add_argument("--foresight-schedule", default="constant", help="lambda after warm-up: constant, cosine, or 'step:scale,...'")
     f.add_argument("--foresight-encoder", default="dinov2_vitb14",
                    help="Mirai-I teacher: dinov2_vit{s,b,l,g}14[_reg] (torch.hub) or vq (the tokenizer's encoder, offline)")
-    f.add_argument("--foresight-proj-dim", type=int, default=None, help="projector hidden size; default 2048 from dim 768, else 2*dim")
+    f.add_argument("--foresight-proj-dim", type=POSITIVE_INT, default=None, help="projector hidden size; default 2048 from dim 768, else 2*dim")
     o = p.add_argument_group("optimisation")
-    o.add_argument("--epochs", type=int, default=300)
-    o.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (overrides --epochs)")
-    o.add_argument("--global-batch-size", type=int, default=256)
-    o.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step on each rank")
-    o.add_argument("--lr", type=float, default=1e-4)
-    o.add_argument("--weight-decay", type=float, default=5e-2)
-    o.add_argument("--beta1", type=float, default=0.9)
-    o.add_argument("--beta2", type=float, default=0.95)
-    o.add_argument("--max-grad-norm", type=float, default=1.0)
+    o.add_argument("--epochs", type=POSITIVE_INT, default=300)
+    o.add_argument("--max-steps", type=POSITIVE_INT, default=None, help="stop after this many steps (overrides --epochs)")
+    o.add_argument("--global-batch-size", type=POSITIVE_INT, default=256)
+    o.add_argument("--grad-accum", type=POSITIVE_INT, default=1, help="micro-batches per step on each rank")
+    o.add_argument("--lr", type=POSITIVE, default=1e-4)
+    o.add_argument("--weight-decay", type=NONNEG, default=5e-2)
+    o.add_argument("--beta1", type=PROBABILITY, default=0.9)
+    o.add_argument("--beta2", type=PROBABILITY, default=0.95)
+    o.add_argument("--max-grad-norm", type=POSITIVE, default=1.0)
     o.add_argument("--ema", action="store_true", help="keep an EMA of the weights (always on for Mirai-E: it is the teacher)")
-    o.add_argument("--ema-decay", type=float, default=0.9999)
+    o.add_argument("--ema-decay", type=PROBABILITY, default=0.9999)
     o.add_argument("--mixed-precision", default="bf16", choices=["none", "bf16", "fp16"], help="autocast on GPU; a CPU runs fp32")
     o.add_argument("--compile", action="store_true", help="torch.compile the student")
-    o.add_argument("--global-seed", "--seed", dest="seed", type=int, default=0)
-    o.add_argument("--num-workers", type=int, default=None, help="data loader workers; default 4 on GPU, 0 on CPU")
+    o.add_argument("--global-seed", "--seed", dest="seed", type=NONNEG_INT, default=0)
+    o.add_argument("--num-workers", type=NONNEG_INT, default=None, help="data loader workers; default 4 on GPU, 0 on CPU")
     r = p.add_argument_group("logging, checkpoints, samples")
-    r.add_argument("--log-every", type=int, default=100)
-    r.add_argument("--ckpt-every", type=int, default=5000)
-    r.add_argument("--sample-every", type=int, default=0, help="save a sample grid every N steps (0: only at the end)")
-    r.add_argument("--cfg-scale", type=float, default=2.0, help="guidance of sample grids and FID samples")
-    r.add_argument("--num-sample-images", type=int, default=32)
-    r.add_argument("--eval-every", type=int, default=0, help="FID every N steps (needs fid.py's Inception weights)")
-    r.add_argument("--eval-samples", type=int, default=1000)
-    r.add_argument("--eval-batch-size", type=int, default=64)
+    r.add_argument("--log-every", type=POSITIVE_INT, default=100)
+    r.add_argument("--ckpt-every", type=POSITIVE_INT, default=5000)
+    r.add_argument("--sample-every", type=POSITIVE_INT, default=None, help="save a sample grid every N steps (default: only at the end)")
+    r.add_argument("--cfg-scale", type=FINITE, default=2.0, help="guidance of sample grids and FID samples")
+    r.add_argument("--num-sample-images", type=POSITIVE_INT, default=32)
+    r.add_argument("--eval-every", type=POSITIVE_INT, default=None, help="FID every N steps (needs fid.py's Inception weights)")
+    r.add_argument("--eval-samples", type=POSITIVE_INT, default=1000)
+    r.add_argument("--eval-batch-size", type=POSITIVE_INT, default=64)
     r.add_argument("--eval-reference", default=None, help="reference for FID: stats .npz, images .npz or a dataset name")
     r.add_argument("--resume", default=None, help="a checkpoint path, or 'auto': the newest run of this model and foresight")
-    r.add_argument("--exp-name", default=None, help="experiment folder name; default NNN-<model>-<foresight>")
+    r.add_argument("--exp-name", type=folder_name, default=None, help="experiment folder name; default NNN-<model>-<foresight>")
     r.add_argument("--no-progress", action="store_true", help="no tqdm bar")
     return p
 
 
-def parse_coefs(text, k):
-    try:
-        coefs = [float(c) for c in text.split(",")]
-    except ValueError:
-        raise ValueError(f"--foresight-coef {text!r}: expected numbers separated by commas") from None
+def coef_list(text):
+    """--foresight-coef: one lambda for all targets or one per target, each finite and >= 0."""
+    return [NONNEG(c) for c in str(text).split(",")]
+
+
+def expand_coefs(coefs, k):
+    coefs = coef_list(coefs) if isinstance(coefs, str) else list(coefs)  # older checkpoints stored the text
     if len(coefs) == 1:
         coefs = coefs * k
     if len(coefs) != k:
@@ -116,10 +118,17 @@ def parse_coefs(text, k):
     return coefs
 
 
+WARMUP = re.compile(r"\s*(\d+(?:\.\d+)?)\s*(ep|%)?\s*")
+
+
+def warmup_text(text):
+    if not WARMUP.fullmatch(text):
+        raise argparse.ArgumentTypeError(f"expected steps (500), epochs (15ep) or a share of the run (10%), got {text!r}")
+    return text
+
+
 def parse_warmup(text, steps_per_epoch, total_steps):
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(ep|%)?\s*", text)
-    if not m:
-        raise ValueError(f"--foresight-warmup {text!r}: expected steps (500), epochs (15ep) or a share of the run (10%)")
+    m = WARMUP.fullmatch(text)
     value, unit = float(m.group(1)), m.group(2)
     if unit == "ep":
         return int(value * steps_per_epoch)
@@ -204,16 +213,18 @@ def gather(obj, world):
     return out
 
 
-def find_auto_resume(results_dir, suffix):
-    runs = sorted(glob.glob(os.path.join(results_dir, f"*-{suffix}", "checkpoints", "last.pt")))
+def find_auto_resume(results_dir, suffix, exp_name=None):
+    """--resume auto: the run named by --exp-name, else the newest NNN-<model>-<foresight> run."""
+    pattern = exp_name if exp_name is not None else f"*-{suffix}"
+    runs = sorted(glob.glob(os.path.join(glob.escape(results_dir), pattern, "checkpoints", "last.pt")))
     return runs[-1] if runs else None
 
 
 def new_experiment_dir(results_dir, name, suffix):
-    os.makedirs(results_dir, exist_ok=True)
     if name:
         return os.path.join(results_dir, name)
-    nums = [int(m.group(1)) for d in os.listdir(results_dir) if (m := re.match(r"(\d+)-", d))]
+    existing = os.listdir(results_dir) if os.path.isdir(results_dir) else []
+    nums = [int(m.group(1)) for d in existing if (m := re.match(r"(\d+)-", d))]
     return os.path.join(results_dir, f"{max(nums, default=-1) + 1:03d}-{suffix}")
 
 
@@ -258,6 +269,13 @@ def build_models(args, meta, device):
     if args.gpt_ckpt:
         gpt = load_gpt(args.gpt_ckpt, preset=args.gpt_model, grid_size=grid, **overrides)
         c = gpt.config
+        arch = ("dim", "n_layer", "n_head", "n_kv_head", "multiple_of", "ffn_dim_multiplier")
+        want = asdict(gpt_config(args.gpt_model))
+        if any(getattr(c, k) != want[k] for k in arch):  # the run's folder and logs are named after --gpt-model
+            same = [name for name in GPT_PRESETS if all(getattr(c, k) == asdict(gpt_config(name))[k] for k in arch)]
+            raise ValueError(f"--gpt-ckpt {args.gpt_ckpt} holds a {same[0] if same else 'custom'} model (dim {c.dim}, "
+                             f"{c.n_layer} layers), not --gpt-model {args.gpt_model} (dim {want['dim']}, "
+                             f"{want['n_layer']} layers): pass the --gpt-model it was made with")
         check_data(args, meta, c.vocab_size, c.grid_size, c.num_classes, f"--gpt-ckpt {args.gpt_ckpt}")
     else:
         gpt = GPT(gpt_config(args.gpt_model, vocab_size=meta["vocab_size"], grid_size=grid,
@@ -277,11 +295,11 @@ def build_foresight(args, gpt, vq, grid, device):
     if args.foresight == "none":
         return None, None, None, []
     cfg = gpt.config
-    depth = args.foresight_depth or FS.default_depth(cfg.n_layer)
+    depth = args.foresight_depth if args.foresight_depth is not None else FS.default_depth(cfg.n_layer)
     if not 1 <= depth <= cfg.n_layer:
         raise ValueError(f"--foresight-depth {depth} is outside the model's 1..{cfg.n_layer} blocks")
-    k = args.foresight_k or (3 if args.foresight == "explicit" else 1)
-    proj = args.foresight_proj_dim or FS.default_proj_dim(cfg.dim)
+    k = args.foresight_k if args.foresight_k is not None else (3 if args.foresight == "explicit" else 1)
+    proj = args.foresight_proj_dim if args.foresight_proj_dim is not None else FS.default_proj_dim(cfg.dim)
     teacher, target_dim = None, None
     if args.foresight_level == "output":
         mode = "output"
@@ -298,7 +316,7 @@ def build_foresight(args, gpt, vq, grid, device):
         target_dim = teacher.feature_dim
     fs = FS.Foresight(mode, cfg.dim, grid, k=k, layout=args.foresight_layout, proj_dim=proj,
                       target_dim=target_dim, vocab_size=cfg.vocab_size).to(device)
-    return fs, teacher, depth, parse_coefs(args.foresight_coef, fs.k)
+    return fs, teacher, depth, expand_coefs(args.foresight_coef, fs.k)
 
 
 def save_checkpoint(path, state, last):
@@ -311,6 +329,47 @@ def save_checkpoint(path, state, last):
     except OSError:
         save_atomic(state, tmp)
     os.replace(tmp, last)
+
+
+def differences(old, new, flag=lambda k: k):
+    """'name A (now B)' for each key whose value differs between two dicts."""
+    return [f"{flag(k)} {old.get(k)!r} (now {new.get(k)!r})" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+
+
+def run_settings(a, fs, dim):
+    """The flags that define a run, as values: a resumed run must use the same ones, since the data
+    order inside the epoch, the optimizer state and the foresight heads were made with them."""
+    keys = ["global_batch_size", "grad_accum", "lr", "weight_decay", "beta1", "beta2", "max_grad_norm", "seed"]
+    out = {k: a.get(k) for k in keys}
+    out["ema"] = bool(a.get("ema")) or a.get("foresight") == "explicit"
+    if out["ema"]:
+        out["ema_decay"] = a.get("ema_decay")
+    if fs is not None:
+        out["foresight_coef"] = expand_coefs(a.get("foresight_coef"), fs.k)
+        out["foresight_warmup"] = a.get("foresight_warmup") or ("15ep" if fs.mode == "explicit" else "0")
+        out["foresight_schedule"] = a.get("foresight_schedule")
+        proj = a.get("foresight_proj_dim")
+        out["foresight_proj_dim"] = proj if proj is not None else FS.default_proj_dim(dim)
+    return out
+
+
+def check_resume(path, ckpt, args, gpt, fs, depth, meta):
+    """Refuse, in one sentence naming each field with both values, a resume that would be another run."""
+    old_cfg, new_cfg = ckpt.get("gpt_config") or {}, asdict(gpt.config)
+    old_fs, new_fs = ckpt.get("foresight_setup") or {}, foresight_setup(args, fs, depth) or {}
+    diff = differences(old_cfg, new_cfg) + differences(old_fs, new_fs, lambda k: f"foresight {k}")
+    if diff:
+        raise ValueError(f"--resume {path} was trained with another model or foresight setup: {'; '.join(diff)}; "
+                         f"use the flags it was made with")
+    flag = lambda k: {"seed": "--global-seed"}.get(k, "--" + k.replace("_", "-"))
+    dim = gpt.config.dim
+    diff = differences(run_settings(ckpt["args"], fs, dim), run_settings(vars(args), fs, dim), flag)
+    data_keys = ("dataset", "split", "num_images", "num_views", "grid", "vocab_size", "num_classes")
+    old_meta = {k: (ckpt.get("data_meta") or {}).get(k) for k in data_keys}
+    diff += differences(old_meta, {k: meta.get(k) for k in data_keys}, lambda k: f"codes' {k}")
+    if diff:
+        raise ValueError(f"--resume {path} was made with other settings: {'; '.join(diff)}; resume with the flags it "
+                         f"was made with, or start a new run")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -344,7 +403,7 @@ def _train(args, rank, world, device):
     steps_per_epoch = n_images // args.global_batch_size
     if steps_per_epoch == 0:
         raise ValueError(f"--global-batch-size {args.global_batch_size} is larger than the dataset ({n_images} images)")
-    total_steps = args.max_steps or args.epochs * steps_per_epoch
+    total_steps = args.max_steps if args.max_steps is not None else args.epochs * steps_per_epoch
     warmup = parse_warmup(args.foresight_warmup or ("15ep" if args.foresight == "explicit" else "0"),
                           steps_per_epoch, total_steps)
     FS.parse_schedule(args.foresight_schedule)
@@ -360,7 +419,7 @@ def _train(args, rank, world, device):
 
     # where does this run live, and does it continue an earlier one?
     suffix = f"{args.gpt_model}-{args.foresight}"
-    resume = find_auto_resume(args.results_dir, suffix) if args.resume == "auto" else args.resume
+    resume = find_auto_resume(args.results_dir, suffix, args.exp_name) if args.resume == "auto" else args.resume
     if resume and not os.path.isfile(resume):
         raise FileNotFoundError(f"--resume {resume}: no such checkpoint")
     step, epoch, in_epoch = 0, 0, 0
@@ -369,12 +428,12 @@ def _train(args, rank, world, device):
             ckpt = torch.load(resume, map_location="cpu", weights_only=True)
         except Exception as e:
             raise ValueError(f"--resume {resume} could not be read ({type(e).__name__}); is it a torch checkpoint?") from None
-        lacks = [k for k in ("model", "optimizer", "steps", "epoch", "step_in_epoch", "rng") if k not in ckpt]
+        lacks = [k for k in ("model", "optimizer", "steps", "epoch", "step_in_epoch", "rng", "args")
+                 if not isinstance(ckpt, dict) or k not in ckpt]
         if lacks:
             raise ValueError(f"--resume {resume} is not a checkpoint of train.py (it lacks {', '.join(lacks)})")
-        if ckpt.get("gpt_config") != asdict(gpt.config) or ckpt.get("foresight_setup") != foresight_setup(args, fs, depth):
-            raise ValueError(f"--resume {resume} was trained with another model or foresight setup "
-                             f"({ckpt.get('gpt_config')}, {ckpt.get('foresight_setup')}); use the flags it was made with")
+        check_resume(resume, ckpt, args, gpt, fs, depth, meta)
+        resumed_args = ckpt["args"]
         gpt.load_state_dict(ckpt["model"])
         if ema is not None:
             ema.load_state_dict(ckpt["ema"] if ckpt.get("ema") is not None else ckpt["model"])
@@ -420,6 +479,10 @@ def _train(args, rank, world, device):
     log = Logger(exp_dir, rank, bar)
     if resume:
         log(f"resumed from {resume} at step {step} (epoch {epoch}, {in_epoch} steps into it)")
+        for k in ("max_steps", "epochs"):  # the length of a run may change; said once, and logged
+            if resumed_args.get(k) != getattr(args, k):
+                log(f"--{k.replace('_', '-')} changed from {resumed_args.get(k)} to {getattr(args, k)}: "
+                    f"the run now ends at step {total_steps}")
     else:
         log(f"command: {' '.join(sys.argv)}")
     log(f"{args.gpt_model}: {gpt.num_params() / 1e6:.2f}M parameters, vocabulary {meta['vocab_size']}, grid {H}x{W}, "
@@ -612,7 +675,7 @@ SMALL_RUN = dict(gpt_model="GPT-T", global_batch_size=64, lr=5e-4, max_steps=300
                  log_every=100, ckpt_every=1000, sample_every=1000, foresight_encoder="vq")
 # Mirai-E's teacher is the EMA, which must learn something first: a short run's warm-up and a smaller
 # lambda (2 per target overwhelms a small model's next-token loss early on). Mirai-I needs neither.
-SMALL_RUN_EXPLICIT = dict(foresight_warmup="10%", foresight_coef="1")
+SMALL_RUN_EXPLICIT = dict(foresight_warmup="10%", foresight_coef=[1.0])
 
 
 def given_flags(parser, argv):
@@ -676,10 +739,10 @@ def main(argv=None):
         if args.dataset:
             return pipeline(args, given_flags(parser, argv))
         return train(args)
-    except (ValueError, FileNotFoundError, RuntimeError, FloatingPointError) as e:
+    except (ValueError, OSError, RuntimeError, FloatingPointError) as e:
         if os.environ.get("MIRAI_DEBUG"):
             raise
-        raise SystemExit(f"error: {e}") from None
+        raise SystemExit(f"error: {one_line(e)}") from None
 
 
 if __name__ == "__main__":
