@@ -663,6 +663,45 @@ def test_gpt_ckpt_of_another_size_and_bad_resume_files_are_refused(tmp_path, cod
     assert not list((tmp_path / "t" / "checkpoints").glob("*.tmp")) and "more detail" not in msg
 
 
+def fake_fashion_mnist(folder, n_train=300, n_test=60, seed=0):
+    """IDX files in Fashion-MNIST's format: class c is a bright band at rows 6c..6c+8, plus noise."""
+    rng = np.random.default_rng(seed)
+    for split, n in (("train", n_train), ("test", n_test)):
+        labels = np.arange(n) % 3
+        images = rng.integers(0, 60, (n, 28, 28)).astype(np.uint8)
+        for i, c in enumerate(labels):
+            images[i, 6 * c:6 * c + 8] += 150
+        write_idx(folder, split, images, labels)
+    return folder
+
+
+def test_training_logs_the_offline_quality_metric_without_changing_the_run(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setattr(fid, "load_inception", lambda *a, **k: (_ for _ in ()).throw(FileNotFoundError("offline")))
+    images = fake_fashion_mnist(tmp_path / "fm")
+    save_tiny_vq(tmp_path / "vq.pt")
+    codes, held = (write_code_dataset(tmp_path / name, grid=8, seed=seed) for name, seed in (("c", 0), ("h", 1)))
+    for root in (codes, held):
+        meta = json.loads((root / "meta.json").read_text())
+        (root / "meta.json").write_text(json.dumps({**meta, "dataset": "fashion-mnist", "data_path": str(images)}))
+    common = ["--max-steps", "4", "--ckpt-every", "4", "--vq-ckpt", str(tmp_path / "vq.pt"), "--ema",
+              "--ema-decay", "0.5", "--foresight", "explicit", "--foresight-warmup", "1"]
+    plain = run_train(tmp_path, codes, *common, name="plain")
+    scored = run_train(tmp_path, codes, *common, "--eval-every", "2", "--eval-samples", "12", "--eval-weights", "both",
+                       "--eval-reference", "fashion-mnist-test", "--eval-codes", str(held), name="scored")
+    rows = [r for r in metrics(scored) if "eval_fd_classifier" in r]
+    assert [r["step"] for r in rows] == [2, 4]
+    for r in rows:
+        for prefix in ("eval_", "eval_raw_"):
+            assert math.isfinite(r[prefix + "fd_classifier"]) and r[prefix + "fd_classifier"] >= 0
+            assert 0 <= r[prefix + "class_agreement"] <= 1 and 1.0 < r[prefix + "heldout_loss"] < 10
+    log = (scored / "log.txt").read_text()
+    assert "no FID (offline)" in log and "classifier's FD and class agreement (its test accuracy" in log
+    a, b = state(plain, 4), state(scored, 4)  # scoring draws from its own generator: the same run either way
+    for key in ("model", "ema", "foresight"):
+        assert all(torch.equal(a[key][k], b[key][k]) for k in a[key]), key
+
+
 def test_an_unreadable_image_ends_with_one_sentence_and_no_codes(tmp_path, capsys):
     folder = make_image_folder(tmp_path / "images", per_class=3)
     png = folder / "class1" / "1.png"

@@ -94,10 +94,17 @@ def build_parser():
     r.add_argument("--sample-every", type=POSITIVE_INT, default=None, help="save a sample grid every N steps (default: only at the end)")
     r.add_argument("--cfg-scale", type=FINITE, default=2.0, help="guidance of sample grids and FID samples")
     r.add_argument("--num-sample-images", type=POSITIVE_INT, default=32)
-    r.add_argument("--eval-every", type=POSITIVE_INT, default=None, help="FID every N steps (needs fid.py's Inception weights)")
+    r.add_argument("--eval-every", type=POSITIVE_INT, default=None,
+                   help="score --eval-samples samples every N steps: FID, or offline the dataset classifier's FD")
+    r.add_argument("--eval-metric", default="auto", choices=["auto", "inception", "classifier"],
+                   help="auto: FID where the Inception weights and --eval-reference are, else the classifier metric "
+                        "(FD in a small classifier's features and class agreement; MNIST, Fashion-MNIST, CIFAR-10)")
+    r.add_argument("--eval-weights", default="ema", choices=["ema", "raw", "both"],
+                   help="which weights make the evaluation samples (ema falls back to raw without an EMA)")
     r.add_argument("--eval-samples", type=POSITIVE_INT, default=1000)
-    r.add_argument("--eval-batch-size", type=POSITIVE_INT, default=64)
+    r.add_argument("--eval-batch-size", type=POSITIVE_INT, default=250)
     r.add_argument("--eval-reference", default=None, help="reference for FID: stats .npz, images .npz or a dataset name")
+    r.add_argument("--eval-codes", default=None, help="a held-out code dataset: its NTP loss is logged at each evaluation")
     r.add_argument("--resume", default=None, help="a checkpoint path, or 'auto': the newest run of this model and foresight")
     r.add_argument("--exp-name", type=folder_name, default=None, help="experiment folder name; default NNN-<model>-<foresight>")
     r.add_argument("--no-progress", action="store_true", help="no tqdm bar")
@@ -407,8 +414,14 @@ def _train(args, rank, world, device):
     warmup = parse_warmup(args.foresight_warmup or ("15ep" if args.foresight == "explicit" else "0"),
                           steps_per_epoch, total_steps)
     FS.parse_schedule(args.foresight_schedule)
-    if args.eval_every and not (args.vq_ckpt and args.eval_reference):
-        raise ValueError("--eval-every needs --vq-ckpt (to decode samples) and --eval-reference (what to compare with)")
+    if args.eval_every and not args.vq_ckpt:
+        raise ValueError("--eval-every needs --vq-ckpt, the tokenizer that decodes the samples")
+    if args.eval_metric == "inception" and args.eval_every and not args.eval_reference:
+        raise ValueError("--eval-metric inception needs --eval-reference (what to compare the samples with)")
+    held_out = None
+    if args.eval_codes:
+        held_out = CodeDataset(args.eval_codes, random_view=False)
+        check_data(args, held_out.meta, meta["vocab_size"], H, meta["num_classes"], f"--eval-codes {args.eval_codes}")
 
     gpt, vq = build_models(args, meta, device)
     fs, teacher, depth, coefs = build_foresight(args, gpt, vq, H, device)
@@ -557,41 +570,9 @@ def _train(args, rank, world, device):
         log(f"saved samples {path}")
         gpt.train()
 
-    inception = None
-    if args.eval_every:
-        # checked once up front: a run without the Inception weights trains on, with one notice
-        import fid
-
-        ok = [True]
-        if rank == 0:
-            try:
-                inception = fid.load_inception(device=device)
-            except (FileNotFoundError, ValueError) as e:
-                ok = [False]
-                log(f"FID evaluation skipped: {e}")
-        if world > 1:
-            dist.broadcast_object_list(ok, src=0)
-        if not ok[0]:
-            args.eval_every = 0
-
-    def evaluate():
-        """FID / IS / precision / recall of --eval-samples EMA samples, made by all ranks, scored on rank 0."""
-        from sample import sample_images
-
-        mine = torch.arange(rank, args.eval_samples, world) % meta["num_classes"]
-        g = torch.Generator(device=device).manual_seed(args.seed * world + rank)
-        imgs = [sample_images(ema if ema is not None else gpt, vq, chunk, cfg_scale=args.cfg_scale, generator=g)
-                for chunk in mine.split(args.eval_batch_size)]
-        imgs = [i for part in gather(imgs, world) for i in part]
-        gpt.train()
-        if rank != 0:
-            return
-        import fid
-
-        result = fid.evaluate(np.concatenate(imgs), args.eval_reference, model=inception, data_path=args.data_path)
-        result = {k: v for k, v in result.items() if v is not None}
-        log("eval " + " | ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in result.items()))
-        log.record({"step": step, **{f"eval_{k}": v for k, v in result.items()}})
+    metric = load_metric(args, meta, device, rank, world, log) if args.eval_every else None
+    if args.eval_every and metric is None:
+        args.eval_every = None
 
     if not resume:
         # training's own random stream: not shifted by whichever optional models were built above
@@ -651,12 +632,98 @@ def _train(args, rank, world, device):
             if (args.sample_every and step % args.sample_every == 0) or last:
                 samples()
             if args.eval_every and (step % args.eval_every == 0 or last):
-                evaluate()
+                evaluate(args, step, gpt, ema, vq, metric, held_out, meta, rank, world, device, log)
             if last:
                 break
     bar.close()
     log(f"done: {step} steps in {exp_dir}")
     return exp_dir
+
+
+# ----------------------------------------------------------------------------------------------------
+# Evaluation during training: sample quality (FID, or offline the classifier metric) and held-out loss
+
+
+def load_metric(args, meta, device, rank, world, log):
+    """-> ("inception", network) or ("classifier", network), or None with one notice: a run whose metric
+    cannot be had trains on. Chosen once, on rank 0, before the first step."""
+    import fid
+
+    choice = [None]
+    if rank == 0:
+        reasons = []
+        if args.eval_metric in ("auto", "inception") and args.eval_reference:
+            try:
+                choice = [("inception", fid.load_inception(device=device))]
+            except (FileNotFoundError, ValueError) as e:
+                reasons.append(f"no FID ({one_line(e)})")
+        elif args.eval_metric == "auto":
+            reasons.append("no FID (no --eval-reference)")
+        if choice[0] is None and args.eval_metric in ("auto", "classifier"):
+            if meta["dataset"].split("-")[0] in ("mnist", "fashion", "cifar10"):
+                path = args.data_path or meta.get("data_path")
+                choice = [("classifier", fid.load_classifier(meta["dataset"], path, device, meta["image_size"],
+                                                             progress=not args.no_progress))]
+                log(f"evaluation: {''.join(r + '; ' for r in reasons)}the {meta['dataset']} classifier's FD and class "
+                    f"agreement (its test accuracy {choice[0][1].test_accuracy:.4f})")
+            else:
+                reasons.append(f"no classifier metric for {meta['dataset']} (MNIST, Fashion-MNIST and CIFAR-10 only)")
+        if choice[0] is None:
+            log(f"evaluation skipped: {'; '.join(reasons)}")
+    if world > 1:  # the other ranks only need to know whether to make samples
+        flag = [choice[0] is not None]
+        dist.broadcast_object_list(flag, src=0)
+        choice = [choice[0] if rank == 0 else (flag[0] or None)]
+    return choice[0]
+
+
+@torch.no_grad()
+def held_out_loss(model, codes, device, batch=500):
+    """Mean next-token loss over every view of a held-out code dataset (no dropout, no label drop)."""
+    was_training, total = model.training, 0.0
+    model.eval()
+    for start in range(0, len(codes), batch):
+        x, y = (torch.stack(t).to(device) for t in zip(*(codes[k][:2] for k in range(start, min(start + batch, len(codes))))))
+        total += model(x[:, :-1], y, targets=x, drop_labels=False)[1].item() * len(x)
+    model.train(was_training)
+    return total / len(codes)
+
+
+def evaluate(args, step, gpt, ema, vq, metric, held_out, meta, rank, world, device, log):
+    """Samples from --eval-weights made by all ranks, scored on rank 0, plus the held-out loss. Its own
+    random generator: evaluating never changes the training run."""
+    from sample import sample_images
+
+    which = {"ema": ["ema"], "raw": ["raw"], "both": ["ema", "raw"]}[args.eval_weights]
+    if ema is None:
+        which = ["raw"]
+    row = {"step": step}
+    for name in which:
+        model, prefix = (ema if name == "ema" else gpt), ("eval_" if name == which[0] else f"eval_{name}_")
+        mine = torch.arange(rank, args.eval_samples, world) % meta["num_classes"]
+        g = torch.Generator(device=device).manual_seed(args.seed * world + rank)
+        was_training = model.training
+        imgs = [sample_images(model, vq, chunk, cfg_scale=args.cfg_scale, generator=g)
+                for chunk in mine.split(args.eval_batch_size)]
+        model.train(was_training)
+        imgs = [i for part in gather(imgs, world) for i in part]
+        if held_out is not None:
+            row[prefix + "heldout_loss"] = held_out_loss(model, held_out, device)
+        if rank != 0:
+            continue
+        import fid
+
+        imgs = np.concatenate(imgs)
+        if metric[0] == "inception":
+            result = fid.evaluate(imgs, args.eval_reference, model=metric[1], data_path=args.data_path)
+        else:
+            labels = torch.cat([torch.arange(r, args.eval_samples, world) for r in range(world)]) % meta["num_classes"]
+            result = fid.classifier_metrics(imgs, labels.numpy(), meta["dataset"], classifier=metric[1], device=device)
+        row.update({prefix + k: v for k, v in result.items() if v is not None})
+    gpt.train()
+    log("eval " + " | ".join(f"{k[5:]} {v:.4f}" if isinstance(v, float) else f"{k[5:]} {v}"
+                             for k, v in row.items() if k != "step"))
+    log.record(row)
 
 
 def foresight_setup(args, fs, depth):
@@ -672,7 +739,8 @@ def foresight_setup(args, fs, depth):
 
 # A small run's settings in place of LlamaGen's ImageNet defaults; flags on the command line win.
 SMALL_RUN = dict(gpt_model="GPT-T", global_batch_size=64, lr=5e-4, max_steps=3000, ema=True, ema_decay=0.99,
-                 log_every=100, ckpt_every=1000, sample_every=1000, foresight_encoder="vq")
+                 log_every=100, ckpt_every=1000, sample_every=1000, foresight_encoder="vq",
+                 eval_every=1000, eval_samples=1000)
 # Mirai-E's teacher is the EMA, which must learn something first: a short run's warm-up and a smaller
 # lambda (2 per target overwhelms a small model's next-token loss early on). Mirai-I needs neither.
 SMALL_RUN_EXPLICIT = dict(foresight_warmup="10%", foresight_coef=[1.0])
@@ -719,6 +787,13 @@ def pipeline(args, given):
         print(f"== stage 2/3: codes -> {code_path}")
         tokenizer.main(["extract", *where, "--vq-ckpt", args.vq_ckpt, "--views", "flip", "--code-path", code_path,
                         "--batch-size", "256", "--overwrite"])
+
+    if args.dataset in ("fashion-mnist", "mnist", "cifar10") and "eval_codes" not in given:
+        args.eval_codes = os.path.join(out, "codes-test")  # the test split's codes: a held-out loss
+        if not os.path.exists(os.path.join(args.eval_codes, "meta.json")):
+            print(f"== stage 2/3: held-out codes -> {args.eval_codes}")
+            tokenizer.main(["extract", *where, "--split", "test", "--vq-ckpt", args.vq_ckpt, "--views", "none",
+                            "--code-path", args.eval_codes, "--batch-size", "256", "--overwrite"])
 
     args.code_path, args.results_dir = code_path, out  # 3. the GPT, resumed if a run is there
     args.exp_name = args.exp_name or f"gpt-{args.foresight}"
