@@ -702,6 +702,31 @@ def test_training_logs_the_offline_quality_metric_without_changing_the_run(tmp_p
         assert all(torch.equal(a[key][k], b[key][k]) for k in a[key]), key
 
 
+def test_compare_tabulates_seeds_and_draws_the_curve(tmp_path, capsys):
+    import compare
+
+    for variant, base in (("none", 30.0), ("implicit", 20.0)):
+        for seed in range(3):
+            run = tmp_path / f"{variant}-{seed}"
+            (run / "samples").mkdir(parents=True)
+            rows = [r for s in (1, 2) for r in [{"step": s, "loss": 2.0},
+                                                {"step": s, "eval_fd_classifier": base / s + seed,
+                                                 "eval_class_agreement": 0.5}]]
+            (run / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+            (run / "checkpoints").mkdir()
+            torch.save({"args": {"foresight": variant, "seed": seed}}, run / "checkpoints" / "last.pt")
+            Image.new("RGB", (20, 10), (200, 0, 0)).save(run / "samples" / "0000002.png")
+    compare.main([str(p) for p in sorted(tmp_path.iterdir())] + ["--out", str(tmp_path / "c.png")])
+    out = capsys.readouterr().out
+    assert "| variant | step | eval_fd_classifier | eval_class_agreement |" in out
+    assert "| none | 2 | 16.000 ± 1.000 (n=3) | 0.500 ± 0.000 (n=3) |" in out
+    assert "| implicit | 1 | 21.000 ± 1.000 (n=3)" in out
+    figure = np.asarray(Image.open(tmp_path / "c.png"))
+    assert figure.shape[1] > 520 + 2 * 20 and (figure[..., 0] > 150).any()
+    with pytest.raises(SystemExit, match="none of the runs has evaluation rows"):
+        compare.main([str(tmp_path)])
+
+
 def test_an_unreadable_image_ends_with_one_sentence_and_no_codes(tmp_path, capsys):
     folder = make_image_folder(tmp_path / "images", per_class=3)
     png = folder / "class1" / "1.png"
