@@ -9,12 +9,16 @@ symmetric eigendecompositions, which are exact for covariance matrices.
     python fid.py samples.npz cifar10-train            # FID, IS, precision, recall as a table
     python fid.py samples.npz ref_stats.npz --json     # ... as JSON
     python fid.py samples/ --save-stats samples.npz    # store statistics to reuse
+    python fid.py samples.npz fashion-mnist --classifier  # offline: a small classifier of the dataset's own
+    python fid.py --classifier fashion-mnist --floors --vq-ckpt vq.pt  # its accuracy, the best numbers to expect
 
 From Python (what train.py / tokenizer.py / bench.py call):
 
     model = load_inception(device="cuda")              # FileNotFoundError with a hint if no weights
     pool3, logits = extract(model, images_uint8_nhwc)
     metrics = evaluate(images_uint8_nhwc, "cifar10-train", model=model)
+    clf = load_classifier("fashion-mnist")             # trained on first use (minutes on a CPU), then cached
+    metrics = classifier_metrics(images_uint8_nhwc, labels, "fashion-mnist", classifier=clf)
 """
 import argparse
 import hashlib
@@ -23,6 +27,7 @@ import math
 import os
 import sys
 import tempfile
+import time
 
 import numpy as np
 import torch
@@ -37,6 +42,7 @@ BN_EPS = 1e-3             # the TF graph's batch-norm epsilon
 IS_SPLITS = 10            # ADM evaluator: 50k samples in splits of 5000
 PR_NEIGHBOURS = 3         # Kynkaanniemi et al. 2019
 MAX_STORED_FEATURES = 10_000  # pool3 rows kept in a stats file, enough for precision/recall (as ADM's ref batches)
+PSD_TOLERANCE = 1e-6      # covariance eigenvalues down to -1e-6 * trace are round-off (even stored as float32)
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 
 
@@ -340,27 +346,67 @@ def stats(pool3, chunk=8192):
     return mu, sigma / (n - 1)
 
 
-def frechet_distance(mu1, sigma1, mu2, sigma2):
-    """|mu1 - mu2|^2 + tr(S1) + tr(S2) - 2 tr((S1 S2)^(1/2)).
+def _check_covariance(name, sigma):
+    """ValueError unless sigma is a covariance: finite, symmetric, no eigenvalue below -PSD_TOLERANCE * trace."""
+    scale = sigma.abs().max()  # NaN or inf if any entry is
+    if not torch.isfinite(scale):
+        raise ValueError(f"{name} holds NaN or infinite values.")
+    if (sigma - sigma.T).abs().max() > PSD_TOLERANCE * scale:
+        raise ValueError(f"{name} is not symmetric, so it is not a covariance matrix.")
+    # Cholesky of the shifted matrix: a direct method, which cannot fail to converge, at a tenth of an eigh.
+    shifted = sigma.clone()
+    shifted.diagonal().add_(PSD_TOLERANCE * sigma.diagonal().clamp_min(0).sum() + torch.finfo(sigma.dtype).tiny)
+    if torch.linalg.cholesky_ex(shifted).info != 0:
+        raise ValueError(f"{name} has negative eigenvalues beyond round-off, so it is not a covariance matrix.")
 
-    S1 S2 is not symmetric, but it is similar to A S2 A with A = S1^(1/2), which is symmetric PSD:
-    so its square root's trace is the sum of the square roots of eigvalsh(A S2 A). Clipping the
-    round-off negatives to 0 is exact for PSD inputs, where sqrtm of the product needs an eps fudge
-    (pytorch-fid) or drops an imaginary part (ADM).
+
+def _trace_sqrt_product(s1, s2):
+    """tr((S1 S2)^(1/2)) of PSD S1, S2. S1 S2 is similar to A S2 A with A = S1^(1/2), symmetric PSD: the
+    trace is the sum of the square roots of eigvalsh(A S2 A), round-off negatives clipped to 0."""
+    # MKL's eigh can fail to converge on the exactly-zero rows of low-rank covariances. A PSD matrix is zero
+    # in the row and column of a zero diagonal entry, and tr sqrt(S1 S2) = tr sqrt(S2 S1): so decompose the
+    # side of smaller support, restricted to it, and keep only its range (w > 0) in A S2 A.
+    if (s2.diagonal() > 0).sum() < (s1.diagonal() > 0).sum():
+        s1, s2 = s2, s1
+    support = s1.diagonal() > 0
+    s1, s2 = s1[support][:, support], s2[support][:, support]
+
+    def via(eigh, eigvalsh):
+        w, v = eigh(s1)
+        root, v = w[w > 0].sqrt(), v[:, w > 0]
+        inner = root[:, None] * (v.T @ s2 @ v) * root
+        return eigvalsh((inner + inner.T) / 2).clamp_min(0).sqrt().sum()
+
+    numpy_solvers = (lambda m: [torch.from_numpy(a) for a in np.linalg.eigh(m.numpy())],  # another LAPACK build
+                     lambda m: torch.from_numpy(np.linalg.eigvalsh(m.numpy())))
+    for solvers in ((torch.linalg.eigh, torch.linalg.eigvalsh), numpy_solvers):
+        try:
+            return via(*solvers)
+        except (RuntimeError, np.linalg.LinAlgError):  # torch.linalg.LinAlgError is a RuntimeError
+            pass
+    return torch.linalg.eigvals(s1 @ s2).real.clamp_min(0).sqrt().sum()  # last resort: slower, less exact
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2):
+    """|mu1 - mu2|^2 + tr(S1) + tr(S2) - 2 tr((S1 S2)^(1/2)) of two Gaussians' statistics.
+
+    Exact for PSD inputs, where sqrtm of the product needs an eps fudge (pytorch-fid) or drops an
+    imaginary part (ADM). Raises ValueError for statistics that are no mean and covariance.
     """
     mu1, mu2, sigma1, sigma2 = (torch.as_tensor(np.asarray(a), dtype=torch.float64) for a in (mu1, mu2, sigma1, sigma2))
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape or sigma1.shape != mu1.shape * 2:
         raise ValueError(f"statistics do not match: mu {tuple(mu1.shape)} vs {tuple(mu2.shape)}, "
                          f"sigma {tuple(sigma1.shape)} vs {tuple(sigma2.shape)}.")
+    if not (torch.isfinite(mu1).all() and torch.isfinite(mu2).all()):
+        raise ValueError("a mean (mu) holds NaN or infinite values.")
     # One thread: the eigensolvers gain little from more and lose several-fold when the cores are
     # shared (measured 1.7 s vs 8 s for a 2048 eigh on a busy 2-core machine).
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        w, v = torch.linalg.eigh(sigma1)
-        root_w = w.clamp_min(0).sqrt()
-        inner = root_w[:, None] * (v.T @ sigma2 @ v) * root_w  # A S2 A in the eigenbasis of S1
-        trace_sqrt = torch.linalg.eigvalsh((inner + inner.T) / 2).clamp_min(0).sqrt().sum()
+        _check_covariance("sigma of the first set", sigma1)
+        _check_covariance("sigma of the second set", sigma2)
+        trace_sqrt = _trace_sqrt_product(sigma1, sigma2)
     finally:
         torch.set_num_threads(threads)
     diff = mu1 - mu2
@@ -446,16 +492,21 @@ class Side:
             arrays["pool3"] = self.pool3[keep].astype(np.float32)
         if self.inception_score is not None:
             arrays["inception_score"] = np.float64(self.inception_score)
-        folder = os.path.dirname(os.path.abspath(path))
-        os.makedirs(folder, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                np.savez(f, **arrays)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+        _write_atomic(path, lambda f: np.savez(f, **arrays))
+
+
+def _write_atomic(path, write):
+    """write(file) into a temporary file beside path, then rename it: readers never see half a file."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def _npz_side(path, get_model, batch_size, device):
@@ -525,6 +576,11 @@ def cache_dir():
     return os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "mirai", "fid")
 
 
+def _cache_path(name, data_path):
+    tag = hashlib.sha1(os.path.abspath(data_path).encode()).hexdigest()[:8] + "-" if data_path else ""
+    return os.path.join(cache_dir(), tag + name)
+
+
 def _dataset_side(name, get_model, batch_size, device, image_size=None, data_path=None):
     """Statistics of every image of a data.py dataset (ADM centre crop), computed once and cached."""
     try:
@@ -534,8 +590,7 @@ def _dataset_side(name, get_model, batch_size, device, image_size=None, data_pat
                          f"as a dataset ({e}).") from None
     source = data.open_dataset(name, data_path=data_path)
     size = image_size or min(source.image(0).size)
-    tag = hashlib.sha1(os.path.abspath(data_path).encode()).hexdigest()[:8] + "-" if data_path else ""
-    path = os.path.join(cache_dir(), f"{tag}{name}-{size}px.npz")
+    path = _cache_path(f"{name}-{size}px.npz", data_path)
     if os.path.isfile(path):
         side = _npz_side(path, get_model, batch_size, device)
         side.name, side.image_size = name, size
@@ -594,6 +649,162 @@ def evaluate(samples, reference, model=None, weights=None, batch_size=50, device
 
 
 # ----------------------------------------------------------------------------------------------
+# An offline metric: a small classifier trained on the dataset's own training split. Where the
+# Inception weights cannot be had (and on MNIST-like data, which Inception features fit poorly), the
+# Frechet distance of its features to the test split's, and the share of samples it assigns their
+# conditioning class, tell a better generator from a worse one.
+
+CLASSIFIER_WIDTHS = (32, 64, 128, 128)  # conv blocks, a 2x2 max pool between each; the last is the feature size
+CLASSIFIER_EPOCHS, CLASSIFIER_BATCH, CLASSIFIER_LR = 3, 128, 3e-3
+CLASSIFIER_META = ("num_classes", "widths", "dataset", "image_size", "test_accuracy", "num_test")
+
+
+class SmallClassifier(nn.Module):
+    """Images (B, 3, S, S) in [-1, 1] -> (features (B, widths[-1]), logits). The features, means of the last
+    block's ReLUs, are rarely exactly zero; ref_mu and ref_sigma are their statistics on the test split."""
+
+    def __init__(self, num_classes, widths=CLASSIFIER_WIDTHS, dataset=None, image_size=32):
+        super().__init__()
+        layers, cin = [], 3
+        for w in widths:
+            layers += [nn.Conv2d(cin, w, 3, padding=1, bias=False), nn.BatchNorm2d(w), nn.ReLU(), nn.MaxPool2d(2)]
+            cin = w
+        self.body, self.head = nn.Sequential(*layers[:-1]), nn.Linear(cin, num_classes)
+        self.num_classes, self.widths, self.dataset, self.image_size = num_classes, tuple(widths), dataset, image_size
+        self.test_accuracy = self.num_test = None
+        self.register_buffer("ref_mu", torch.zeros(cin, dtype=torch.float64))
+        self.register_buffer("ref_sigma", torch.zeros(cin, cin, dtype=torch.float64))
+
+    def forward(self, x):
+        features = self.body(x).mean((2, 3))
+        return features, self.head(features)
+
+
+def _classifier_input(batch, size):
+    """What _as_nchw takes (uint8 NHWC, any size, 1 or 3 channels) -> floats NCHW in [-1, 1], size x size."""
+    x = _as_nchw(batch)
+    x = x.float() / 255 if x.dtype == torch.uint8 else x.float()
+    if x.shape[-2:] != (size, size):
+        x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    return (2 * x - 1).contiguous(memory_format=torch.channels_last)
+
+
+@torch.inference_mode()
+def classify(classifier, images, batch_size=250):
+    """Features (N, D) float32 and predicted classes (N,) of a batch of images, as numpy."""
+    device = next(classifier.parameters()).device
+    out = [classifier(_classifier_input(images[i:i + batch_size], classifier.image_size).to(device))
+           for i in range(0, len(images), batch_size)]
+    return torch.cat([f for f, _ in out]).float().cpu().numpy(), torch.cat([y.argmax(1) for _, y in out]).cpu().numpy()
+
+
+def _views(source, size, indices=None, progress=True):
+    """Images of a data.py dataset as the generator trains on them (uint8 NHWC), and their labels."""
+    import data
+
+    indices = range(len(source)) if indices is None else indices
+    images = [data.make_view(source.image(i), size, "none", 0)
+              for i in tqdm(indices, "reading images", disable=not progress, leave=False)]
+    return np.stack(images), np.array([source.label(i) for i in indices], dtype=np.int64)
+
+
+def _base_name(dataset):  # the classifier learns from the training split, whichever split is named
+    return next((dataset[:-len(s)] for s in ("-train", "-test", "-val") if dataset.endswith(s)), dataset)
+
+
+def train_classifier(dataset, data_path=None, device="cpu", image_size=32, seed=0, progress=True):
+    """Adam with a one-cycle schedule on the training split; accuracy and reference statistics from the
+    test split. The same seed gives the same network (on one device and thread count)."""
+    import data
+
+    train, test = (data.open_dataset(dataset, data_path, split) for split in ("train", "test"))
+    images, labels = (torch.from_numpy(a) for a in _views(train, image_size, progress=progress))
+    steps = CLASSIFIER_EPOCHS * math.ceil(len(images) / CLASSIFIER_BATCH)
+    with torch.random.fork_rng(devices=[]):  # leaves the caller's random stream alone
+        torch.manual_seed(seed)
+        net = SmallClassifier(max(train.num_classes, int(labels.max()) + 1), dataset=_base_name(dataset),
+                              image_size=image_size).to(device, memory_format=torch.channels_last)
+        opt = torch.optim.Adam(net.parameters(), lr=CLASSIFIER_LR)
+        schedule = torch.optim.lr_scheduler.OneCycleLR(opt, CLASSIFIER_LR, total_steps=steps)
+        with tqdm(total=steps, desc=f"training the {net.dataset} classifier", disable=not progress) as bar:
+            for _ in range(CLASSIFIER_EPOCHS):
+                for idx in torch.randperm(len(images)).split(CLASSIFIER_BATCH):
+                    logits = net(_classifier_input(images[idx], image_size).to(device))[1]
+                    F.cross_entropy(logits, labels[idx].to(device)).backward()
+                    opt.step()
+                    opt.zero_grad()
+                    schedule.step()
+                    bar.update()
+    test_images, test_labels = _views(test, image_size, progress=progress)
+    features, predicted = classify(net.eval(), test_images)
+    net.test_accuracy, net.num_test = float((predicted == test_labels).mean()), len(test_images)
+    net.ref_mu, net.ref_sigma = (torch.from_numpy(a).to(device) for a in stats(features))
+    return net
+
+
+def load_classifier(dataset, data_path=None, device="cpu", image_size=32, seed=0, train_if_missing=True,
+                    progress=True):
+    """The dataset's SmallClassifier in eval mode on `device`, from the cache or trained (minutes on a CPU)
+    and cached; it carries .dataset, .image_size, .test_accuracy and the reference .ref_mu, .ref_sigma."""
+    seed_tag = f"-seed{seed}" if seed else ""
+    path = _cache_path(f"{_base_name(dataset)}-{image_size}px-classifier{seed_tag}.pt", data_path)
+    if not os.path.isfile(path):
+        if not train_if_missing:
+            raise FileNotFoundError(f"no classifier for {dataset} at {path}; train it with "
+                                    f"`python fid.py --classifier {_base_name(dataset)} --floors`.")
+        start = time.time()
+        net = train_classifier(dataset, data_path, device, image_size, seed, progress)
+        ckpt = {"state_dict": net.state_dict(), **{k: getattr(net, k) for k in CLASSIFIER_META}}
+        _write_atomic(path, lambda f: torch.save(ckpt, f))
+        print(f"classifier of {net.dataset} at {image_size}px: test accuracy {net.test_accuracy:.4f}, trained in "
+              f"{time.time() - start:.0f} s, saved to {path}", file=sys.stderr)
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        net = SmallClassifier(ckpt["num_classes"], ckpt["widths"])
+        net.load_state_dict(ckpt["state_dict"])
+    except Exception as e:  # a stale or broken cache file, which retraining replaces
+        raise ValueError(f"{path} is not a readable classifier ({type(e).__name__}); delete it to retrain.") from None
+    net.__dict__.update({k: ckpt[k] for k in CLASSIFIER_META})
+    return net.eval().to(device, memory_format=torch.channels_last)
+
+
+def classifier_metrics(images_uint8_nhwc, labels, dataset, data_path=None, classifier=None, device="cpu",
+                       image_size=32):
+    """{"fd_classifier": Frechet distance of the classifier's features to those of the test split,
+    "class_agreement": share of the images classified as their `labels`, None without labels}."""
+    classifier = classifier or load_classifier(dataset, data_path, device, image_size)
+    if classifier.dataset != _base_name(dataset):
+        raise ValueError(f"the classifier was trained on {classifier.dataset}, not on {_base_name(dataset)}.")
+    if len(images_uint8_nhwc) < 2 or (labels is not None and len(labels) != len(images_uint8_nhwc)):
+        raise ValueError(f"the classifier metric needs 2 images or more and one label per image, got "
+                         f"{len(images_uint8_nhwc)} images and {'no' if labels is None else len(labels)} labels.")
+    features, predicted = classify(classifier, images_uint8_nhwc)
+    return {"fd_classifier": frechet_distance(*stats(features), classifier.ref_mu.cpu(), classifier.ref_sigma.cpu()),
+            "class_agreement": None if labels is None else float((predicted == np.asarray(labels)).mean())}
+
+
+def classifier_floors(classifier, data_path=None, sizes=(2000, 10000), vq=None, progress=True):
+    """The best numbers to expect, [(what, n, metrics)]: n random training images against the test split
+    ("real") and, given a VQ tokenizer (encode, decode_code), their reconstructions ("recon")."""
+    import data
+
+    train = data.open_dataset(classifier.dataset, data_path, "train")
+    sizes = sorted({min(n, len(train)) for n in sizes})
+    order = np.random.default_rng(0).permutation(len(train))[:sizes[-1]]  # nested subsets
+    images, labels = _views(train, classifier.image_size, order, progress)
+    kinds = [("real", images)]
+    if vq is not None:
+        device = next(vq.parameters()).device
+        with torch.inference_mode():
+            recon = torch.cat([vq.decode_code(vq.encode(_classifier_input(b, classifier.image_size).to(device))).cpu()
+                               for b in tqdm(np.array_split(images, math.ceil(len(images) / 100)), "reconstructing",
+                                             disable=not progress, leave=False)])
+        kinds.append(("recon", ((recon.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)))  # as samples
+    return [(kind, n, classifier_metrics(x[:n], labels[:n], classifier.dataset, classifier=classifier))
+            for kind, x in kinds for n in sizes]
+
+
+# ----------------------------------------------------------------------------------------------
 # CLI
 
 def format_table(metrics, samples, reference):
@@ -605,6 +816,36 @@ def format_table(metrics, samples, reference):
             ("FID", show(metrics["fid"], ".4f")), ("IS", show(metrics["is"], ".4f")),
             ("precision", show(metrics["precision"], ".4f")), ("recall", show(metrics["recall"], ".4f"))]
     return "\n".join(f"{k:<10} {v}" for k, v in rows)
+
+
+def classifier_report(args, device):
+    """What --classifier prints: SAMPLES (an .npz, labels beside arr_0) against the test split of the
+    dataset REFERENCE names, or with --floors the floors of the dataset SAMPLES names."""
+    if args.save_stats:
+        raise ValueError("--save-stats stores Inception statistics; it does not go with --classifier.")
+    dataset = args.samples if args.floors else args.reference
+    clf = load_classifier(dataset, args.data_path, device, args.image_size or 32)
+    if args.floors:
+        from tokenizer import load_vq  # only here: the rest of fid.py needs nothing of the project
+
+        vq = load_vq(args.vq_ckpt, device=device) if args.vq_ckpt else None
+        rows = [(f"{kind} ({n} training images)", m) for kind, n, m in classifier_floors(clf, args.data_path, vq=vq)]
+    else:
+        try:
+            npz = np.load(args.samples)
+            images, labels = npz["arr_0"], npz["labels"] if "labels" in npz.files else None
+        except Exception as e:
+            raise ValueError(f"{args.samples} is not an .npz of images (arr_0) ({type(e).__name__}).") from None
+        rows = [(f"{os.path.basename(args.samples)} ({len(images)} images)",
+                 classifier_metrics(images, labels, clf.dataset, classifier=clf))]
+    head = (f"classifier of {clf.dataset} at {clf.image_size}px (test accuracy {clf.test_accuracy:.4f}); "
+            f"reference: its {clf.num_test} test images")
+    if args.json:
+        return json.dumps({"classifier": head, "test_accuracy": clf.test_accuracy, "num_reference": clf.num_test,
+                           "rows": [{"images": k, **m} for k, m in rows]})
+    return "\n".join([head] + [f"{k:<32} fd_classifier {m['fd_classifier']:.4f}  class_agreement "
+                               f"{'n/a' if m['class_agreement'] is None else format(m['class_agreement'], '.4f')}"
+                               for k, m in rows])
 
 
 def main(argv=None):
@@ -621,11 +862,18 @@ def main(argv=None):
     p.add_argument("--inception-weights", metavar="PATH",
                    help=f"{WEIGHTS_NAME} (default: torch hub cache, downloaded if missing)")
     p.add_argument("--image-size", type=int,
-                   help="crop size for a dataset reference (default: the size of the samples)")
+                   help="crop size for a dataset reference (default: the size of the samples; 32 with --classifier)")
     p.add_argument("--data-path", help="data folder for a dataset name (data.py's data_path)")
     p.add_argument("--json", action="store_true", help="print the metrics as one JSON object")
+    p.add_argument("--classifier", action="store_true",
+                   help="offline metric: Frechet distance in the features of a small classifier trained (minutes, then "
+                        "cached) on the dataset REFERENCE names, against its test split, and share of samples "
+                        "classified as their labels")
+    p.add_argument("--floors", action="store_true", help="with --classifier: the classifier's test accuracy and the "
+                   "metric of 2000 and 10000 training images of the dataset SAMPLES names (and their reconstructions)")
+    p.add_argument("--vq-ckpt", metavar="PATH", help="with --floors: the tokenizer whose reconstructions to score")
     args = p.parse_args(argv)
-    if args.reference is None and args.save_stats is None:
+    if args.reference is None and args.save_stats is None and not args.floors:
         raise SystemExit("give a REFERENCE to compare with, or --save-stats PATH to store the statistics of SAMPLES.")
     if args.save_stats and os.path.exists(args.save_stats):
         raise SystemExit(f"--save-stats {args.save_stats} already exists; remove it or choose another path.")
@@ -637,6 +885,11 @@ def main(argv=None):
             raise ValueError("CUDA is not available")
     except (RuntimeError, ValueError) as e:
         raise SystemExit(f"--device {args.device} is not usable here ({e}).")
+    if args.classifier or args.floors:
+        try:
+            return print(classifier_report(args, device))
+        except (FileNotFoundError, ValueError) as e:
+            raise SystemExit(str(e))
 
     model = None
 

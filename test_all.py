@@ -1654,6 +1654,180 @@ def test_weights_errors_are_one_sentence(tmp_path, monkeypatch):
 
 
 # ====================================================================================================
+# fid.py: the Frechet distance on degenerate statistics, on any LAPACK; the offline classifier metric
+
+# ----------------------------------------------------------------------------- Frechet distance
+
+
+@pytest.fixture(scope="module")
+def degenerate():
+    """2048-d statistics as MKL's eigh fails on them: exactly-zero rows and columns, low rank."""
+    rng = np.random.default_rng(0)
+    d = 2048
+    sparse = np.zeros((64, d), np.float32)  # 64 samples, 50 non-zero feature columns
+    sparse[:, rng.choice(d, 50, replace=False)] = rng.standard_normal((64, 50))
+    rank3 = np.zeros((64, d), np.float32)  # rank 3 on 3 columns, the other rows exactly zero
+    rank3[:, rng.choice(d, 3, replace=False)] = rng.standard_normal((64, 3)) * 3
+    dense = rng.standard_normal((300, d)).astype(np.float32) * np.linspace(0.2, 1.5, d).astype(np.float32) + 0.1
+    stats = {name: fid.stats(x) for name, x in (("sparse", sparse), ("rank3", rank3), ("dense", dense))}
+    refs = {(a, b): numpy_sqrtm_fid(*stats[a], *stats[b]) for a, b in (("sparse", "dense"), ("rank3", "dense"))}
+    return stats, refs
+
+
+def test_frechet_distance_of_degenerate_covariances_matches_numpy_in_both_orders(degenerate):
+    stats, refs = degenerate
+    for (a, b), ref in refs.items():
+        for first, second in ((a, b), (b, a)):
+            ours = fid.frechet_distance(*stats[first], *stats[second])
+            assert abs(ours - ref) <= 1e-6 * abs(ref), (first, second)
+    for name in ("sparse", "rank3"):  # a set with itself
+        mu, sigma = stats[name]
+        assert abs(fid.frechet_distance(mu, sigma, mu, sigma)) <= 1e-9 * np.trace(sigma)
+
+
+def test_frechet_distance_falls_back_when_eigensolvers_fail(degenerate, monkeypatch):
+    stats, refs = degenerate
+    ref = refs[("sparse", "dense")]
+
+    def fail(*args, **kwargs):
+        raise torch.linalg.LinAlgError("failed to converge: too many repeated eigenvalues")
+
+    monkeypatch.setattr(torch.linalg, "eigh", fail)  # torch's LAPACK fails: numpy's takes over
+    assert fid.frechet_distance(*stats["dense"], *stats["sparse"]) == pytest.approx(ref, rel=1e-6)
+
+    def fail_np(*args, **kwargs):
+        raise np.linalg.LinAlgError("Eigenvalues did not converge")
+
+    monkeypatch.setattr(np.linalg, "eigh", fail_np)  # both fail: the eigenvalues of the product
+    assert fid.frechet_distance(*stats["dense"], *stats["sparse"]) == pytest.approx(ref, rel=1e-6)
+
+
+def test_frechet_distance_refuses_what_is_no_covariance():
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((50, 8))
+    mu, sigma = x.mean(0), np.cov(x, rowvar=False)
+    nan_sigma = sigma.copy()
+    nan_sigma[2, 3] = np.nan
+    skew = sigma.copy()
+    skew[0, 1] += 1.0
+    for bad_mu, bad_sigma, words in ((mu, nan_sigma, "NaN"), (mu, -np.eye(8), "negative eigenvalues"),
+                                     (mu, skew, "not symmetric"), (mu * np.inf, sigma, "NaN or infinite")):
+        with pytest.raises(ValueError, match=words) as e:
+            fid.frechet_distance(mu, sigma, bad_mu, bad_sigma)
+        assert "\n" not in str(e.value)
+    # round-off negatives of a real covariance (and a float32 copy of it) pass
+    low_rank = np.cov(rng.standard_normal((5, 8)), rowvar=False)
+    assert fid.frechet_distance(mu, sigma, mu, low_rank.astype(np.float32)) > 0
+
+
+def test_fid_cli_on_degenerate_statistics(degenerate, tmp_path, capsys):
+    stats, refs = degenerate
+    for name in ("sparse", "dense"):
+        fid.Side(name, *stats[name], num_images=64).save(str(tmp_path / f"{name}.npz"))
+    fid.main([str(tmp_path / "sparse.npz"), str(tmp_path / "dense.npz"), "--json",
+              "--inception-weights", str(tmp_path / "absent.pth")])  # statistics alone need no network
+    assert json.loads(capsys.readouterr().out)["fid"] == pytest.approx(refs[("sparse", "dense")], rel=1e-6)
+    np.savez(tmp_path / "bad.npz", mu=np.zeros(2048), sigma=-np.eye(2048))
+    with pytest.raises(SystemExit, match="not a covariance") as e:
+        fid.main([str(tmp_path / "bad.npz"), str(tmp_path / "dense.npz")])
+    assert "\n" not in str(e.value)
+
+
+# ----------------------------------------------------------------------------- classifier metric
+
+
+def toy_images(rng, labels):
+    """28x28 gray: class 0 bright at the top, class 1 at the bottom, on noise."""
+    rows = np.arange(28)[None, :, None] // 14 == np.asarray(labels)[:, None, None]
+    x = rng.integers(0, 60, (len(labels), 28, 28)) + rows * rng.integers(120, 190, (len(labels), 1, 1))
+    return x.astype(np.uint8)
+
+
+def toy_views(source):
+    return np.stack([data.make_view(source.image(i), 32, "none", 0) for i in range(len(source))])
+
+
+@pytest.fixture
+def toy(tmp_path_factory, monkeypatch):
+    """A two-class dataset "toy" (train 256, test 128 images) that data.open_dataset serves; its
+    classifier is cached in one folder for all tests (trained once)."""
+    rng = np.random.default_rng(0)
+    splits = {}
+    for split, n in (("train", 256), ("test", 128)):
+        labels = rng.integers(0, 2, n)
+        splits[split] = data.ArraySource("toy", toy_images(rng, labels), labels, ["top", "bottom"])
+    monkeypatch.setattr(data, "open_dataset", lambda name, data_path=None, split="train", download=True:
+                        splits["test" if name.endswith("-test") else split])
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.getbasetemp() / "toy-cache"))
+    monkeypatch.setattr(fid, "CLASSIFIER_EPOCHS", 2)
+    monkeypatch.setattr(fid, "CLASSIFIER_BATCH", 32)
+    return splits
+
+
+def test_classifier_trains_deterministically_and_is_cached(toy, tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))  # an empty cache
+    net = fid.load_classifier("toy", progress=False)
+    assert net.test_accuracy >= 0.95 and (net.dataset, net.image_size, net.num_test) == ("toy", 32, 128)
+    assert not net.training
+    assert os.listdir(fid.cache_dir()) == ["toy-32px-classifier.pt"]  # written atomically: no temporary left
+    twin = fid.train_classifier("toy", progress=False)  # the same seed, the same network
+    assert all(torch.equal(v, twin.state_dict()[k]) for k, v in net.state_dict().items())
+
+    monkeypatch.setattr(fid, "train_classifier", lambda *a, **k: pytest.fail("the cached classifier was not used"))
+    again = fid.load_classifier("toy-test", train_if_missing=False)
+    assert all(torch.equal(v, again.state_dict()[k]) for k, v in net.state_dict().items())
+    assert again.test_accuracy == net.test_accuracy and torch.equal(again.ref_sigma, net.ref_sigma)
+    with pytest.raises(FileNotFoundError, match="--classifier toy --floors"):
+        fid.load_classifier("toy", seed=1, train_if_missing=False)
+
+
+def test_classifier_metrics_separate_real_from_noise_and_check_labels(toy):
+    net = fid.load_classifier("toy", progress=False)
+    test, labels = toy_views(toy["test"]), toy["test"].labels
+    itself = fid.classifier_metrics(test, labels, "toy", classifier=net)
+    assert abs(itself["fd_classifier"]) < 1e-6 and itself["class_agreement"] >= 0.95
+
+    rng = np.random.default_rng(5)
+    fresh_labels = rng.integers(0, 2, 128)
+    fresh = toy_views(data.ArraySource("toy", toy_images(rng, fresh_labels), fresh_labels, ["top", "bottom"]))
+    real = fid.classifier_metrics(fresh, fresh_labels, "toy", classifier=net)
+    noise = fid.classifier_metrics(rng.integers(0, 256, (128, 32, 32, 3), dtype=np.uint8), None, "toy", classifier=net)
+    assert noise["fd_classifier"] > 10 * real["fd_classifier"] and noise["class_agreement"] is None
+    shuffled = fid.classifier_metrics(fresh, rng.permutation(fresh_labels), "toy", classifier=net)
+    assert real["class_agreement"] >= 0.95 and 0.3 <= shuffled["class_agreement"] <= 0.7
+
+    # one channel, or another size (resized with antialiasing), is the same picture to the classifier
+    gray_features, gray_classes = fid.classify(net, fresh[..., :1])
+    assert np.allclose(gray_features, fid.classify(net, fresh)[0], atol=1e-5)
+    big = fresh.repeat(2, axis=1).repeat(2, axis=2)
+    assert fid.classify(net, big)[1].tolist() == gray_classes.tolist()
+    with pytest.raises(ValueError, match="128 images and 3 labels"):
+        fid.classifier_metrics(fresh, [0, 1, 0], "toy", classifier=net)
+
+
+def test_classifier_cli_scores_samples_and_prints_floors(toy, tmp_path, capsys):
+    test = toy_views(toy["test"])
+    np.savez(tmp_path / "samples.npz", arr_0=test, labels=toy["test"].labels)
+    fid.main([str(tmp_path / "samples.npz"), "toy-test", "--classifier", "--json", "--device", "cpu"])
+    out = json.loads(capsys.readouterr().out)
+    assert out["test_accuracy"] >= 0.95 and out["num_reference"] == 128
+    assert abs(out["rows"][0]["fd_classifier"]) < 1e-6 and out["rows"][0]["class_agreement"] >= 0.95
+
+    torch.manual_seed(0)  # a random tokenizer: its reconstructions are far from the images
+    config = T.VQConfig(codebook_size=32, codebook_embed_dim=4, encoder_ch_mult=(1, 2), decoder_ch_mult=(1, 2),
+                        z_channels=32, ch=32, num_res_blocks=1)
+    torch.save({"model": T.VQModel(config).state_dict(), "config": asdict(config)}, tmp_path / "vq.pt")
+    fid.main(["--classifier", "toy", "--floors", "--vq-ckpt", str(tmp_path / "vq.pt")])
+    real, recon = capsys.readouterr().out.splitlines()[1:]
+    assert real.startswith("real (256 training images)") and recon.startswith("recon (256 training images)")
+    fd = [float(line.split("fd_classifier")[1].split()[0]) for line in (real, recon)]
+    assert float(real.split("class_agreement")[1]) >= 0.95 and fd[1] > fd[0]
+    with pytest.raises(SystemExit, match="not an .npz of images") as e:
+        fid.main([str(tmp_path / "vq.pt"), "toy", "--classifier"])
+    assert "\n" not in str(e.value)
+
+
+# ====================================================================================================
 # The main job end to end: tokenizer -> codes -> each foresight variant -> samples -> statistics
 
 
