@@ -849,6 +849,8 @@ def classifier_report(args, device):
 
 
 def main(argv=None):
+    from data import POSITIVE_INT
+
     p = argparse.ArgumentParser(description="FID, IS, precision and recall of generated images "
                                             "(pytorch-fid's Inception).")
     p.add_argument("samples", help=".npz of images (arr_0, uint8 NHWC) or of stats (mu, sigma), a folder of images, "
@@ -857,11 +859,11 @@ def main(argv=None):
                    help="the same kinds as SAMPLES; dataset statistics are cached in " + cache_dir())
     p.add_argument("--save-stats", metavar="PATH",
                    help="write the statistics of SAMPLES to this .npz (refuses to overwrite)")
-    p.add_argument("--batch-size", type=int, default=50)
+    p.add_argument("--batch-size", type=POSITIVE_INT, default=50)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--inception-weights", metavar="PATH",
                    help=f"{WEIGHTS_NAME} (default: torch hub cache, downloaded if missing)")
-    p.add_argument("--image-size", type=int,
+    p.add_argument("--image-size", type=POSITIVE_INT,
                    help="crop size for a dataset reference (default: the size of the samples; 32 with --classifier)")
     p.add_argument("--data-path", help="data folder for a dataset name (data.py's data_path)")
     p.add_argument("--json", action="store_true", help="print the metrics as one JSON object")
