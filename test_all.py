@@ -1828,6 +1828,58 @@ def test_classifier_cli_scores_samples_and_prints_floors(toy, tmp_path, capsys):
 
 
 # ====================================================================================================
+# The same numbers: weights after a fixed tiny run of each variant, and a fixed sample batch, as
+# random projections recorded from the code before the redesign (testdata/behaviour_signature.json).
+# A change of the math or of any random stream moves them by percent; round-off between machines and
+# thread counts, by far less than the tolerance.
+
+SIGNATURE = TESTDATA / "behaviour_signature.json"
+
+
+def projections(state, n=4):
+    flat = torch.cat([state[k].double().flatten() for k in sorted(state)])
+    g = torch.Generator().manual_seed(0)
+    return (torch.randn(n, flat.numel(), generator=g, dtype=torch.float64) @ flat).tolist()
+
+
+def behaviour_signature(tmp_path):
+    folder = make_image_folder(tmp_path / "images", classes=3, per_class=8)
+    save_tiny_vq(tmp_path / "vq.pt")
+    codes = tmp_path / "codes"
+    write_code_dataset(codes, n=24, grid=8)
+    labels = np.repeat(np.arange(3), 8)  # the folder's order: sorted classes, 8 images each
+    np.save(codes / "labels.npy", labels)
+    meta = json.loads((codes / "meta.json").read_text())
+    (codes / "meta.json").write_text(json.dumps({**meta, "data_path": str(folder)}))
+    out = {}
+    for variant in (["none"], ["explicit", "--foresight-warmup", "2"], ["implicit", "--foresight-encoder", "vq"]):
+        exp = run_train(tmp_path, codes, "--max-steps", "6", "--ckpt-every", "6", "--lr", "1e-3", "--ema",
+                        "--ema-decay", "0.9", "--vq-ckpt", str(tmp_path / "vq.pt"), "--foresight", *variant,
+                        name=variant[0])
+        ckpt = state(exp, 6)
+        out[variant[0]] = {key: projections(ckpt[key]) for key in ("model", "ema", "foresight") if ckpt.get(key)}
+    gpt = M.load_gpt(str(tmp_path / "explicit" / "checkpoints" / "last.pt"), use_ema=True)
+    tokens = gpt.generate(torch.tensor([0, 1, 2, 0, 1, 2, 0, 1]), cfg_scale=2.0,
+                          generator=torch.Generator().manual_seed(0))
+    out["samples"] = tokens.tolist()
+    return out
+
+
+def test_weights_and_samples_match_the_recorded_behaviour(tmp_path):
+    got = behaviour_signature(tmp_path)
+    if os.environ.get("MIRAI_RECORD_SIGNATURE"):  # only when the behaviour is meant to change
+        SIGNATURE.write_text(json.dumps(got, indent=1))
+    want = json.loads(SIGNATURE.read_text())
+    assert set(got) == set(want)
+    for variant in ("none", "explicit", "implicit"):
+        assert set(got[variant]) == set(want[variant])
+        for key in want[variant]:
+            np.testing.assert_allclose(got[variant][key], want[variant][key], rtol=1e-5, err_msg=f"{variant} {key}")
+    same = np.mean(np.asarray(got["samples"]) == np.asarray(want["samples"]))
+    assert same >= 0.95, f"only {same:.0%} of the sampled tokens are the recorded ones"
+
+
+# ====================================================================================================
 # The main job end to end: tokenizer -> codes -> each foresight variant -> samples -> statistics
 
 
