@@ -475,22 +475,29 @@ def free_port():
         return s.getsockname()[1]
 
 
-def torchrun(*argv, nproc=2):
-    """Two gloo processes on a free port; their output is shown when they fail."""
+def torchrun(*argv, nodes=1, per_node=2):
+    """Gloo processes on a free port: `nodes` torchrun launchers (as on separate machines, each with local
+    ranks from 0) of `per_node` processes each; their output is shown when they fail."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1",
-           f"--master_port={free_port()}", *argv]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    assert done.returncode == 0, f"torchrun exited {done.returncode}:\n{done.stdout[-3000:]}\n{done.stderr[-5000:]}"
-    return done
+    port = free_port()
+    launchers = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", f"--nnodes={nodes}",
+                                   f"--node_rank={node}", f"--nproc_per_node={per_node}", "--master_addr=127.0.0.1",
+                                   f"--master_port={port}", *argv],
+                                  env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                 for node in range(nodes)]
+    for p in launchers:
+        out = p.communicate(timeout=240)[0]
+        assert p.returncode == 0, f"torchrun exited {p.returncode}:\n{out[-6000:]}"
 
 
-def test_ddp_with_two_gloo_processes_equals_one_process(tmp_path, codes_dir):
+@pytest.mark.parametrize("nodes,per_node", [(1, 2), (2, 1)])
+def test_ddp_with_two_gloo_processes_equals_one_process(tmp_path, codes_dir, nodes, per_node):
+    # (2, 1): two "machines" of one process each, so local rank 0 twice and global ranks 0 and 1
     common = ["--code-path", str(codes_dir), "--results-dir", str(tmp_path), "--gpt-model", "GPT-T",
               "--global-batch-size", "8", "--max-steps", "3", "--ckpt-every", "3", "--no-progress", "--lr", "1e-3",
               "--dropout-p", "0", "--token-dropout-p", "0", "--class-dropout-prob", "0",
               "--foresight", "explicit", "--foresight-warmup", "1", "--ema-decay", "0.5"]
-    torchrun(str(ROOT / "train.py"), *common, "--exp-name", "ddp")
+    torchrun(str(ROOT / "train.py"), *common, "--exp-name", "ddp", nodes=nodes, per_node=per_node)
     TR.main([*common, "--exp-name", "single"])
     a = torch.load(tmp_path / "ddp" / "checkpoints" / "0000003.pt", weights_only=True)
     b = torch.load(tmp_path / "single" / "checkpoints" / "0000003.pt", weights_only=True)
