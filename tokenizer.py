@@ -762,14 +762,16 @@ def extract(args):
             labels[idx.numpy()] = y.numpy()
         codes.flush()
         labels.flush()
-    except BaseException:  # an unreadable image, Ctrl-C: no codes.npy is left that looks like a dataset
         del codes, labels
+        barrier(world)
+        if rank == 0:  # what training checks, checked before meta.json declares the codes complete
+            data.check_range(np.load(codes_path, mmap_mode="r"), vocab, codes_path, "code", "the vocabulary")
+            data.check_range(np.load(labels_path), source.num_classes, labels_path, "label", "the number of classes")
+    except BaseException:  # an unreadable image, Ctrl-C: no codes.npy is left that looks like a dataset
         for path in (codes_path, labels_path):
             if os.path.exists(path):
                 os.remove(path)
         raise
-    del codes, labels
-    barrier(world)
 
     if rank == 0:
         meta = {"grid": [grid, grid], "vocab_size": vocab, "num_classes": source.num_classes,
