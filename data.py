@@ -123,10 +123,6 @@ SPLITS = ("train", "test", "val")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".pgm", ".tif", ".tiff")
 
 
-def dataset_names():
-    return list(DATASETS)
-
-
 def dataset_help():
     """One line per known dataset, for --help texts."""
     lines = [f"{name}: {text}" for name, text in DATASETS.items()]

@@ -444,10 +444,8 @@ def test_each_variant_reduces_the_loss(tmp_path, codes_dir, variant):
 def test_warmup_keeps_the_foresight_heads_untouched(tmp_path, codes_dir):
     exp = run_train(tmp_path, codes_dir, "--max-steps", "6", "--foresight", "explicit", "--foresight-warmup", "100",
                     "--ckpt-every", "6")
-    torch.manual_seed(0)
     ckpt = state(exp, 6)
     assert all("foresight" not in r for r in metrics(exp))
-    assert all(not ckpt["optimizer"]["state"].get(i) for i in range(len(ckpt["optimizer"]["param_groups"][0]["params"]), 0))
     fresh = TR.Student(M.GPT(M.GPTConfig(**ckpt["gpt_config"])))
     n_gpt = len(list(fresh.parameters()))
     stepped = set(ckpt["optimizer"]["state"])
