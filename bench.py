@@ -3,6 +3,8 @@ Speed and memory figures, printed as one table. Not a test: numbers depend on th
 
     python bench.py                  # CPU, the reference config: dim 256, 6 layers, 8x8 grid, batch 32
     python bench.py --device cuda    # on a GPU, with MFU where the device's peak is known
+    python bench.py --device cuda --gpu-check          # GPT-B at ImageNet-256 shapes: the H200 check
+    python bench.py --device cpu --gpu-check --small --no-compile   # its code paths at toy sizes
 """
 import argparse
 import copy
@@ -68,6 +70,8 @@ def bench_train_steps(args, device):
     feats = torch.randn(args.batch, n, args.teacher_dim, device=device)  # the encoder's output, timed apart
     amp = dict(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
+    forward = torch.compile(gpt) if getattr(args, "compile", False) else gpt
+
     def make_step(mode):
         fs = heads[mode]
         opt = M.make_adamw([gpt] + ([fs] if fs is not None else []), lr=1e-4)
@@ -76,7 +80,7 @@ def bench_train_steps(args, device):
             with torch.autocast(**amp):
                 if mode == "explicit":
                     targets = FS.ema_targets(ema, x[:, :-1], y, depth)
-                _, loss, hidden = gpt(x[:, :-1], y, targets=x, hidden_layer=depth if fs is not None else None)
+                _, loss, hidden = forward(x[:, :-1], y, targets=x, hidden_layer=depth if fs is not None else None)
                 if fs is not None:
                     loss = loss + 2.0 * fs(hidden, targets if mode == "explicit" else feats).sum()
             opt.zero_grad(set_to_none=True)
@@ -89,12 +93,17 @@ def bench_train_steps(args, device):
         return step
 
     steps = {m: make_step(m) for m in heads}
-    for m in heads:
+    memory = {}
+    for m in heads:  # warm-up (and compilation), with each variant's own peak memory on a GPU
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
         timeit(steps[m], device, args.warmup, 1)
+        memory[m] = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
     times = {m: [] for m in heads}
     for _ in range(args.iters):
         for m in heads:
             times[m].append(timeit(steps[m], device, 0, 1))
+    bench_train_steps.memory = memory
     return {m: sorted(t)[len(t) // 2] for m, t in times.items()}, gpt
 
 
@@ -171,10 +180,85 @@ def bench_generate(args, device, gpt):
 
 
 # ----------------------------------------------------------------------------------------------------
+# The GPU check (issue: H200 figures): GPT-B at LlamaGen's ImageNet-256 shapes, in one run of a few minutes
+
+GPU_CHECK = dict(dim=768, n_layer=12, n_head=12, grid=16, vocab=16384, num_classes=1000, batch=64,
+                 foresight_depth=8, foresight_k=3, proj_dim=2048, teacher_dim=768, image_size=256)
+GPU_CHECK_SMALL = dict(dim=64, n_layer=3, n_head=4, grid=4, vocab=64, num_classes=10, batch=4,
+                       foresight_depth=2, foresight_k=3, proj_dim=32, teacher_dim=48, image_size=32)
+
+
+class ViTB14(torch.nn.Module):
+    """DINOv2 ViT-B/14's shapes with random weights (patch 14, 12 pre-norm blocks of width 768): what the
+    Mirai-I teacher costs per batch, timed without a download."""
+
+    def __init__(self, dim=768, depth=12, heads=12):
+        super().__init__()
+        self.patch = torch.nn.Conv2d(3, dim, 14, 14)
+        layer = torch.nn.TransformerEncoderLayer(dim, heads, 4 * dim, activation="gelu", batch_first=True, norm_first=True)
+        self.blocks = torch.nn.TransformerEncoder(layer, depth, enable_nested_tensor=False)
+
+    def forward(self, x):
+        return self.blocks(self.patch(x).flatten(2).transpose(1, 2))
+
+
+def gpu_check(args, device):
+    """Rows of the GPU check: train steps with and without torch.compile (tokens/s, MFU, peak memory),
+    the DINOv2-B teacher, sampling at two batch sizes with CFG, FID Inception at full size."""
+    shapes = GPU_CHECK_SMALL if args.small else GPU_CHECK
+    for k, v in shapes.items():
+        setattr(args, k, v)
+    args.warmup, args.iters = (1, 2) if args.small else (3, 10)
+    rows, peak = [], None
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        peak = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
+    tokens = args.batch * args.grid**2
+    for compiled in ([False] if args.no_compile else [False, True]):
+        args.compile = compiled
+        t, gpt = bench_train_steps(args, device)
+        mem = bench_train_steps.memory
+        for mode, label in (("none", "baseline"), ("explicit", "Mirai-E"), ("implicit", "Mirai-I")):
+            note = f"{tokens / t[mode]:,.0f} tokens/s"
+            if mode == "none" and peak:
+                note += f", MFU {train_flops(args, gpt) / t[mode] / (peak * 1e12):.1%} of {peak} TFLOPS"
+            if mode != "none":
+                note += f", {t[mode] / t['none']:.2f}x baseline"
+            if mem[mode] is not None:
+                note += f", peak {mem[mode]:.1f} GiB"
+            rows.append((f"train step {label}{' (compiled)' if compiled else ''}", t[mode], "s", note))
+    vit = ViTB14(*((48, 2, 4) if args.small else ())).to(device).eval()
+    imgs = torch.randn(args.batch, 3, 14 * args.grid, 14 * args.grid, device=device)
+    amp = dict(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    with torch.no_grad(), torch.autocast(**amp):
+        enc = timeit(lambda: vit(imgs), device, args.warmup, args.iters)
+    rows.append(("Mirai-I teacher: DINOv2-B/14 shapes", enc, "s", f"random weights, batch {args.batch} at {14 * args.grid} px"))
+    gpt = gpt.eval()
+    for batch in ((4, 8) if args.small else (64, 256)):
+        cond = torch.arange(batch, device=device) % args.num_classes
+        g = torch.Generator(device=device).manual_seed(0)
+        with torch.autocast(**amp):
+            sec = timeit(lambda: gpt.generate(cond, cfg_scale=2.0, generator=g), device, 1, 1 if args.small else 3)
+        rows.append((f"sampling, batch {batch}", batch / sec, "images/s", f"CFG 2.0, KV cache, {args.grid**2} tokens"))
+    import fid
+
+    inception = fid.FIDInceptionV3().eval().to(device, memory_format=torch.channels_last).fold_batchnorm()
+    n = 8 if args.small else 256
+    pics = np.random.default_rng(0).integers(0, 256, (2 * n, args.image_size, args.image_size, 3), dtype=np.uint8)
+    fid.extract(inception, pics[:n], batch_size=n // 2, device=device, progress=False)
+    sync(device)
+    t0 = time.perf_counter()
+    fid.extract(inception, pics[n:], batch_size=n // 2, device=device, progress=False)
+    sync(device)
+    rows.append(("FID Inception", n / (time.perf_counter() - t0), "images/s", f"{args.image_size} px resized to 299"))
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------------
 # Main
 
 
-def main():
+def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu")
     p.add_argument("--dim", type=int, default=256)
@@ -196,7 +280,12 @@ def main():
     p.add_argument("--gen-iters", type=int, default=3)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--skip", default="", help="comma-separated rows to leave out: train,sample,inception,memory")
-    args = p.parse_args()
+    p.add_argument("--gpu-check", action="store_true",
+                   help="GPT-B, batch 64, 16x16 tokens, bf16, with and without torch.compile; DINOv2-B; sampling at "
+                        "batch 64 and 256; FID Inception at 256 px (a few minutes on an H200)")
+    p.add_argument("--small", action="store_true", help="with --gpu-check: toy shapes, to try its code paths on a CPU")
+    p.add_argument("--no-compile", action="store_true", help="with --gpu-check: leave out the torch.compile rows")
+    args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -204,6 +293,8 @@ def main():
 
     rows = []  # (figure, value, unit, note)
     gpt = None
+    if args.gpu_check:
+        rows, skip = gpu_check(args, device), {"train", "sample", "inception", "memory"}
     if "train" not in skip:
         t, gpt = bench_train_steps(args, device)
         note = f"batch {args.batch} x {args.grid**2} tokens"

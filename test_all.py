@@ -1885,6 +1885,21 @@ def test_weights_and_samples_match_the_recorded_behaviour(tmp_path):
 
 
 # ====================================================================================================
+# bench.py: the GPU check's code paths, at toy shapes on the CPU (what it measures is not tested)
+
+
+def test_gpu_check_runs_its_rows_at_toy_shapes(capsys):
+    import bench
+
+    bench.main(["--device", "cpu", "--gpu-check", "--small", "--no-compile", "--threads", "1"])
+    out = capsys.readouterr().out
+    for row in ("train step baseline", "train step Mirai-E", "train step Mirai-I", "DINOv2-B/14 shapes",
+                "sampling, batch 8", "FID Inception"):
+        assert row in out, out
+    assert re.search(r"Mirai-E .*tokens/s, \d+\.\d\dx baseline", out)
+
+
+# ====================================================================================================
 # The main job end to end: tokenizer -> codes -> each foresight variant -> samples -> statistics
 
 
