@@ -243,3 +243,71 @@ def vq_teacher(vq, grid):
     ds = vq.downsample_factor
     feats = vq.encoder_features(torch.zeros(1, 3, grid * ds, grid * ds, device=next(vq.parameters()).device))
     return ImageEncoderTeacher(vq, grid, feats.shape[1], grid * ds, kind="vq")
+
+
+# ----------------------------------------------------------------------------------------------------
+# The training step: what train.py calls, so the teacher, K and depth are each chosen in one place
+
+
+def build(mode, gpt, level="representation", k=None, depth=None, layout="2d", proj_dim=None, encoder="vq", vq=None):
+    """-> (Foresight heads or None, teacher or None, depth). mode: none, explicit or implicit; the teacher
+    of Mirai-I is DINOv2 (`encoder` dinov2_vit*14) or the tokenizer's encoder ("vq", needs `vq`)."""
+    if mode == "none":
+        return None, None, None
+    cfg = gpt.config
+    depth = depth if depth is not None else default_depth(cfg.n_layer)
+    if not 1 <= depth <= cfg.n_layer:
+        raise ValueError(f"--foresight-depth {depth} is outside the model's 1..{cfg.n_layer} blocks")
+    if level == "output" and mode == "implicit":
+        raise ValueError("--foresight-level output predicts the neighbours' own tokens: use it with --foresight explicit")
+    k = k if k is not None else (3 if mode == "explicit" else 1)
+    proj_dim = proj_dim if proj_dim is not None else default_proj_dim(cfg.dim)
+    teacher = None
+    if mode == "implicit":
+        if encoder == "vq":
+            if vq is None:
+                raise ValueError("--foresight-encoder vq needs --vq-ckpt (the tokenizer whose encoder is the teacher)")
+            teacher = vq_teacher(vq, cfg.grid_size)
+        else:
+            teacher = dinov2_teacher(encoder, cfg.grid_size)
+    kind = "output" if level == "output" else mode
+    heads = Foresight(kind, cfg.dim, cfg.grid_size, k=k, layout=layout, proj_dim=proj_dim,
+                      target_dim=teacher.feature_dim if teacher is not None else None, vocab_size=cfg.vocab_size)
+    return heads, teacher, depth
+
+
+class Student(nn.Module):
+    """The GPT plus its foresight heads: one module, so DDP syncs both in one backward."""
+
+    def __init__(self, gpt, foresight=None, depth=None):
+        super().__init__()
+        self.gpt, self.foresight, self.depth = gpt, foresight, depth
+
+    def forward(self, x, cond, fs_targets=None):
+        layer = self.depth if self.foresight is not None else None
+        _, ntp, hidden = self.gpt(x[:, :-1], cond, targets=x, hidden_layer=layer, drop_labels=False)
+        if self.foresight is None:
+            return ntp, None
+        if fs_targets is None:
+            # warm-up: the heads sit out, but DDP wants every parameter in the graph; this costs nothing
+            return ntp, sum(p.sum() for p in self.foresight.parameters()) * 0.0
+        return ntp, self.foresight(hidden, fs_targets)
+
+
+def step_losses(student, teacher, ema, x, cond, images, coefs, scale):
+    """One micro-batch of training: (total loss, NTP loss, per-target foresight losses or None).
+    x: (B, N) codes; cond: the class ids after label dropout, which student and teacher share; images:
+    the crops that made the codes (Mirai-I); coefs: (K,) lambdas; scale: the schedule's factor (0 in the
+    warm-up, when no teacher runs)."""
+    fs, targets = student.foresight, None
+    if fs is not None and scale > 0:
+        if fs.mode == "explicit":
+            targets = ema_targets(ema, x[:, :-1], cond, student.depth)
+        elif fs.mode == "implicit":
+            targets = teacher(images)
+        else:
+            targets = x
+    ntp, fs_losses = student(x, cond, targets)
+    if fs_losses is None:
+        return ntp, ntp, None
+    return ntp + ((coefs * scale * fs_losses).sum() if scale > 0 else fs_losses), ntp, fs_losses

@@ -446,7 +446,7 @@ def test_warmup_keeps_the_foresight_heads_untouched(tmp_path, codes_dir):
                     "--ckpt-every", "6")
     ckpt = state(exp, 6)
     assert all("foresight" not in r for r in metrics(exp))
-    fresh = TR.Student(M.GPT(M.GPTConfig(**ckpt["gpt_config"])))
+    fresh = FS.Student(M.GPT(M.GPTConfig(**ckpt["gpt_config"])))
     n_gpt = len(list(fresh.parameters()))
     stepped = set(ckpt["optimizer"]["state"])
     n_all = sum(len(g["params"]) for g in ckpt["optimizer"]["param_groups"])

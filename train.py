@@ -181,24 +181,6 @@ def update_ema(ema, model, decay):
     torch._foreach_lerp_(ema_p, model_p, 1.0 - decay)
 
 
-class Student(nn.Module):
-    """The GPT plus its foresight heads: one module, so DDP syncs both in one backward."""
-
-    def __init__(self, gpt, foresight=None, depth=None):
-        super().__init__()
-        self.gpt, self.foresight, self.depth = gpt, foresight, depth
-
-    def forward(self, x, cond, fs_targets=None):
-        layer = self.depth if self.foresight is not None else None
-        _, ntp, hidden = self.gpt(x[:, :-1], cond, targets=x, hidden_layer=layer, drop_labels=False)
-        if self.foresight is None:
-            return ntp, None
-        if fs_targets is None:
-            # warm-up: the heads sit out, but DDP wants every parameter in the graph; this costs nothing
-            return ntp, sum(p.sum() for p in self.foresight.parameters()) * 0.0
-        return ntp, self.foresight(hidden, fs_targets)
-
-
 def rng_state(device):
     state = {"cpu": torch.get_rng_state()}
     if device.type == "cuda":
@@ -297,33 +279,13 @@ def build_models(args, meta, device):
     return gpt, vq
 
 
-def build_foresight(args, gpt, vq, grid, device):
-    """-> (Foresight module or None, teacher callable or None, depth, coefs)."""
-    if args.foresight == "none":
+def build_foresight(args, gpt, vq, device):
+    """-> (Foresight heads or None, teacher or None, depth, coefs): foresight.build from the flags."""
+    fs, teacher, depth = FS.build(args.foresight, gpt, args.foresight_level, args.foresight_k, args.foresight_depth,
+                                  args.foresight_layout, args.foresight_proj_dim, args.foresight_encoder, vq)
+    if fs is None:
         return None, None, None, []
-    cfg = gpt.config
-    depth = args.foresight_depth if args.foresight_depth is not None else FS.default_depth(cfg.n_layer)
-    if not 1 <= depth <= cfg.n_layer:
-        raise ValueError(f"--foresight-depth {depth} is outside the model's 1..{cfg.n_layer} blocks")
-    k = args.foresight_k if args.foresight_k is not None else (3 if args.foresight == "explicit" else 1)
-    proj = args.foresight_proj_dim if args.foresight_proj_dim is not None else FS.default_proj_dim(cfg.dim)
-    teacher, target_dim = None, None
-    if args.foresight_level == "output":
-        mode = "output"
-    elif args.foresight == "explicit":
-        mode = "explicit"
-    else:
-        mode = "implicit"
-        if args.foresight_encoder == "vq":
-            if vq is None:
-                raise ValueError("--foresight-encoder vq needs --vq-ckpt (the tokenizer whose encoder is the teacher)")
-            teacher = FS.vq_teacher(vq, grid).to(device)
-        else:
-            teacher = FS.dinov2_teacher(args.foresight_encoder, grid).to(device)
-        target_dim = teacher.feature_dim
-    fs = FS.Foresight(mode, cfg.dim, grid, k=k, layout=args.foresight_layout, proj_dim=proj,
-                      target_dim=target_dim, vocab_size=cfg.vocab_size).to(device)
-    return fs, teacher, depth, expand_coefs(args.foresight_coef, fs.k)
+    return fs.to(device), teacher.to(device) if teacher is not None else None, depth, expand_coefs(args.foresight_coef, fs.k)
 
 
 def save_checkpoint(path, state, last):
@@ -424,10 +386,10 @@ def _train(args, rank, world, device):
         check_data(args, held_out.meta, meta["vocab_size"], H, meta["num_classes"], f"--eval-codes {args.eval_codes}")
 
     gpt, vq = build_models(args, meta, device)
-    fs, teacher, depth, coefs = build_foresight(args, gpt, vq, H, device)
+    fs, teacher, depth, coefs = build_foresight(args, gpt, vq, device)
     use_ema = args.ema or args.foresight == "explicit"
     ema = copy.deepcopy(gpt).requires_grad_(False).eval() if use_ema else None
-    student = Student(gpt, fs, depth).to(device)
+    student = FS.Student(gpt, fs, depth).to(device)
     opt = make_adamw([student], lr=args.lr, weight_decay=args.weight_decay, betas=(args.beta1, args.beta2))
 
     # where does this run live, and does it continue an earlier one?
@@ -590,20 +552,10 @@ def _train(args, rank, world, device):
                 x = batch[0].to(device, non_blocking=True)
                 y = batch[1].to(device, non_blocking=True)
                 sync = micro_step == args.grad_accum - 1 or world == 1
+                images = batch[3].to(device, non_blocking=True) if len(batch) > 3 else None
                 with (contextlib.nullcontext() if sync else student.no_sync()), torch.autocast(**amp):
                     cond = gpt.cls_embedding.drop(y)  # student and teacher see the same (dropped) labels
-                    targets = None
-                    if scale > 0:
-                        if fs.mode == "explicit":
-                            targets = FS.ema_targets(ema, x[:, :-1], cond, depth)
-                        elif fs.mode == "implicit":
-                            targets = teacher(batch[3].to(device, non_blocking=True))
-                        else:
-                            targets = x
-                    ntp, fs_losses = student(x, cond, targets)
-                    loss = ntp
-                    if fs_losses is not None:
-                        loss = loss + ((coef_t * scale * fs_losses).sum() if scale > 0 else fs_losses)
+                    loss, ntp, fs_losses = FS.step_losses(student, teacher, ema, x, cond, images, coef_t, scale)
                 scaler.scale(loss / args.grad_accum).backward()
                 sums[0] += ntp.detach() / args.grad_accum
                 if fs_losses is not None and scale > 0:
