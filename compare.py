@@ -17,6 +17,8 @@ import os
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from data import atomic_write
+
 COLOURS = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14), (23, 190, 207)]
 
 
@@ -146,9 +148,7 @@ def main(argv=None):
         for panel in panels:
             canvas.paste(panel, (x, 0))
             x += panel.width + 10
-        tmp = args.out + ".tmp.png"
-        canvas.save(tmp)
-        os.replace(tmp, args.out)
+        atomic_write(args.out, lambda f: canvas.save(f, format="PNG"))
         print(f"wrote {args.out}")
 
 

@@ -19,6 +19,7 @@ import os
 import pickle
 import struct
 import tarfile
+import tempfile
 import urllib.error
 import urllib.request
 
@@ -70,6 +71,68 @@ def folder_name(text):
     if not text or text in (".", "..") or "/" in text or "\\" in text or os.sep in text:
         raise argparse.ArgumentTypeError(f"expected a plain folder name without path separators, got {text!r}")
     return text
+
+# -----------------------------------------------------------------------------
+# run plumbing shared by the entry points: one or many processes, files written whole, image grids
+
+
+def setup_distributed():
+    """-> (global rank, world size, device). Under torchrun each process takes the GPU of its local
+    rank (its index on its own machine); the global rank decides who writes (rank 0 only)."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if world > 1:
+        import torch.distributed as dist
+        local = int(os.environ.get("LOCAL_RANK", 0))
+        if torch.cuda.is_available():
+            torch.cuda.set_device(local)
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        device = torch.device(f"cuda:{local}" if torch.cuda.is_available() else "cpu")
+        return dist.get_rank(), world, device
+    return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def barrier(world):
+    if world > 1:
+        torch.distributed.barrier()
+
+
+def cleanup_distributed(world):
+    if world > 1:
+        torch.distributed.destroy_process_group()
+
+
+def atomic_write(path, write):
+    """write(binary file) into a temporary file beside `path`, then rename it: a reader, or a resume
+    after a crash, never sees half a file, and a failed write (a full disk) leaves no temporary file."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=os.path.basename(path) + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
+        raise OSError(f"could not write {path} ({one_line(e)}); is the disk full?") from None
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def save_atomic(obj, path):
+    atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def save_grid(images, path, nrow=None, padding=2):
+    """(N, H, W, C) uint8 -> one PNG, nrow images a row (default: a square), black gaps; atomic."""
+    images = np.asarray(images)
+    n, h, w, c = images.shape
+    nrow = max(1, min(nrow or math.ceil(math.sqrt(n)), n))
+    rows = math.ceil(n / nrow)
+    grid = np.zeros((padding + rows * (h + padding), padding + nrow * (w + padding), c), dtype=np.uint8)
+    for i, img in enumerate(images):
+        y, x = padding + (i // nrow) * (h + padding), padding + (i % nrow) * (w + padding)
+        grid[y:y + h, x:x + w] = img
+    atomic_write(path, lambda f: Image.fromarray(grid.squeeze(-1) if c == 1 else grid).save(f, format="PNG"))
 
 # -----------------------------------------------------------------------------
 # where datasets live
@@ -624,9 +687,6 @@ if __name__ == "__main__":
         if os.path.exists(args.preview) and not args.force:
             raise SystemExit(f"error: --preview {args.preview} exists; pass --force to replace it")
         S, n = args.image_size, num_views(args.views)
-        rows = [np.concatenate([make_view(ds.image(i), S, args.views, v) for v in range(n)], 1)
-                for i in range(min(8, len(ds)))]
-        tmp = args.preview + ".tmp.png"
-        Image.fromarray(np.concatenate(rows, 0)).save(tmp)
-        os.replace(tmp, args.preview)
+        views = [make_view(ds.image(i), S, args.views, v) for i in range(min(8, len(ds))) for v in range(n)]
+        save_grid(views, args.preview, nrow=n, padding=0)
         print(f"wrote {args.preview}")

@@ -26,7 +26,6 @@ import json
 import math
 import os
 import sys
-import tempfile
 import time
 
 import numpy as np
@@ -34,6 +33,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
+
+import data
+from data import IMAGE_EXTENSIONS, atomic_write
 
 WEIGHTS_NAME = "pt_inception-2015-12-05-6726825d.pth"
 WEIGHTS_URL = "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/" + WEIGHTS_NAME
@@ -43,7 +45,6 @@ IS_SPLITS = 10            # ADM evaluator: 50k samples in splits of 5000
 PR_NEIGHBOURS = 3         # Kynkaanniemi et al. 2019
 MAX_STORED_FEATURES = 10_000  # pool3 rows kept in a stats file, enough for precision/recall (as ADM's ref batches)
 PSD_TOLERANCE = 1e-6      # covariance eigenvalues down to -1e-6 * trace are round-off (even stored as float32)
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -492,21 +493,7 @@ class Side:
             arrays["pool3"] = self.pool3[keep].astype(np.float32)
         if self.inception_score is not None:
             arrays["inception_score"] = np.float64(self.inception_score)
-        _write_atomic(path, lambda f: np.savez(f, **arrays))
-
-
-def _write_atomic(path, write):
-    """write(file) into a temporary file beside path, then rename it: readers never see half a file."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        atomic_write(path, lambda f: np.savez(f, **arrays))
 
 
 def _npz_side(path, get_model, batch_size, device):
@@ -583,11 +570,6 @@ def _cache_path(name, data_path):
 
 def _dataset_side(name, get_model, batch_size, device, image_size=None, data_path=None):
     """Statistics of every image of a data.py dataset (ADM centre crop), computed once and cached."""
-    try:
-        import data  # only here: the rest of fid.py needs nothing of the project
-    except ImportError as e:
-        raise ValueError(f"{name} is not a file or folder, and data.py cannot be imported to read it "
-                         f"as a dataset ({e}).") from None
     source = data.open_dataset(name, data_path=data_path)
     size = image_size or min(source.image(0).size)
     path = _cache_path(f"{name}-{size}px.npz", data_path)
@@ -700,8 +682,6 @@ def classify(classifier, images, batch_size=250):
 
 def _views(source, size, indices=None, progress=True):
     """Images of a data.py dataset as the generator trains on them (uint8 NHWC), and their labels."""
-    import data
-
     indices = range(len(source)) if indices is None else indices
     images = [data.make_view(source.image(i), size, "none", 0)
               for i in tqdm(indices, "reading images", disable=not progress, leave=False)]
@@ -715,8 +695,6 @@ def _base_name(dataset):  # the classifier learns from the training split, which
 def train_classifier(dataset, data_path=None, device="cpu", image_size=32, seed=0, progress=True):
     """Adam with a one-cycle schedule on the training split; accuracy and reference statistics from the
     test split. The same seed gives the same network (on one device and thread count)."""
-    import data
-
     train, test = (data.open_dataset(dataset, data_path, split) for split in ("train", "test"))
     images, labels = (torch.from_numpy(a) for a in _views(train, image_size, progress=progress))
     steps = CLASSIFIER_EPOCHS * math.ceil(len(images) / CLASSIFIER_BATCH)
@@ -755,7 +733,7 @@ def load_classifier(dataset, data_path=None, device="cpu", image_size=32, seed=0
         start = time.time()
         net = train_classifier(dataset, data_path, device, image_size, seed, progress)
         ckpt = {"state_dict": net.state_dict(), **{k: getattr(net, k) for k in CLASSIFIER_META}}
-        _write_atomic(path, lambda f: torch.save(ckpt, f))
+        atomic_write(path, lambda f: torch.save(ckpt, f))
         print(f"classifier of {net.dataset} at {image_size}px: test accuracy {net.test_accuracy:.4f}, trained in "
               f"{time.time() - start:.0f} s, saved to {path}", file=sys.stderr)
     try:
@@ -786,8 +764,6 @@ def classifier_metrics(images_uint8_nhwc, labels, dataset, data_path=None, class
 def classifier_floors(classifier, data_path=None, sizes=(2000, 10000), vq=None, progress=True):
     """The best numbers to expect, [(what, n, metrics)]: n random training images against the test split
     ("real") and, given a VQ tokenizer (encode, decode_code), their reconstructions ("recon")."""
-    import data
-
     train = data.open_dataset(classifier.dataset, data_path, "train")
     sizes = sorted({min(n, len(train)) for n in sizes})
     order = np.random.default_rng(0).permutation(len(train))[:sizes[-1]]  # nested subsets
@@ -849,8 +825,6 @@ def classifier_report(args, device):
 
 
 def main(argv=None):
-    from data import POSITIVE_INT
-
     p = argparse.ArgumentParser(description="FID, IS, precision and recall of generated images "
                                             "(pytorch-fid's Inception).")
     p.add_argument("samples", help=".npz of images (arr_0, uint8 NHWC) or of stats (mu, sigma), a folder of images, "
@@ -859,11 +833,11 @@ def main(argv=None):
                    help="the same kinds as SAMPLES; dataset statistics are cached in " + cache_dir())
     p.add_argument("--save-stats", metavar="PATH",
                    help="write the statistics of SAMPLES to this .npz (refuses to overwrite)")
-    p.add_argument("--batch-size", type=POSITIVE_INT, default=50)
+    p.add_argument("--batch-size", type=data.POSITIVE_INT, default=50)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--inception-weights", metavar="PATH",
                    help=f"{WEIGHTS_NAME} (default: torch hub cache, downloaded if missing)")
-    p.add_argument("--image-size", type=POSITIVE_INT,
+    p.add_argument("--image-size", type=data.POSITIVE_INT,
                    help="crop size for a dataset reference (default: the size of the samples; 32 with --classifier)")
     p.add_argument("--data-path", help="data folder for a dataset name (data.py's data_path)")
     p.add_argument("--json", action="store_true", help="print the metrics as one JSON object")

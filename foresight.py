@@ -294,15 +294,16 @@ class Student(nn.Module):
         return ntp, self.foresight(hidden, fs_targets)
 
 
-def step_losses(student, teacher, ema, x, cond, images, coefs, scale):
+def step_losses(student, fs, depth, teacher, ema, x, cond, images, coefs, scale):
     """One micro-batch of training: (total loss, NTP loss, per-target foresight losses or None).
-    x: (B, N) codes; cond: the class ids after label dropout, which student and teacher share; images:
-    the crops that made the codes (Mirai-I); coefs: (K,) lambdas; scale: the schedule's factor (0 in the
-    warm-up, when no teacher runs)."""
-    fs, targets = student.foresight, None
+    student: the Student (or its DDP / compiled wrapper); fs, depth: its heads and block; x: (B, N) codes;
+    cond: the class ids after label dropout, which student and teacher share; images: the crops that
+    made the codes (Mirai-I); coefs: (K,) lambdas; scale: the schedule's factor (0 in the warm-up, when
+    no teacher runs)."""
+    targets = None
     if fs is not None and scale > 0:
         if fs.mode == "explicit":
-            targets = ema_targets(ema, x[:, :-1], cond, student.depth)
+            targets = ema_targets(ema, x[:, :-1], cond, depth)
         elif fs.mode == "implicit":
             targets = teacher(images)
         else:

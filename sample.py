@@ -23,8 +23,9 @@ from PIL import Image
 from tqdm import tqdm
 
 from model import GPT_PRESETS, load_gpt
-from data import FINITE, NONNEG_INT, POSITIVE, POSITIVE_INT, arg_type
-from tokenizer import VQ_PRESETS, barrier, cleanup_distributed, load_vq, setup_distributed, to_uint8
+from data import (FINITE, NONNEG_INT, POSITIVE, POSITIVE_INT, arg_type, atomic_write, barrier, cleanup_distributed,
+                  save_grid, setup_distributed)
+from tokenizer import VQ_PRESETS, load_vq, to_uint8
 
 SETTINGS_FILE = "sample_settings.json"  # in --sample-dir: what made its PNGs, so a resume cannot mix runs
 PNG_NAME = re.compile(r"\d{6,}\.png")  # 000000.png ...: the only PNGs this script makes or removes
@@ -78,26 +79,8 @@ def sample_images(gpt, vq, labels, cfg_scale=1.0, cfg_interval=-1, temperature=1
     return to_uint8(vq.decode_code(tokens.to(vq_device), grid=(g, g)))
 
 
-def save_grid(images, path, nrow=None, padding=2):
-    """(N, H, W, 3) uint8 -> one PNG, nrow images a row (default: a square), black gaps; atomic."""
-    images = np.asarray(images)
-    n, h, w, c = images.shape
-    nrow = max(1, min(nrow or math.ceil(math.sqrt(n)), n))
-    rows = math.ceil(n / nrow)
-    grid = np.zeros((padding + rows * (h + padding), padding + nrow * (w + padding), c), dtype=np.uint8)
-    for i, img in enumerate(images):
-        y, x = padding + (i // nrow) * (h + padding), padding + (i % nrow) * (w + padding)
-        grid[y:y + h, x:x + w] = img
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp"
-    Image.fromarray(grid).save(tmp, format="PNG")
-    os.replace(tmp, path)
-
-
-def save_png(image, path):
-    tmp = f"{path}.tmp"  # a run killed mid-write must not leave a PNG that a resume would skip
-    Image.fromarray(image).save(tmp, format="PNG")
-    os.replace(tmp, path)
+def save_png(image, path):  # atomic: a run killed mid-write must not leave a PNG that a resume would skip
+    atomic_write(path, lambda f: Image.fromarray(image).save(f, format="PNG"))
 
 
 def write_npz(path, png_paths, labels):
@@ -106,19 +89,21 @@ def write_npz(path, png_paths, labels):
         shape = np.asarray(im.convert("RGB")).shape
     header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)), "fortran_order": False,
               "shape": (len(png_paths), *shape)}
-    tmp = f"{path}.tmp"
-    with zipfile.ZipFile(tmp, "w") as zf:  # stored, not deflated, like np.savez
-        with zf.open("arr_0.npy", "w", force_zip64=True) as f:
-            np.lib.format.write_array_header_1_0(f, header)
-            for p in tqdm(png_paths, desc="npz", unit="img", dynamic_ncols=True):
-                with Image.open(p) as im:
-                    img = np.asarray(im.convert("RGB"))
-                if img.shape != shape:
-                    raise ValueError(f"{p} is {img.shape[1]}x{img.shape[0]} pixels, the others {shape[1]}x{shape[0]}")
-                f.write(img.tobytes())
-        with zf.open("labels.npy", "w") as f:
-            np.lib.format.write_array(f, np.asarray(labels, dtype=np.int64))
-    os.replace(tmp, path)
+
+    def write(out):
+        with zipfile.ZipFile(out, "w") as zf:  # stored, not deflated, like np.savez
+            with zf.open("arr_0.npy", "w", force_zip64=True) as f:
+                np.lib.format.write_array_header_1_0(f, header)
+                for p in tqdm(png_paths, desc="npz", unit="img", dynamic_ncols=True):
+                    with Image.open(p) as im:
+                        img = np.asarray(im.convert("RGB"))
+                    if img.shape != shape:
+                        raise ValueError(f"{p} is {img.shape[1]}x{img.shape[0]} pixels, the others {shape[1]}x{shape[0]}")
+                    f.write(img.tobytes())
+            with zf.open("labels.npy", "w") as f:
+                np.lib.format.write_array(f, np.asarray(labels, dtype=np.int64))
+
+    atomic_write(path, write)
 
 # ----------------------------------------------------------------------------------------------------
 # The two jobs: a grid, and FID samples sharded over ranks
@@ -183,9 +168,7 @@ def make_fid_samples(args, gpt, vq, rank, world, device):
         os.makedirs(out, exist_ok=True)
         for f in pngs if stale else []:  # first, so that no old PNG can outlive the new settings file
             os.remove(os.path.join(out, f))
-        with open(settings_path + ".tmp", "w") as f:
-            json.dump(settings, f, indent=1)
-        os.replace(settings_path + ".tmp", settings_path)
+        atomic_write(settings_path, lambda f: f.write(json.dumps(settings, indent=1).encode()))
     barrier(world)
 
     labels = np.arange(math.ceil(n / b) * b) % gpt.config.num_classes  # balanced; sample i has class i % C

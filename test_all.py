@@ -14,6 +14,7 @@ import struct
 import subprocess
 import sys
 import tarfile
+import tempfile
 import threading
 import types
 from dataclasses import asdict
@@ -477,15 +478,16 @@ def torchrun(*argv, nodes=1, per_node=2):
     """Gloo processes on a free port: `nodes` torchrun launchers (as on separate machines, each with local
     ranks from 0) of `per_node` processes each; their output is shown when they fail."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    port = free_port()
-    launchers = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", f"--nnodes={nodes}",
-                                   f"--node_rank={node}", f"--nproc_per_node={per_node}", "--master_addr=127.0.0.1",
-                                   f"--master_port={port}", *argv],
-                                  env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-                 for node in range(nodes)]
-    for p in launchers:
-        out = p.communicate(timeout=240)[0]
-        assert p.returncode == 0, f"torchrun exited {p.returncode}:\n{out[-6000:]}"
+    port, launchers = free_port(), []
+    for node in range(nodes):  # output to files: a full pipe of one launcher would stall them all
+        log = tempfile.TemporaryFile("w+")
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nnodes={nodes}", f"--node_rank={node}",
+               f"--nproc_per_node={per_node}", "--master_addr=127.0.0.1", f"--master_port={port}", *argv]
+        launchers.append((subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT), log))
+    for p, log in launchers:
+        p.wait(timeout=300)
+        log.seek(0)
+        assert p.returncode == 0, f"torchrun exited {p.returncode}:\n{log.read()[-6000:]}"
 
 
 @pytest.mark.parametrize("nodes,per_node", [(1, 2), (2, 1)])
@@ -657,9 +659,8 @@ def test_gpt_ckpt_of_another_size_and_bad_resume_files_are_refused(tmp_path, cod
             r"tensor.pt is not a checkpoint of train.py")
     assert not (tmp_path / "t").exists()
 
-    def full_disk(obj, path, *a, **k):
-        with open(path, "wb") as f:
-            f.write(b"half a checkpoint")
+    def full_disk(obj, f, *a, **k):
+        f.write(b"half a checkpoint")
         raise RuntimeError("[enforce fail at inline_container.cc:603] . unexpected pos 64 vs 0\nmore detail")
 
     monkeypatch.setattr(torch, "save", full_disk)
@@ -1612,10 +1613,8 @@ def test_dataset_reference_is_cached(tmp_path, model, monkeypatch):
         def image(self, i):
             return Image.fromarray(images[i])
 
-    fake_data = types.ModuleType("data")
-    fake_data.open_dataset = lambda name, data_path=None, **kw: Source()
-    fake_data.make_view = lambda img, size, views, v: np.asarray(img.resize((size, size)))
-    monkeypatch.setitem(sys.modules, "data", fake_data)
+    monkeypatch.setattr(fid.data, "open_dataset", lambda name, data_path=None, **kw: Source())
+    monkeypatch.setattr(fid.data, "make_view", lambda img, size, views, v: np.asarray(img.resize((size, size))))
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     first = fid.load_side("toy-train", lambda: model, batch_size=4, image_size=12)
     cached = os.path.join(fid.cache_dir(), "toy-train-12px.npz")

@@ -24,7 +24,8 @@ from PIL import Image
 from tqdm import tqdm
 
 import data
-from data import NONNEG, NONNEG_INT, POSITIVE, POSITIVE_INT, PROBABILITY, arg_type
+from data import (NONNEG, NONNEG_INT, POSITIVE, POSITIVE_INT, PROBABILITY, arg_type, atomic_write, barrier,
+                  cleanup_distributed, save_atomic, save_grid, setup_distributed)
 from model import load_state_dict_strict
 
 # ----------------------------------------------------------------------------------------------------
@@ -344,19 +345,6 @@ class VQModel(nn.Module):
 # ----------------------------------------------------------------------------------------------------
 
 
-def save_atomic(obj, path):
-    """torch.save through a temporary file: a crash or a full disk never leaves a half-written `path`
-    (nor a stray .tmp beside it)."""
-    tmp = f"{path}.tmp"
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except (OSError, RuntimeError) as e:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise OSError(f"could not write {path} ({data.one_line(e)}); is the disk full?") from None
-
-
 def load_vq(path, preset=None, device="cpu"):
     """A VQModel in eval mode from our checkpoint (which stores its config) or from LlamaGen's
     (`{"model": sd}` or a bare state_dict), whose architecture `preset` names (e.g. "VQ-16")."""
@@ -436,13 +424,8 @@ def save_recon_grid(x, recon, path, per_row=8):
     a, b = to_uint8(x), to_uint8(recon)
     n = (len(a) // per_row) * per_row or len(a)
     per_row = min(per_row, n)
-    rows = []
-    for i in range(0, n, per_row):
-        rows.append(np.concatenate(list(a[i:i + per_row]), axis=1))
-        rows.append(np.concatenate(list(b[i:i + per_row]), axis=1))
-    tmp = f"{path}.tmp.png"
-    Image.fromarray(np.concatenate(rows, axis=0)).save(tmp)
-    os.replace(tmp, path)
+    rows = [img for i in range(0, n, per_row) for img in (*a[i:i + per_row], *b[i:i + per_row])]
+    save_grid(rows, path, nrow=per_row, padding=0)
 
 def make_rfid(args, model, device, log):
     """A function computing rFID (reconstructions vs originals of held-out images), or None with one
@@ -469,34 +452,6 @@ def make_rfid(args, model, device, log):
 
     return rfid
 
-
-# ----------------------------------------------------------------------------------------------------
-# Distributed helpers (the same command runs alone or under torchrun)
-# ----------------------------------------------------------------------------------------------------
-
-
-def setup_distributed():
-    """-> (rank, world_size, device)."""
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    if world > 1:
-        import torch.distributed as dist
-        local = int(os.environ.get("LOCAL_RANK", 0))
-        if torch.cuda.is_available():
-            torch.cuda.set_device(local)
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-        device = torch.device(f"cuda:{local}" if torch.cuda.is_available() else "cpu")
-        return dist.get_rank(), world, device
-    return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def barrier(world):
-    if world > 1:
-        torch.distributed.barrier()
-
-
-def cleanup_distributed(world):
-    if world > 1:
-        torch.distributed.destroy_process_group()
 
 # ----------------------------------------------------------------------------------------------------
 # Training
@@ -779,10 +734,8 @@ def extract(args):
                 "split": split, "data_path": args.data_path and os.path.abspath(args.data_path),
                 "tokenizer": os.path.abspath(args.vq_ckpt),
                 "tokenizer_config": asdict(vq.config), "num_images": n}
-        tmp = meta_path + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(meta, f, indent=1)
-        os.replace(tmp, meta_path)  # written last: its presence means the codes are complete
+        # written last: its presence means the codes are complete
+        atomic_write(meta_path, lambda f: f.write(json.dumps(meta, indent=1).encode()))
         print(f"wrote {n} x {a} x {grid * grid} codes to {out}")
     cleanup_distributed(world)
 

@@ -30,9 +30,9 @@ import torch.nn as nn
 from tqdm import tqdm
 
 import foresight as FS
-from data import FINITE, NONNEG, NONNEG_INT, POSITIVE, POSITIVE_INT, PROBABILITY, CodeDataset, folder_name, one_line
+from data import (FINITE, NONNEG, NONNEG_INT, POSITIVE, POSITIVE_INT, PROBABILITY, CodeDataset, cleanup_distributed,
+                  folder_name, one_line, save_atomic, save_grid, setup_distributed)
 from model import GPT, GPT_PRESETS, gpt_config, load_gpt, make_adamw
-from tokenizer import cleanup_distributed, save_atomic, setup_distributed
 
 # ----------------------------------------------------------------------------------------------------
 # Flags
@@ -521,7 +521,7 @@ def _train(args, rank, world, device):
     def samples():
         if vq is None or rank != 0:
             return
-        from sample import sample_images, save_grid
+        from sample import sample_images
 
         labels = torch.arange(args.num_sample_images) % meta["num_classes"]
         imgs = sample_images(ema if ema is not None else gpt, vq, labels, cfg_scale=args.cfg_scale,
@@ -555,7 +555,8 @@ def _train(args, rank, world, device):
                 images = batch[3].to(device, non_blocking=True) if len(batch) > 3 else None
                 with (contextlib.nullcontext() if sync else student.no_sync()), torch.autocast(**amp):
                     cond = gpt.cls_embedding.drop(y)  # student and teacher see the same (dropped) labels
-                    loss, ntp, fs_losses = FS.step_losses(student, teacher, ema, x, cond, images, coef_t, scale)
+                    loss, ntp, fs_losses = FS.step_losses(student, fs, depth, teacher, ema, x, cond, images,
+                                                           coef_t, scale)
                 scaler.scale(loss / args.grad_accum).backward()
                 sums[0] += ntp.detach() / args.grad_accum
                 if fs_losses is not None and scale > 0:
