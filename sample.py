@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from model import GPT_PRESETS, load_gpt
 from data import (FINITE, NONNEG_INT, POSITIVE, POSITIVE_INT, arg_type, atomic_write, barrier, cleanup_distributed,
-                  save_grid, setup_distributed)
+                  one_line, save_grid, setup_distributed)
 from tokenizer import VQ_PRESETS, load_vq, to_uint8
 
 SETTINGS_FILE = "sample_settings.json"  # in --sample-dir: what made its PNGs, so a resume cannot mix runs
@@ -126,7 +126,7 @@ def make_grid(args, gpt, vq, device):
     if args.classes:
         labels = np.resize(args.classes, args.num_samples)
         if labels.min() < 0 or labels.max() >= num_classes:
-            raise SystemExit(f"--classes must lie in 0..{num_classes - 1} (the GPT has {num_classes} classes).")
+            raise ValueError(f"--classes must lie in 0..{num_classes - 1} (the GPT has {num_classes} classes).")
     else:
         gen = torch.Generator().manual_seed(args.seed)
         labels = torch.randint(num_classes, (args.num_samples,), generator=gen).numpy()
@@ -161,7 +161,7 @@ def make_fid_samples(args, gpt, vq, rank, world, device):
     if stale and not args.overwrite:
         diff = [f"{k}: {old.get(k)!r} there, {v!r} now" for k, v in settings.items() if old and old.get(k) != v]
         why = f"samples made with other settings ({'; '.join(diff)})" if old else "PNGs this script did not make"
-        raise SystemExit(f"--sample-dir {out} holds {why}; choose another --sample-dir or pass --overwrite "
+        raise ValueError(f"--sample-dir {out} holds {why}; choose another --sample-dir or pass --overwrite "
                          "to make them again.")
     barrier(world)  # every rank has looked at the folder before rank 0 changes it
     if rank == 0:
@@ -189,7 +189,7 @@ def make_fid_samples(args, gpt, vq, rank, world, device):
         try:
             write_npz(args.npz, paths, labels[:n])
         except (OSError, ValueError) as e:  # a PNG changed or broken by hand since it was made
-            raise SystemExit(f"--npz {args.npz} not written: {e}")
+            raise ValueError(f"--npz {args.npz} not written: {e}")
         print(f"wrote {n} samples to {out} and {args.npz}")
 
 # ----------------------------------------------------------------------------------------------------
@@ -242,25 +242,25 @@ def check_args(args):
         try:
             args.classes = [int(c) for c in args.classes.split(",") if c.strip()]
         except ValueError:
-            raise SystemExit(f"--classes expects comma-separated integers like 1,2,3, got {args.classes!r}.") from None
+            raise ValueError(f"--classes expects comma-separated integers like 1,2,3, got {args.classes!r}.") from None
     if args.num_fid_samples is None and (args.sample_dir or args.npz):
-        raise SystemExit("--sample-dir and --npz are for FID samples: give --num-fid-samples too (or --out for a grid).")
+        raise ValueError("--sample-dir and --npz are for FID samples: give --num-fid-samples too (or --out for a grid).")
     if args.num_fid_samples:
         if not args.sample_dir:
-            raise SystemExit("--num-fid-samples needs --sample-dir, the folder for its PNGs.")
+            raise ValueError("--num-fid-samples needs --sample-dir, the folder for its PNGs.")
         args.npz = args.npz or os.path.join(args.sample_dir, "samples.npz")
         if os.path.exists(args.npz) and not args.overwrite:
-            raise SystemExit(f"--npz {args.npz} already exists; pass --overwrite to replace it.")
+            raise ValueError(f"--npz {args.npz} already exists; pass --overwrite to replace it.")
     elif os.path.exists(args.out) and not args.overwrite:
-        raise SystemExit(f"--out {args.out} already exists; pass --overwrite to replace it.")
+        raise ValueError(f"--out {args.out} already exists; pass --overwrite to replace it.")
     if not os.path.isfile(args.gpt_ckpt):
-        raise SystemExit(f"--gpt-ckpt {args.gpt_ckpt} does not exist.")
+        raise ValueError(f"--gpt-ckpt {args.gpt_ckpt} does not exist.")
     if args.vq_ckpt is None:
         args.vq_ckpt = recorded_vq_ckpt(args.gpt_ckpt)
         if args.vq_ckpt is None:
-            raise SystemExit(f"--vq-ckpt is needed: {args.gpt_ckpt} does not record which tokenizer it was trained on.")
+            raise ValueError(f"--vq-ckpt is needed: {args.gpt_ckpt} does not record which tokenizer it was trained on.")
         if not os.path.isfile(args.vq_ckpt):
-            raise SystemExit(f"{args.gpt_ckpt} was trained with the tokenizer {args.vq_ckpt}, which does not exist "
+            raise ValueError(f"{args.gpt_ckpt} was trained with the tokenizer {args.vq_ckpt}, which does not exist "
                              "here; give its path with --vq-ckpt.")
 
 
@@ -268,19 +268,19 @@ def load_models(args, device):
     try:
         vq = load_vq(args.vq_ckpt, preset=args.vq_model, device=device)
     except (FileNotFoundError, ValueError) as e:
-        raise SystemExit(f"--vq-ckpt: {e}")
+        raise ValueError(f"--vq-ckpt: {e}")
     try:
         grid = vq.grid_size(args.image_size) if args.image_size else None
     except ValueError as e:
-        raise SystemExit(f"--image-size: {e}.")
+        raise ValueError(f"--image-size: {e}.")
     try:
         gpt = load_gpt(args.gpt_ckpt, preset=args.gpt_model, grid_size=grid, use_ema=args.ema, device=device)
     except (FileNotFoundError, ValueError) as e:
-        raise SystemExit(f"--gpt-ckpt: {e}")
+        raise ValueError(f"--gpt-ckpt: {e}")
     try:
         check_compatible(gpt, vq, args.image_size)
     except ValueError as e:
-        raise SystemExit(str(e))
+        raise ValueError(str(e))
     if device.type == "cuda":  # a CPU has no fast half-precision matmuls; fp32 there
         gpt = gpt.to(PRECISIONS[args.precision])
     else:
@@ -290,16 +290,21 @@ def load_models(args, device):
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    check_args(args)
-    rank, world, device = setup_distributed()
     try:
-        gpt, vq = load_models(args, device)
-        if args.num_fid_samples:
-            make_fid_samples(args, gpt, vq, rank, world, device)
-        elif rank == 0:  # a grid is one process's work, even under torchrun
-            make_grid(args, gpt, vq, device)
-    finally:
-        cleanup_distributed(world)
+        check_args(args)
+        rank, world, device = setup_distributed()
+        try:
+            gpt, vq = load_models(args, device)
+            if args.num_fid_samples:
+                make_fid_samples(args, gpt, vq, rank, world, device)
+            elif rank == 0:  # a grid is one process's work, even under torchrun
+                make_grid(args, gpt, vq, device)
+        finally:
+            cleanup_distributed(world)
+    except (ValueError, OSError, RuntimeError) as e:
+        if os.environ.get("MIRAI_DEBUG"):
+            raise
+        raise SystemExit(f"error: {one_line(e)}") from None
 
 
 if __name__ == "__main__":

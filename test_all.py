@@ -1235,7 +1235,7 @@ def test_a_wrong_checkpoint_ends_with_one_sentence(tmp_path):
                 f"--image-size 16 --code-path {tmp_path / 'codes'}").split() + extra
         with pytest.raises(SystemExit, match=message) as e:
             T.main(argv)
-        assert str(e.value).startswith("--vq-ckpt") and "\n" not in str(e.value)
+        assert str(e.value).startswith("error: --vq-ckpt") and "\n" not in str(e.value)
     assert not (tmp_path / "codes").exists()  # nothing was written
 
     train = (f"train --dataset folder --data-path {folder} --image-size 16 --results-dir {tmp_path / 'run'} "

@@ -470,13 +470,13 @@ def find_resume(args):
     existing = sorted(f for f in os.listdir(ckpt_dir) if f.endswith(".pt")) if os.path.isdir(ckpt_dir) else []
     if args.resume is None:
         if existing:
-            raise SystemExit(f"--results-dir {args.results_dir} already holds checkpoints; pass "
+            raise ValueError(f"--results-dir {args.results_dir} already holds checkpoints; pass "
                              "--resume auto to continue that run or choose another folder.")
         return None
     if args.resume == "auto":
         return os.path.join(ckpt_dir, existing[-1]) if existing else None
     if not os.path.isfile(args.resume):
-        raise SystemExit(f"--resume {args.resume}: no such checkpoint file.")
+        raise ValueError(f"--resume {args.resume}: no such checkpoint file.")
     return args.resume
 
 
@@ -486,7 +486,7 @@ def train(args):
     try:
         cfg = get_config(args.vq_model)
     except ValueError as e:
-        raise SystemExit(f"--vq-model: {e}.")
+        raise ValueError(f"--vq-model: {e}.")
     cfg.commit_loss_beta, cfg.entropy_loss_ratio = args.commit_loss_beta, args.entropy_loss_ratio
     cfg.dropout_p = args.dropout_p
     if args.codebook_size:
@@ -494,7 +494,7 @@ def train(args):
     if args.codebook_embed_dim:
         cfg.codebook_embed_dim = args.codebook_embed_dim
     if args.global_batch_size % world != 0:
-        raise SystemExit(f"--global-batch-size {args.global_batch_size} is not divisible by the "
+        raise ValueError(f"--global-batch-size {args.global_batch_size} is not divisible by the "
                          f"{world} processes.")
     batch = args.global_batch_size // world
 
@@ -504,14 +504,14 @@ def train(args):
         try:
             ckpt = torch.load(resume_path, map_location="cpu", weights_only=True)
         except Exception as e:
-            raise SystemExit(f"--resume {resume_path} is not a readable PyTorch checkpoint "
+            raise ValueError(f"--resume {resume_path} is not a readable PyTorch checkpoint "
                              f"({type(e).__name__}).") from None
         needed = ("model", "config", "optimizer", "disc", "disc_optimizer", "steps")
         if not isinstance(ckpt, dict) or any(k not in ckpt for k in needed):
-            raise SystemExit(f"--resume {resume_path} is not a checkpoint of `tokenizer.py train` "
+            raise ValueError(f"--resume {resume_path} is not a checkpoint of `tokenizer.py train` "
                              f"(it lacks some of {', '.join(needed)}).")
         if VQConfig(**ckpt["config"]) != cfg:
-            raise SystemExit(f"--resume {resume_path} was trained with another tokenizer config than "
+            raise ValueError(f"--resume {resume_path} was trained with another tokenizer config than "
                              f"--vq-model {args.vq_model} and the flags given now: {ckpt['config']}.")
 
     model = VQModel(cfg).to(device)
@@ -534,15 +534,15 @@ def train(args):
     try:
         source = data.open_dataset(args.dataset, args.data_path, split=args.split)
     except (FileNotFoundError, ValueError) as e:
-        raise SystemExit(f"--dataset {args.dataset}: {e}")
+        raise ValueError(f"--dataset {args.dataset}: {e}")
     dataset = data.ViewDataset(source, args.image_size, views=args.views, random_view=True)
     try:
         raw_model.grid_size(args.image_size)
     except ValueError as e:
-        raise SystemExit(f"--image-size: {e}.")
+        raise ValueError(f"--image-size: {e}.")
     per_epoch = len(dataset) // args.global_batch_size
     if per_epoch == 0:
-        raise SystemExit(f"--global-batch-size {args.global_batch_size} is larger than the dataset "
+        raise ValueError(f"--global-batch-size {args.global_batch_size} is larger than the dataset "
                          f"({len(dataset)} images).")
     total = args.steps if args.steps is not None else args.epochs * per_epoch
     fixed = torch.stack([dataset[i][0] for i in range(min(args.grid_images, len(dataset)))]).to(device)
@@ -604,7 +604,7 @@ def train(args):
                     loss = loss + args.disc_weight * g_loss
             if not torch.isfinite(loss):
                 bar.close()
-                raise SystemExit(f"the loss became {loss.item()} at step {step}; the last good checkpoint "
+                raise FloatingPointError(f"the loss became {loss.item()} at step {step}; the last good checkpoint "
                                  f"is {last_good}.")
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -677,19 +677,19 @@ def extract(args):
     codes_path, labels_path, meta_path = (os.path.join(out, f)
                                           for f in ("codes.npy", "labels.npy", "meta.json"))
     if os.path.exists(codes_path) and not args.overwrite:
-        raise SystemExit(f"--code-path {out} already holds codes.npy; pass --overwrite to replace it.")
+        raise ValueError(f"--code-path {out} already holds codes.npy; pass --overwrite to replace it.")
     try:
         vq = load_vq(args.vq_ckpt, preset=args.vq_model, device=device)
     except (FileNotFoundError, ValueError) as e:
-        raise SystemExit(f"--vq-ckpt: {e}")
+        raise ValueError(f"--vq-ckpt: {e}")
     try:
         grid = vq.grid_size(args.image_size)
     except ValueError as e:
-        raise SystemExit(f"--image-size: {e}.")
+        raise ValueError(f"--image-size: {e}.")
     try:
         source = data.open_dataset(args.dataset, args.data_path, split=args.split)
     except (FileNotFoundError, ValueError) as e:
-        raise SystemExit(f"--dataset {args.dataset}: {e}")
+        raise ValueError(f"--dataset {args.dataset}: {e}")
     split = next((s for s in ("train", "test", "val") if args.dataset.endswith("-" + s)), args.split)
     n, a = len(source), data.num_views(args.views)
     vocab = vq.config.codebook_size
@@ -814,7 +814,7 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
         return train(args) if args.command == "train" else extract(args)
-    except (ValueError, OSError, RuntimeError) as e:
+    except (ValueError, OSError, RuntimeError, FloatingPointError) as e:
         if os.environ.get("MIRAI_DEBUG"):
             raise
         raise SystemExit(f"error: {data.one_line(e)}") from None
