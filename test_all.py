@@ -648,6 +648,23 @@ def test_a_resume_that_would_change_the_run_is_refused(tmp_path, codes_dir, caps
     assert "--max-steps changed from 2 to 4" in (run / "log.txt").read_text()
 
 
+def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, codes_dir, monkeypatch, capsys):
+    real, calls = FS.step_losses, [0]
+
+    def poisoned(*a, **k):
+        calls[0] += 1
+        loss, ntp, fs_losses = real(*a, **k)
+        return (loss * float("nan"), ntp * float("nan"), fs_losses) if calls[0] > 3 else (loss, ntp, fs_losses)
+
+    monkeypatch.setattr(FS, "step_losses", poisoned)
+    msg = refused(capsys, TR.main, ["--code-path", str(codes_dir), "--results-dir", str(tmp_path), "--exp-name", "r",
+                                    "--gpt-model", "GPT-T", "--global-batch-size", "8", "--no-progress",
+                                    "--max-steps", "6", "--log-every", "1", "--ckpt-every", "2"],
+                  r"the loss became nan before step 4.*last good checkpoint is .*last\.pt")
+    ckpts = sorted(os.listdir(tmp_path / "r" / "checkpoints"))
+    assert ckpts == ["0000002.pt", "last.pt"] and state(tmp_path / "r", 2)["steps"] == 2, (ckpts, msg)
+
+
 def test_gpt_ckpt_of_another_size_and_bad_resume_files_are_refused(tmp_path, codes_dir, capsys, monkeypatch):
     small = run_train(tmp_path, codes_dir, "--max-steps", "1", "--ckpt-every", "1", "--gpt-model", "GPT-S", name="s")
     argv = ["--code-path", str(codes_dir), "--results-dir", str(tmp_path), "--exp-name", "t", "--max-steps", "1",

@@ -239,6 +239,54 @@ class Logger:
             self.metrics.flush()
 
 
+class Meter:
+    """Running sums since the last log line, kept on the device (no sync per step): the NTP loss, the
+    gradient norm, the steps with foresight on, and the foresight losses, averaged over those steps."""
+
+    def __init__(self, k, device):
+        self.sums, self.count, self.start = torch.zeros(3 + k, device=device), 0, time.perf_counter()
+
+    def add_micro(self, ntp, fs_losses, accum):
+        self.sums[0] += ntp.detach() / accum
+        if fs_losses is not None:
+            self.sums[3:] += fs_losses.detach() / accum
+
+    def add_step(self, grad_norm, fs_on):
+        self.sums[1] += grad_norm
+        self.sums[2] += float(fs_on)
+        self.count += 1
+
+    def flush(self, world):
+        """-> the averages since the last flush, over all ranks (None if no step since), and a reset."""
+        if self.count == 0:
+            return None
+        s = self.sums.clone()
+        if world > 1:
+            dist.all_reduce(s)
+            s /= world
+        fs_steps = s[2].item()
+        s[3:] /= max(fs_steps, 1.0)
+        s[:2] /= self.count
+        s = s.tolist()
+        row = {"loss": s[0], "grad_norm": s[1], "steps_per_sec": self.count / (time.perf_counter() - self.start)}
+        if fs_steps:
+            row["foresight"] = s[3:]
+        self.sums.zero_()
+        self.count, self.start = 0, time.perf_counter()
+        return row
+
+
+def save_samples(model, vq, meta, args, device, path):
+    """A grid of --num-sample-images samples, one class per column where the classes fit in a row."""
+    from sample import sample_images
+
+    labels = torch.arange(args.num_sample_images) % meta["num_classes"]
+    imgs = sample_images(model, vq, labels, cfg_scale=args.cfg_scale,
+                         generator=torch.Generator(device=device).manual_seed(args.seed))
+    classes = meta["num_classes"]
+    save_grid(imgs, path, nrow=classes if classes <= 16 else int(math.ceil(math.sqrt(len(labels)))))
+
+
 # ----------------------------------------------------------------------------------------------------
 # Setup: everything that can be refused is checked before any file is written
 
@@ -469,69 +517,7 @@ def _train(args, rank, world, device):
             f"projectors {sum(p.numel() for p in fs.parameters()) / 1e6:.2f}M")
     coef_t = torch.tensor(coefs, device=device)
     ckpt_dir = os.path.join(exp_dir, "checkpoints")
-    ema_decay = args.ema_decay
-
-    def checkpoint():
-        state = {
-            "model": gpt.state_dict(), "ema": ema.state_dict() if ema is not None else None,
-            "optimizer": opt.state_dict(), "steps": step, "epoch": epoch, "step_in_epoch": in_epoch,
-            "args": vars(args), "gpt_config": asdict(gpt.config),
-            "foresight": fs.state_dict() if fs is not None else None, "foresight_setup": foresight_setup(args, fs, depth),
-            "rng": gather(rng_state(device), world), "vq_ckpt": args.vq_ckpt, "data_meta": meta,
-        }
-        if rank == 0:
-            save_checkpoint(os.path.join(ckpt_dir, f"{step:07d}.pt"), state, os.path.join(ckpt_dir, "last.pt"))
-            log(f"saved checkpoint {ckpt_dir}/{step:07d}.pt")
-
-    # running sums since the last log line, kept on the device (no sync per step)
-    sums = torch.zeros(3 + len(coefs), device=device)  # ntp, grad norm, steps with foresight on, its losses
-    count, t_log = 0, time.perf_counter()
-
-    def check_and_log(force_check=False):
-        nonlocal count, t_log
-        if count == 0:
-            return
-        s = sums.clone()
-        if world > 1:
-            dist.all_reduce(s)
-            s /= world
-        fs_steps = s[2].item()
-        s[3:] /= max(fs_steps, 1.0)  # the foresight losses average over the steps they were on
-        s[:2] /= count
-        s = s.tolist()
-        if not all(math.isfinite(v) for v in s):
-            last = os.path.join(ckpt_dir, "last.pt")
-            raise FloatingPointError(f"the loss became {s[0]} (foresight {s[3:]}) before step {step}; stopping. "
-                                     f"The last good checkpoint is {last if os.path.exists(last) else 'none yet'}")
-        dt = time.perf_counter() - t_log
-        row = {"step": step, "epoch": epoch, "loss": s[0], "grad_norm": s[1], "lr": opt.param_groups[0]["lr"],
-               "steps_per_sec": count / dt, "tokens_per_sec": count * args.global_batch_size * H * W / dt}
-        if coefs and fs_steps:
-            scale = FS.coef_schedule(step - 1, total_steps, warmup, args.foresight_schedule)
-            row["foresight"] = s[3:]
-            row["foresight_coef"] = [c * scale for c in coefs]
-        log.record(row)
-        msg = f"step {step:7d} | loss {s[0]:.4f}"
-        if "foresight" in row:
-            msg += " | foresight " + " ".join(f"{v:.4f}" for v in s[3:]) + f" x {row['foresight_coef'][0]:.3g}"
-        log(msg + f" | grad {s[1]:.3f} | {row['steps_per_sec']:.2f} steps/s")
-        sums.zero_()
-        count, t_log = 0, time.perf_counter()
-
-    def samples():
-        if vq is None or rank != 0:
-            return
-        from sample import sample_images
-
-        labels = torch.arange(args.num_sample_images) % meta["num_classes"]
-        imgs = sample_images(ema if ema is not None else gpt, vq, labels, cfg_scale=args.cfg_scale,
-                             generator=torch.Generator(device=device).manual_seed(args.seed))
-        path = os.path.join(exp_dir, "samples", f"{step:07d}.png")
-        classes = meta["num_classes"]  # one class per column where they fit in a row
-        save_grid(imgs, path, nrow=classes if classes <= 16 else int(math.ceil(math.sqrt(len(labels)))))
-        log(f"saved samples {path}")
-        gpt.train()
-
+    meter = Meter(len(coefs), device)
     metric = load_metric(args, meta, device, rank, world, log) if args.eval_every else None
     if args.eval_every and metric is None:
         args.eval_every = None
@@ -558,32 +544,55 @@ def _train(args, rank, world, device):
                     loss, ntp, fs_losses = FS.step_losses(student, fs, depth, teacher, ema, x, cond, images,
                                                            coef_t, scale)
                 scaler.scale(loss / args.grad_accum).backward()
-                sums[0] += ntp.detach() / args.grad_accum
-                if fs_losses is not None and scale > 0:
-                    sums[3:] += fs_losses.detach() / args.grad_accum
+                meter.add_micro(ntp, fs_losses if scale > 0 else None, args.grad_accum)
             scaler.unscale_(opt)
             if fs is not None and scale == 0:
                 for p in fs.parameters():  # warm-up: the heads are not stepped (nor weight-decayed) yet
                     p.grad = None
-            sums[1] += nn.utils.clip_grad_norm_(raw_student.parameters(), args.max_grad_norm)
-            sums[2] += float(scale > 0)
+            meter.add_step(nn.utils.clip_grad_norm_(raw_student.parameters(), args.max_grad_norm), scale > 0)
             scaler.step(opt)
             scaler.update()
             opt.zero_grad(set_to_none=True)
             if ema is not None:
-                update_ema(ema, gpt, ema_decay)
-            step, in_epoch, count = step + 1, in_epoch + 1, count + 1
+                update_ema(ema, gpt, args.ema_decay)
+            step, in_epoch = step + 1, in_epoch + 1
             if in_epoch == steps_per_epoch:  # before any checkpoint, so a resume starts the next epoch
                 epoch, in_epoch = epoch + 1, 0
             bar.update(1)
             last = step == total_steps
-            if step % args.log_every == 0 or last:
-                check_and_log()
+            if step % args.log_every == 0 or step % args.ckpt_every == 0 or last:
+                row = meter.flush(world)  # the NaN check: before any checkpoint is written
+                if row is not None:
+                    if not all(math.isfinite(v) for v in [row["loss"], row["grad_norm"], *row.get("foresight", [])]):
+                        good = os.path.join(ckpt_dir, "last.pt")
+                        what = f" (foresight {row['foresight']})" if "foresight" in row else ""
+                        raise FloatingPointError(f"the loss became {row['loss']}{what} before step {step}; stopping. "
+                                                 f"The last good checkpoint is {good if os.path.exists(good) else 'none yet'}")
+                    row = {"step": step, "epoch": epoch, **row, "lr": opt.param_groups[0]["lr"],
+                           "tokens_per_sec": row["steps_per_sec"] * args.global_batch_size * H * W}
+                    if "foresight" in row:
+                        row["foresight_coef"] = [c * FS.coef_schedule(step - 1, total_steps, warmup, args.foresight_schedule)
+                                                 for c in coefs]
+                    log.record(row)
+                    log(f"step {step:7d} | loss {row['loss']:.4f}"
+                        + (" | foresight " + " ".join(f"{v:.4f}" for v in row["foresight"])
+                           + f" x {row['foresight_coef'][0]:.3g}" if "foresight" in row else "")
+                        + f" | grad {row['grad_norm']:.3f} | {row['steps_per_sec']:.2f} steps/s")
             if step % args.ckpt_every == 0 or last:
-                check_and_log()
-                checkpoint()
-            if (args.sample_every and step % args.sample_every == 0) or last:
-                samples()
+                state = {
+                    "model": gpt.state_dict(), "ema": ema.state_dict() if ema is not None else None,
+                    "optimizer": opt.state_dict(), "steps": step, "epoch": epoch, "step_in_epoch": in_epoch,
+                    "args": vars(args), "gpt_config": asdict(gpt.config), "foresight": fs.state_dict() if fs else None,
+                    "foresight_setup": foresight_setup(args, fs, depth), "rng": gather(rng_state(device), world),
+                    "vq_ckpt": args.vq_ckpt, "data_meta": meta,
+                }
+                if rank == 0:
+                    save_checkpoint(os.path.join(ckpt_dir, f"{step:07d}.pt"), state, os.path.join(ckpt_dir, "last.pt"))
+                    log(f"saved checkpoint {ckpt_dir}/{step:07d}.pt")
+            if vq is not None and rank == 0 and ((args.sample_every and step % args.sample_every == 0) or last):
+                path = os.path.join(exp_dir, "samples", f"{step:07d}.png")
+                save_samples(ema if ema is not None else gpt, vq, meta, args, device, path)
+                log(f"saved samples {path}")
             if args.eval_every and (step % args.eval_every == 0 or last):
                 evaluate(args, step, gpt, ema, vq, metric, held_out, meta, rank, world, device, log)
             if last:
