@@ -10,6 +10,7 @@ crops of LlamaGen / ADM, and the code datasets written by `tokenizer.py extract`
 Run `python data.py cifar10 --data-path data` to fetch a dataset and print what it holds.
 """
 import argparse
+import dataclasses
 import gzip
 import hashlib
 import io
@@ -57,6 +58,21 @@ POSITIVE_INT, NONNEG_INT = arg_type(int, 1), arg_type(int, 0)
 POSITIVE, NONNEG = arg_type(float, 0, lo_open=True), arg_type(float, 0)
 PROBABILITY = arg_type(float, 0, 1, hi_open=True)  # dropout rates, EMA decays, Adam betas
 FINITE = arg_type(float)
+
+
+def option(default=None, help=None, **argparse_kw):
+    """A field of a settings dataclass that is also a command-line flag (add_options makes the flags):
+    programs build the dataclass, users type the flags, and both meet the same defaults."""
+    return dataclasses.field(default=default, metadata={"help": help, **argparse_kw})
+
+
+def add_options(parser, settings):
+    """One --kebab-case flag per field of the dataclass `settings`, with its default and metadata."""
+    for f in dataclasses.fields(settings):
+        kw = dict(f.metadata)
+        if kw.get("action") != "store_true":
+            kw["default"] = f.default
+        parser.add_argument("--" + f.name.replace("_", "-"), **kw)
 
 
 def one_line(error):

@@ -24,8 +24,8 @@ from PIL import Image
 from tqdm import tqdm
 
 import data
-from data import (NONNEG, NONNEG_INT, POSITIVE, POSITIVE_INT, PROBABILITY, arg_type, atomic_write, barrier,
-                  cleanup_distributed, save_atomic, save_grid, setup_distributed)
+from data import (NONNEG, NONNEG_INT, POSITIVE, POSITIVE_INT, PROBABILITY, add_options, arg_type, atomic_write,
+                  barrier, cleanup_distributed, option, save_atomic, save_grid, setup_distributed)
 from model import load_state_dict_strict
 
 # ----------------------------------------------------------------------------------------------------
@@ -745,75 +745,82 @@ def extract(args):
 # ----------------------------------------------------------------------------------------------------
 
 
+VIEWS = ["none", "flip", "tencrop"]
+
+
+@dataclass
+class TrainSettings:
+    """What `tokenizer.py train` takes: every flag, with its default (train.py's one command builds one)."""
+    dataset: str = option(required=True, help="cifar10, mnist, fashion-mnist or folder")
+    results_dir: str = option(required=True)
+    data_path: str = option()
+    split: str = option("train")
+    image_size: int = option(32, type=POSITIVE_INT)
+    views: str = option("flip", choices=VIEWS, help="augmentation: a random view per image")
+    vq_model: str = option("VQ-S", choices=VQ_PRESETS)
+    codebook_size: int = option(type=POSITIVE_INT, help="override the preset's")
+    codebook_embed_dim: int = option(type=POSITIVE_INT, help="override the preset's")
+    commit_loss_beta: float = option(0.25, type=NONNEG)
+    entropy_loss_ratio: float = option(0.0, type=NONNEG)
+    dropout_p: float = option(0.0, type=PROBABILITY)
+    resume: str = option(help="'auto' (newest checkpoint in --results-dir) or a checkpoint path")
+    steps: int = option(type=POSITIVE_INT, help="total training steps (default: from --epochs)")
+    epochs: int = option(40, type=POSITIVE_INT)
+    global_batch_size: int = option(128, type=POSITIVE_INT)
+    lr: float = option(1e-4, type=POSITIVE)
+    beta1: float = option(0.9, type=PROBABILITY)
+    beta2: float = option(0.95, type=PROBABILITY)
+    max_grad_norm: float = option(1.0, type=POSITIVE)
+    reconstruction_weight: float = option(1.0, type=NONNEG, help="weight of the L2 loss")
+    l1_weight: float = option(0.0, type=NONNEG)
+    codebook_weight: float = option(1.0, type=NONNEG)
+    disc_start: int = option(20000, type=arg_type(int, -1), help="step that switches the GAN loss on; -1: never")
+    disc_weight: float = option(0.5, type=NONNEG)
+    disc_layers: int = option(type=POSITIVE_INT, help="PatchGAN depth; default: suited to --image-size")
+    disc_dim: int = option(64, type=POSITIVE_INT)
+    mixed_precision: str = option("bf16", choices=["bf16", "none"], help="bf16 applies on GPU only")
+    log_every: int = option(100, type=POSITIVE_INT)
+    sample_every: int = option(1000, type=POSITIVE_INT)
+    ckpt_every: int = option(5000, type=POSITIVE_INT)
+    grid_images: int = option(16, type=POSITIVE_INT)
+    rfid_images: int = option(1000, type=NONNEG_INT, help="rFID on this many held-out (--rfid-split) images at each "
+                              "checkpoint, when the FID Inception weights are available; 0: never")
+    rfid_split: str = option("test")
+    inception_weights: str = option(help="pt_inception-2015-12-05-6726825d.pth (fid.py)")
+    num_workers: int = option(0, type=NONNEG_INT)
+    seed: int = option(0, type=NONNEG_INT)
+
+
+@dataclass
+class ExtractSettings:
+    """What `tokenizer.py extract` takes."""
+    vq_ckpt: str = option(required=True)
+    dataset: str = option(required=True)
+    image_size: int = option(type=POSITIVE_INT, required=True)
+    code_path: str = option(required=True)
+    vq_model: str = option(choices=VQ_PRESETS, help="architecture of a LlamaGen checkpoint (ours store their config)")
+    data_path: str = option()
+    split: str = option("train")
+    views: str = option("none", choices=VIEWS)
+    overwrite: bool = option(False, action="store_true")
+    batch_size: int = option(64, type=POSITIVE_INT)
+    num_workers: int = option(0, type=NONNEG_INT)
+
+
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
-
-    t = sub.add_parser("train", help="train a VQ tokenizer")
-    t.add_argument("--dataset", required=True, help="cifar10, mnist, fashion-mnist or folder")
-    t.add_argument("--data-path", default=None)
-    t.add_argument("--split", default="train")
-    t.add_argument("--image-size", type=POSITIVE_INT, default=32)
-    t.add_argument("--views", default="flip", choices=["none", "flip", "tencrop"],
-                   help="augmentation: a random view per image")
-    t.add_argument("--vq-model", default="VQ-S", choices=list(VQ_PRESETS))
-    t.add_argument("--codebook-size", type=POSITIVE_INT, default=None, help="override the preset's")
-    t.add_argument("--codebook-embed-dim", type=POSITIVE_INT, default=None, help="override the preset's")
-    t.add_argument("--commit-loss-beta", type=NONNEG, default=0.25)
-    t.add_argument("--entropy-loss-ratio", type=NONNEG, default=0.0)
-    t.add_argument("--dropout-p", type=PROBABILITY, default=0.0)
-    t.add_argument("--results-dir", required=True)
-    t.add_argument("--resume", default=None,
-                   help="'auto' (newest checkpoint in --results-dir) or a checkpoint path")
-    t.add_argument("--steps", type=POSITIVE_INT, default=None, help="total training steps (default: from --epochs)")
-    t.add_argument("--epochs", type=POSITIVE_INT, default=40)
-    t.add_argument("--global-batch-size", type=POSITIVE_INT, default=128)
-    t.add_argument("--lr", type=POSITIVE, default=1e-4)
-    t.add_argument("--beta1", type=PROBABILITY, default=0.9)
-    t.add_argument("--beta2", type=PROBABILITY, default=0.95)
-    t.add_argument("--max-grad-norm", type=POSITIVE, default=1.0)
-    t.add_argument("--reconstruction-weight", type=NONNEG, default=1.0, help="weight of the L2 loss")
-    t.add_argument("--l1-weight", type=NONNEG, default=0.0)
-    t.add_argument("--codebook-weight", type=NONNEG, default=1.0)
-    t.add_argument("--disc-start", type=arg_type(int, -1), default=20000,
-                   help="step that switches the GAN loss on; -1: never")
-    t.add_argument("--disc-weight", type=NONNEG, default=0.5)
-    t.add_argument("--disc-layers", type=POSITIVE_INT, default=None, help="PatchGAN depth; default: suited to --image-size")
-    t.add_argument("--disc-dim", type=POSITIVE_INT, default=64)
-    t.add_argument("--mixed-precision", default="bf16", choices=["bf16", "none"],
-                   help="bf16 applies on GPU only")
-    t.add_argument("--log-every", type=POSITIVE_INT, default=100)
-    t.add_argument("--sample-every", type=POSITIVE_INT, default=1000)
-    t.add_argument("--ckpt-every", type=POSITIVE_INT, default=5000)
-    t.add_argument("--grid-images", type=POSITIVE_INT, default=16)
-    t.add_argument("--rfid-images", type=NONNEG_INT, default=1000,
-                   help="rFID on this many held-out (--rfid-split) images at each checkpoint, when the "
-                        "FID Inception weights are available; 0: never")
-    t.add_argument("--rfid-split", default="test")
-    t.add_argument("--inception-weights", default=None, help="pt_inception-2015-12-05-6726825d.pth (fid.py)")
-    t.add_argument("--num-workers", type=NONNEG_INT, default=0)
-    t.add_argument("--seed", type=NONNEG_INT, default=0)
-
-    e = sub.add_parser("extract", help="encode a dataset into a code dataset")
-    e.add_argument("--vq-ckpt", required=True)
-    e.add_argument("--vq-model", default=None, choices=list(VQ_PRESETS),
-                   help="architecture of a LlamaGen checkpoint (ours store their config)")
-    e.add_argument("--dataset", required=True)
-    e.add_argument("--data-path", default=None)
-    e.add_argument("--split", default="train")
-    e.add_argument("--image-size", type=POSITIVE_INT, required=True)
-    e.add_argument("--views", default="none", choices=["none", "flip", "tencrop"])
-    e.add_argument("--code-path", required=True)
-    e.add_argument("--overwrite", action="store_true")
-    e.add_argument("--batch-size", type=POSITIVE_INT, default=64)
-    e.add_argument("--num-workers", type=NONNEG_INT, default=0)
+    add_options(sub.add_parser("train", help="train a VQ tokenizer"), TrainSettings)
+    add_options(sub.add_parser("extract", help="encode a dataset into a code dataset"), ExtractSettings)
     return p
 
 
 def main(argv=None):
-    args = build_parser().parse_args(argv)
+    args = vars(build_parser().parse_args(argv))
     try:
-        return train(args) if args.command == "train" else extract(args)
+        if args.pop("command") == "train":
+            return train(TrainSettings(**args))
+        return extract(ExtractSettings(**args))
     except (ValueError, OSError, RuntimeError, FloatingPointError) as e:
         if os.environ.get("MIRAI_DEBUG"):
             raise

@@ -724,8 +724,7 @@ def pipeline(args, given):
     for key, value in SMALL_RUN_EXPLICIT.items():
         if args.foresight == "explicit" and key not in given:
             setattr(args, key, value)
-    where = ["--dataset", args.dataset, "--image-size", str(args.image_size)]
-    where += ["--data-path", args.data_path] if args.data_path else []
+    where = dict(dataset=args.dataset, image_size=args.image_size, data_path=args.data_path)
 
     if not args.vq_ckpt:  # 1. the tokenizer, trained to its final step once
         vq_dir = os.path.join(out, "vq")
@@ -734,9 +733,9 @@ def pipeline(args, given):
         if not os.path.exists(args.vq_ckpt):
             started = glob.glob(os.path.join(vq_dir, "checkpoints", "*.pt"))
             print(f"== stage 1/3: tokenizer -> {vq_dir}" + (" (resuming)" if started else ""))
-            tokenizer.main(["train", *where, "--vq-model", "VQ-S", "--results-dir", vq_dir, "--steps", str(steps),
-                            "--global-batch-size", "32", "--lr", "1e-3", "--disc-start", "-1", "--log-every", "50",
-                            "--sample-every", "100", "--ckpt-every", "100"] + (["--resume", "auto"] if started else []))
+            tokenizer.train(tokenizer.TrainSettings(
+                **where, vq_model="VQ-S", results_dir=vq_dir, steps=steps, global_batch_size=32, lr=1e-3, disc_start=-1,
+                log_every=50, sample_every=100, ckpt_every=100, resume="auto" if started else None))
 
     code_path = os.path.join(out, "codes")  # 2. the codes, made once per tokenizer
     meta_path = os.path.join(code_path, "meta.json")
@@ -747,15 +746,15 @@ def pipeline(args, given):
             raise ValueError(f"{code_path} holds codes of another tokenizer ({made_with}); remove it or choose another --out")
     else:  # a codes.npy without meta.json is an extraction that was cut short: made again
         print(f"== stage 2/3: codes -> {code_path}")
-        tokenizer.main(["extract", *where, "--vq-ckpt", args.vq_ckpt, "--views", "flip", "--code-path", code_path,
-                        "--batch-size", "256", "--overwrite"])
+        tokenizer.extract(tokenizer.ExtractSettings(**where, vq_ckpt=args.vq_ckpt, views="flip", code_path=code_path,
+                                                    batch_size=256, overwrite=True))
 
     if args.dataset in ("fashion-mnist", "mnist", "cifar10") and "eval_codes" not in given:
         args.eval_codes = os.path.join(out, "codes-test")  # the test split's codes: a held-out loss
         if not os.path.exists(os.path.join(args.eval_codes, "meta.json")):
             print(f"== stage 2/3: held-out codes -> {args.eval_codes}")
-            tokenizer.main(["extract", *where, "--split", "test", "--vq-ckpt", args.vq_ckpt, "--views", "none",
-                            "--code-path", args.eval_codes, "--batch-size", "256", "--overwrite"])
+            tokenizer.extract(tokenizer.ExtractSettings(**where, split="test", vq_ckpt=args.vq_ckpt, views="none",
+                                                        code_path=args.eval_codes, batch_size=256, overwrite=True))
 
     args.code_path, args.results_dir = code_path, out  # 3. the GPT, resumed if a run is there
     args.exp_name = args.exp_name or f"gpt-{args.foresight}"
