@@ -25,7 +25,7 @@ from tqdm import tqdm
 from model import GPT_PRESETS, load_gpt
 from data import (FINITE, NONNEG_INT, POSITIVE, POSITIVE_INT, arg_type, atomic_write, barrier, cleanup_distributed,
                   one_line, save_grid, setup_distributed)
-from tokenizer import VQ_PRESETS, load_vq, to_uint8
+from tokenizer import VQ_PRESETS, load_vq, sample_images
 
 SETTINGS_FILE = "sample_settings.json"  # in --sample-dir: what made its PNGs, so a resume cannot mix runs
 PNG_NAME = re.compile(r"\d{6,}\.png")  # 000000.png ...: the only PNGs this script makes or removes
@@ -67,18 +67,6 @@ def chunk_generator(seed, start, device):
 
 
 @torch.no_grad()
-def sample_images(gpt, vq, labels, cfg_scale=1.0, cfg_interval=-1, temperature=1.0, top_k=0, top_p=1.0,
-                  generator=None):
-    """Class labels (B,) -> (B, H, W, 3) uint8 images: GPT tokens decoded by the tokenizer."""
-    device = gpt.tok_embeddings.weight.device
-    labels = torch.as_tensor(labels, dtype=torch.long, device=device)
-    tokens = gpt.generate(labels, cfg_scale=cfg_scale, cfg_interval=cfg_interval, temperature=temperature,
-                          top_k=top_k, top_p=top_p, generator=generator)
-    g = gpt.config.grid_size
-    vq_device = next(vq.parameters()).device
-    return to_uint8(vq.decode_code(tokens.to(vq_device), grid=(g, g)))
-
-
 def save_png(image, path):  # atomic: a run killed mid-write must not leave a PNG that a resume would skip
     atomic_write(path, lambda f: Image.fromarray(image).save(f, format="PNG"))
 

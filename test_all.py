@@ -1318,7 +1318,7 @@ def test_grid_with_given_classes_matches_sample_images(ckpts, tmp_path):
             "--classes", "4,0,2", "--cfg-scale", "1.5", "--top-k", "8", "--out", str(tmp_path / "g.png")])
     gpt = M.load_gpt(ckpts["gpt"])
     vq = T.load_vq(ckpts["vq"])
-    images = S.sample_images(gpt, vq, [4, 0, 2], cfg_scale=1.5, top_k=8,
+    images = T.sample_images(gpt, vq, [4, 0, 2], cfg_scale=1.5, top_k=8,
                              generator=S.chunk_generator(0, 0, torch.device("cpu")))
     assert images.shape == (3, 8, 8, 3) and images.dtype == np.uint8
     grid = read_png(tmp_path / "g.png")

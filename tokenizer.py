@@ -413,6 +413,18 @@ def to_uint8(x):
     return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 
+def sample_images(gpt, vq, labels, cfg_scale=1.0, cfg_interval=-1, temperature=1.0, top_k=0, top_p=1.0,
+                  generator=None):
+    """Class labels (B,) -> (B, H, W, 3) uint8 images: GPT tokens decoded by the tokenizer."""
+    device = gpt.tok_embeddings.weight.device
+    labels = torch.as_tensor(labels, dtype=torch.long, device=device)
+    tokens = gpt.generate(labels, cfg_scale=cfg_scale, cfg_interval=cfg_interval, temperature=temperature,
+                          top_k=top_k, top_p=top_p, generator=generator)
+    g = gpt.config.grid_size
+    vq_device = next(vq.parameters()).device
+    return to_uint8(vq.decode_code(tokens.to(vq_device), grid=(g, g)))
+
+
 def psnr(x, y):
     """Mean PSNR in dB of images in [-1, 1], measured on the [0, 1] scale."""
     mse = ((x.float().clamp(-1, 1) - y.float()) / 2).pow(2).flatten(1).mean(1)

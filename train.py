@@ -33,6 +33,7 @@ import foresight as FS
 from data import (FINITE, NONNEG, NONNEG_INT, POSITIVE, POSITIVE_INT, PROBABILITY, CodeDataset, cleanup_distributed,
                   folder_name, one_line, save_atomic, save_grid, setup_distributed)
 from model import GPT, GPT_PRESETS, gpt_config, load_gpt, make_adamw
+from tokenizer import load_vq, sample_images
 
 # ----------------------------------------------------------------------------------------------------
 # Flags
@@ -278,8 +279,6 @@ class Meter:
 
 def save_samples(model, vq, meta, args, device, path):
     """A grid of --num-sample-images samples, one class per column where the classes fit in a row."""
-    from sample import sample_images
-
     labels = torch.arange(args.num_sample_images) % meta["num_classes"]
     imgs = sample_images(model, vq, labels, cfg_scale=args.cfg_scale,
                          generator=torch.Generator(device=device).manual_seed(args.seed))
@@ -320,8 +319,6 @@ def build_models(args, meta, device):
     gpt = gpt.to(device)
     vq = None
     if args.vq_ckpt:
-        from tokenizer import load_vq
-
         vq = load_vq(args.vq_ckpt, device=device)
         check_data(args, meta, vq.config.codebook_size, vq.grid_size(meta["image_size"]), None, f"--vq-ckpt {args.vq_ckpt}")
     return gpt, vq
@@ -654,8 +651,6 @@ def held_out_loss(model, codes, device, batch=500):
 def evaluate(args, step, gpt, ema, vq, metric, held_out, meta, rank, world, device, log):
     """Samples from --eval-weights made by all ranks, scored on rank 0, plus the held-out loss. Its own
     random generator: evaluating never changes the training run."""
-    from sample import sample_images
-
     which = {"ema": ["ema"], "raw": ["raw"], "both": ["ema", "raw"]}[args.eval_weights]
     if ema is None:
         which = ["raw"]
