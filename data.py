@@ -20,6 +20,7 @@ import os
 import pickle
 import struct
 import tarfile
+import time
 import tempfile
 import urllib.error
 import urllib.request
@@ -136,6 +137,28 @@ def atomic_write(path, write):
 
 def save_atomic(obj, path):
     atomic_write(path, lambda f: torch.save(obj, f))
+
+
+class Logger:
+    """Rank 0 writes lines to stdout and log.txt, and metrics to metrics.jsonl; other ranks stay quiet."""
+
+    def __init__(self, exp_dir, rank, bar=None):
+        self.rank, self.bar = rank, bar
+        self.log = open(os.path.join(exp_dir, "log.txt"), "a") if rank == 0 else None
+        self.metrics = open(os.path.join(exp_dir, "metrics.jsonl"), "a") if rank == 0 else None
+
+    def __call__(self, msg):
+        if self.rank != 0:
+            return
+        line = f"[{time.strftime('%Y-%m-%d %H:%M:%S')}] {msg}"
+        (self.bar.write if self.bar is not None else print)(line)
+        self.log.write(line + "\n")
+        self.log.flush()
+
+    def record(self, row):
+        if self.rank == 0:
+            self.metrics.write(json.dumps(row) + "\n")
+            self.metrics.flush()
 
 
 def save_grid(images, path, nrow=None, padding=2):

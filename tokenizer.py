@@ -24,8 +24,8 @@ from PIL import Image
 from tqdm import tqdm
 
 import data
-from data import (NONNEG, NONNEG_INT, POSITIVE, POSITIVE_INT, PROBABILITY, add_options, arg_type, atomic_write,
-                  barrier, cleanup_distributed, option, save_atomic, save_grid, setup_distributed)
+from data import (NONNEG, NONNEG_INT, POSITIVE, POSITIVE_INT, PROBABILITY, Logger, add_options, arg_type,
+                  atomic_write, barrier, cleanup_distributed, option, save_atomic, save_grid, setup_distributed)
 from model import load_state_dict_strict
 
 # ----------------------------------------------------------------------------------------------------
@@ -561,28 +561,10 @@ def train(args):
 
     use_bf16 = device.type == "cuda" and args.mixed_precision == "bf16"
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_bf16)
-    log_file = metrics_file = None
     if rank == 0:
         os.makedirs(os.path.join(args.results_dir, "checkpoints"), exist_ok=True)
         os.makedirs(os.path.join(args.results_dir, "samples"), exist_ok=True)
-        log_file = open(os.path.join(args.results_dir, "log.txt"), "a")
-        metrics_file = open(os.path.join(args.results_dir, "metrics.jsonl"), "a")
-
-    def log(msg):
-        if rank == 0:
-            tqdm.write(msg)
-            log_file.write(msg + "\n")
-            log_file.flush()
-
-    def save(step):
-        if rank != 0:
-            return None
-        path = os.path.join(args.results_dir, "checkpoints", f"{step:07d}.pt")
-        save_atomic({"model": raw_model.state_dict(), "config": asdict(cfg), "optimizer": opt.state_dict(),
-                     "disc": raw_disc.state_dict(), "disc_optimizer": opt_d.state_dict(), "steps": step,
-                     "args": vars(args)}, path)
-        return path
-
+    log = Logger(args.results_dir, rank)
     rfid = make_rfid(args, raw_model, device, log) if rank == 0 and args.rfid_images > 0 else None
     n_params = sum(p.numel() for p in raw_model.parameters())
     side = raw_model.grid_size(args.image_size)
@@ -592,7 +574,7 @@ def train(args):
         + (f", resuming from {resume_path} at step {step}" if ckpt else ""))
     model.train()
     disc.train()
-    bar = tqdm(total=total, initial=step, disable=rank != 0, desc="train vq", dynamic_ncols=True)
+    bar = log.bar = tqdm(total=total, initial=step, disable=rank != 0, desc="train vq", dynamic_ncols=True)
     sums, t0, last_good = {}, time.time(), resume_path
     while step < total:
         epoch, skip = divmod(step, per_epoch)
@@ -648,9 +630,7 @@ def train(args):
                 avg.update(step=step, usage=raw_model.quantize.usage(), steps_per_s=n / (time.time() - t0))
                 bar.set_postfix(psnr=f"{avg['psnr']:.2f}", usage=f"{avg['usage']:.3f}")
                 log(f"step {step:7d} " + " ".join(f"{k} {v:.4f}" for k, v in avg.items() if k != "step"))
-                if rank == 0:
-                    metrics_file.write(json.dumps(avg) + "\n")
-                    metrics_file.flush()
+                log.record(avg)
                 sums, t0 = {}, time.time()
             if rank == 0 and (step % args.sample_every == 0 or step == total):
                 raw_model.eval()
@@ -661,20 +641,20 @@ def train(args):
                 save_recon_grid(fixed, fixed_recon, grid_path)
                 log(f"step {step:7d} fixed-batch psnr {psnr(fixed_recon, fixed):.2f} dB -> {grid_path}")
             if step % args.ckpt_every == 0 or step == total:
-                last_good = save(step) or last_good
+                if rank == 0:
+                    last_good = os.path.join(args.results_dir, "checkpoints", f"{step:07d}.pt")
+                    save_atomic({"model": raw_model.state_dict(), "config": asdict(cfg), "optimizer": opt.state_dict(),
+                                 "disc": raw_disc.state_dict(), "disc_optimizer": opt_d.state_dict(), "steps": step,
+                                 "args": vars(args)}, last_good)
                 if rfid is not None:
                     value = rfid()
                     log(f"step {step:7d} rFID {value:.3f} on {args.rfid_images} held-out images")
-                    metrics_file.write(json.dumps({"step": step, "rfid": value}) + "\n")
-                    metrics_file.flush()
+                    log.record({"step": step, "rfid": value})
                 barrier(world)
             if step >= total:
                 break
     bar.close()
     log(f"done: {step} steps; checkpoint {last_good}")
-    if rank == 0:
-        log_file.close()
-        metrics_file.close()
     cleanup_distributed(world)
     return last_good
 

@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 import foresight as FS
 from data import (FINITE, NONNEG, NONNEG_INT, POSITIVE, POSITIVE_INT, PROBABILITY, CodeDataset, cleanup_distributed,
-                  folder_name, one_line, save_atomic, save_grid, setup_distributed)
+                  Logger, folder_name, one_line, save_atomic, save_grid, setup_distributed)
 from model import GPT, GPT_PRESETS, gpt_config, load_gpt, make_adamw
 from tokenizer import load_vq, sample_images
 
@@ -216,28 +216,6 @@ def new_experiment_dir(results_dir, name, suffix):
     existing = os.listdir(results_dir) if os.path.isdir(results_dir) else []
     nums = [int(m.group(1)) for d in existing if (m := re.match(r"(\d+)-", d))]
     return os.path.join(results_dir, f"{max(nums, default=-1) + 1:03d}-{suffix}")
-
-
-class Logger:
-    """Rank 0 writes lines to stdout and log.txt, and metrics to metrics.jsonl; other ranks stay quiet."""
-
-    def __init__(self, exp_dir, rank, bar=None):
-        self.rank, self.bar = rank, bar
-        self.log = open(os.path.join(exp_dir, "log.txt"), "a") if rank == 0 else None
-        self.metrics = open(os.path.join(exp_dir, "metrics.jsonl"), "a") if rank == 0 else None
-
-    def __call__(self, msg):
-        if self.rank != 0:
-            return
-        line = f"[{time.strftime('%Y-%m-%d %H:%M:%S')}] {msg}"
-        (self.bar.write if self.bar is not None else print)(line)
-        self.log.write(line + "\n")
-        self.log.flush()
-
-    def record(self, row):
-        if self.rank == 0:
-            self.metrics.write(json.dumps(row) + "\n")
-            self.metrics.flush()
 
 
 class Meter:
