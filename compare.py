@@ -17,7 +17,7 @@ import os
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from data import atomic_write
+from data import atomic_write, read_checkpoint
 
 COLOURS = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14), (23, 190, 207)]
 
@@ -33,9 +33,7 @@ def read_run(path):
     ckpt = os.path.join(path, "checkpoints", "last.pt")
     args = {}
     if os.path.isfile(ckpt):
-        import torch
-
-        args = torch.load(ckpt, map_location="cpu", weights_only=True).get("args", {})
+        args = read_checkpoint(ckpt, "checkpoint").get("args", {})
     return args, rows
 
 

@@ -161,6 +161,18 @@ class Logger:
             self.metrics.flush()
 
 
+def read_checkpoint(path, what, mmap=False):
+    """torch.load (tensors only, onto the CPU) of a file a user named; missing or unreadable, it is
+    refused in one sentence that names `what` and the file."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{what} {path} does not exist")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except Exception as e:  # any failure to unpickle means the same thing to the user
+        raise ValueError(f"{what} {path} is not a readable PyTorch checkpoint ({type(e).__name__}): truncated, "
+                         f"corrupt, or another kind of file") from None
+
+
 def save_grid(images, path, nrow=None, padding=2):
     """(N, H, W, C) uint8 -> one PNG, nrow images a row (default: a square), black gaps; atomic."""
     images = np.asarray(images)

@@ -268,10 +268,9 @@ def load_inception(weights=None, device="cpu", download=True):
     """
     path = weights_path(weights, download)
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # any failure to unpickle means the same thing to the user
-        raise ValueError(f"{path} is not a readable weights file ({type(e).__name__}), probably truncated "
-                         f"or corrupt: delete it and download {WEIGHTS_URL} again.") from None
+        state = data.read_checkpoint(path, "the FID Inception weights")
+    except ValueError as e:
+        raise ValueError(f"{e}: delete it and download {WEIGHTS_URL} again.") from None
     model = FIDInceptionV3()
     expected = model.state_dict()
     if not isinstance(state, dict):
@@ -737,7 +736,7 @@ def load_classifier(dataset, data_path=None, device="cpu", image_size=32, seed=0
         print(f"classifier of {net.dataset} at {image_size}px: test accuracy {net.test_accuracy:.4f}, trained in "
               f"{time.time() - start:.0f} s, saved to {path}", file=sys.stderr)
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        ckpt = data.read_checkpoint(path, "the cached classifier")
         net = SmallClassifier(ckpt["num_classes"], ckpt["widths"])
         net.load_state_dict(ckpt["state_dict"])
     except Exception as e:  # a stale or broken cache file, which retraining replaces

@@ -431,12 +431,9 @@ def load_gpt(path, preset=None, grid_size=None, use_ema=False, device="cpu", **o
     Our checkpoints carry their config ("gpt_config"); LlamaGen's do not, so there the preset
     (--gpt-model) and grid size are needed; vocabulary and classes are read from the weights.
     """
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"GPT checkpoint {path} does not exist") from None
-    except Exception as e:
-        raise ValueError(f"GPT checkpoint {path} could not be read ({type(e).__name__}); is it a torch checkpoint?") from None
+    from data import read_checkpoint
+
+    ckpt = read_checkpoint(path, "GPT checkpoint")
     sd = gpt_state_dict(ckpt, use_ema)
     sd = {k.removeprefix("_orig_mod.").removeprefix("module."): v for k, v in sd.items()}
     if isinstance(ckpt, dict) and isinstance(ckpt.get("gpt_config"), dict):

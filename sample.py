@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from model import GPT_PRESETS, load_gpt
 from data import (FINITE, NONNEG_INT, POSITIVE, POSITIVE_INT, arg_type, atomic_write, barrier, cleanup_distributed,
-                  one_line, save_grid, setup_distributed)
+                  one_line, read_checkpoint, save_grid, setup_distributed)
 from tokenizer import VQ_PRESETS, load_vq, sample_images
 
 SETTINGS_FILE = "sample_settings.json"  # in --sample-dir: what made its PNGs, so a resume cannot mix runs
@@ -51,8 +51,8 @@ def check_compatible(gpt, vq, image_size=None):
 def recorded_vq_ckpt(gpt_ckpt):
     """The tokenizer path a training checkpoint recorded, or None (LlamaGen's record none)."""
     try:
-        ckpt = torch.load(gpt_ckpt, map_location="cpu", weights_only=True, mmap=True)
-    except Exception:
+        ckpt = read_checkpoint(gpt_ckpt, "--gpt-ckpt", mmap=True)
+    except (FileNotFoundError, ValueError):
         return None  # load_gpt explains an unreadable file better
     if not isinstance(ckpt, dict):
         return None

@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 import data
 from data import (NONNEG, NONNEG_INT, POSITIVE, POSITIVE_INT, PROBABILITY, Logger, add_options, arg_type,
-                  atomic_write, barrier, cleanup_distributed, option, save_atomic, save_grid, setup_distributed)
+                  atomic_write, barrier, cleanup_distributed, option, read_checkpoint, save_atomic, save_grid, setup_distributed)
 from model import load_state_dict_strict
 
 # ----------------------------------------------------------------------------------------------------
@@ -348,13 +348,7 @@ class VQModel(nn.Module):
 def load_vq(path, preset=None, device="cpu"):
     """A VQModel in eval mode from our checkpoint (which stores its config) or from LlamaGen's
     (`{"model": sd}` or a bare state_dict), whose architecture `preset` names (e.g. "VQ-16")."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"VQ checkpoint {path} does not exist")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ValueError(f"VQ checkpoint {path} is not a readable PyTorch checkpoint "
-                         f"({type(e).__name__})") from None
+    ckpt = read_checkpoint(path, "VQ checkpoint")
     if not isinstance(ckpt, dict):
         raise ValueError(f"VQ checkpoint {path} holds a {type(ckpt).__name__}, expected a dict")
     if "config" in ckpt:  # our own format: the stored config wins over any preset
@@ -513,11 +507,7 @@ def train(args):
     resume_path = find_resume(args)
     ckpt = None
     if resume_path:
-        try:
-            ckpt = torch.load(resume_path, map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise ValueError(f"--resume {resume_path} is not a readable PyTorch checkpoint "
-                             f"({type(e).__name__}).") from None
+        ckpt = read_checkpoint(resume_path, "--resume")
         needed = ("model", "config", "optimizer", "disc", "disc_optimizer", "steps")
         if not isinstance(ckpt, dict) or any(k not in ckpt for k in needed):
             raise ValueError(f"--resume {resume_path} is not a checkpoint of `tokenizer.py train` "

@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 import foresight as FS
 from data import (FINITE, NONNEG, NONNEG_INT, POSITIVE, POSITIVE_INT, PROBABILITY, CodeDataset, cleanup_distributed,
-                  Logger, folder_name, one_line, save_atomic, save_grid, setup_distributed)
+                  Logger, folder_name, one_line, read_checkpoint, save_atomic, save_grid, setup_distributed)
 from model import GPT, GPT_PRESETS, gpt_config, load_gpt, make_adamw
 from tokenizer import load_vq, sample_images
 
@@ -418,14 +418,9 @@ def _train(args, rank, world, device):
     # where does this run live, and does it continue an earlier one?
     suffix = f"{args.gpt_model}-{args.foresight}"
     resume = find_auto_resume(args.results_dir, suffix, args.exp_name) if args.resume == "auto" else args.resume
-    if resume and not os.path.isfile(resume):
-        raise FileNotFoundError(f"--resume {resume}: no such checkpoint")
     step, epoch, in_epoch = 0, 0, 0
     if resume:
-        try:
-            ckpt = torch.load(resume, map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise ValueError(f"--resume {resume} could not be read ({type(e).__name__}); is it a torch checkpoint?") from None
+        ckpt = read_checkpoint(resume, "--resume")
         lacks = [k for k in ("model", "optimizer", "steps", "epoch", "step_in_epoch", "rng", "args")
                  if not isinstance(ckpt, dict) or k not in ckpt]
         if lacks:
