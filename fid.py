@@ -36,6 +36,7 @@ from tqdm import tqdm
 
 import data
 from data import IMAGE_EXTENSIONS, atomic_write
+from model import load_state_dict_strict
 
 WEIGHTS_NAME = "pt_inception-2015-12-05-6726825d.pth"
 WEIGHTS_URL = "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/" + WEIGHTS_NAME
@@ -272,16 +273,9 @@ def load_inception(weights=None, device="cpu", download=True):
     except ValueError as e:
         raise ValueError(f"{e}: delete it and download {WEIGHTS_URL} again.") from None
     model = FIDInceptionV3()
-    expected = model.state_dict()
     if not isinstance(state, dict):
         raise ValueError(f"{path} holds a {type(state).__name__}, not the FID Inception state_dict.")
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    wrong = [k for k in expected if k in state and tuple(state[k].shape) != tuple(expected[k].shape)]
-    if missing or unexpected or wrong:
-        raise ValueError(f"{path} is not {WEIGHTS_NAME}: {len(missing)} keys missing, {len(unexpected)} unexpected "
-                         f"and {len(wrong)} of the wrong shape (first: {(missing + unexpected + wrong)[0]}).")
-    model.load_state_dict(state, strict=True)
+    load_state_dict_strict(model, state, f"{path} ({WEIGHTS_NAME}?)")
     return model.eval().to(device, memory_format=torch.channels_last).fold_batchnorm()
 
 

@@ -1657,7 +1657,7 @@ def test_weights_errors_are_one_sentence(tmp_path, monkeypatch):
     truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
     with pytest.raises(ValueError, match="truncated"):
         fid.load_inception(str(truncated))
-    with pytest.raises(ValueError, match="keys missing"):
+    with pytest.raises(ValueError, match="does not fit the model: missing keys"):
         fid.load_inception(str(good))
 
     np.savez(tmp_path / "s.npz", arr_0=np.zeros((4, 8, 8, 3), np.uint8))
