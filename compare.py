@@ -61,14 +61,15 @@ def summarise(groups, metric):
 
 
 def table(groups, metrics):
-    lines = ["| variant | step | " + " | ".join(metrics) + " |", "|---|---|" + "---|" * len(metrics)]
+    lines = ["| variant | step | " + " | ".join(m.removeprefix("eval_") for m in metrics) + " |",
+             "|---|---|" + "---|" * len(metrics)]
     sums = {m: summarise(groups, m) for m in metrics}
     for name in groups:
         for s in sorted({s for m in metrics for s in sums[m][name]}):
             cells = []
             for m in metrics:
                 mean, std, n = sums[m][name].get(s, (math.nan, 0, 0))
-                cells.append(f"{mean:.3f} ± {std:.3f} (n={n})" if n else "")
+                cells.append("" if not n else f"{mean:.3f}" if n == 1 else f"{mean:.3f} ± {std:.3f} (n={n})")
             lines.append(f"| {name} | {s} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -136,7 +137,7 @@ def main(argv=None):
     if not groups:
         raise SystemExit("error: none of the runs has evaluation rows in its metrics.jsonl (train with --eval-every)")
     names = sorted({k for runs in groups.values() for _, _, rows in runs for r in rows.values() for k in r} - {"step"},
-                   key=lambda k: (k != args.metric, k))
+                   key=lambda k: ("raw_" in k, k.replace("raw_", "") != args.metric, k.replace("raw_", "")))
     print(table(groups, names))
     if args.out:
         panels = [plot(summarise(groups, args.metric), args.metric)] + last_grids(groups)

@@ -741,7 +741,7 @@ def test_compare_tabulates_seeds_and_draws_the_curve(tmp_path, capsys):
             Image.new("RGB", (20, 10), (200, 0, 0)).save(run / "samples" / "0000002.png")
     compare.main([str(p) for p in sorted(tmp_path.iterdir())] + ["--out", str(tmp_path / "c.png")])
     out = capsys.readouterr().out
-    assert "| variant | step | eval_fd_classifier | eval_class_agreement |" in out
+    assert "| variant | step | fd_classifier | class_agreement |" in out
     assert "| none | 2 | 16.000 ± 1.000 (n=3) | 0.500 ± 0.000 (n=3) |" in out
     assert "| implicit | 1 | 21.000 ± 1.000 (n=3)" in out
     figure = np.asarray(Image.open(tmp_path / "c.png"))
