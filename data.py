@@ -118,6 +118,32 @@ def cleanup_distributed(world):
         torch.distributed.destroy_process_group()
 
 
+class EpochSampler(torch.utils.data.Sampler):
+    """This rank's items of one epoch, as flat indices image * views + view.
+
+    The order and the view of each image are drawn from a generator seeded by (seed, epoch) alone, so
+    a resumed run rebuilds them exactly and skips the items it has already seen.
+    """
+
+    def __init__(self, num_images, num_views, per_rank, seed, rank, world):
+        self.n, self.views, self.per_rank = num_images, num_views, per_rank
+        self.seed, self.rank, self.world = seed, rank, world
+        self.epoch, self.skip = 0, 0
+
+    def set_epoch(self, epoch, skip=0):
+        self.epoch, self.skip = epoch, skip
+
+    def __len__(self):
+        return self.per_rank - self.skip
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        perm = torch.randperm(self.n, generator=g)
+        view = torch.randint(self.views, (self.n,), generator=g)
+        flat = (perm * self.views + view[perm])[self.rank :: self.world][: self.per_rank]
+        return iter(flat[self.skip :].tolist())
+
+
 def atomic_write(path, write):
     """write(binary file) into a temporary file beside `path`, then rename it: a reader, or a resume
     after a crash, never sees half a file, and a failed write (a full disk) leaves no temporary file."""

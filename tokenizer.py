@@ -464,13 +464,6 @@ def make_rfid(args, model, device, log):
 # ----------------------------------------------------------------------------------------------------
 
 
-def epoch_batches(n, batch, epoch, seed, rank, world):
-    """This rank's index batches for one epoch: a seeded permutation, so a resumed run can skip ahead."""
-    g = torch.Generator().manual_seed(seed * 100003 + epoch)
-    perm = torch.randperm(n, generator=g)[rank::world].tolist()
-    return [perm[i:i + batch] for i in range(0, len(perm) - batch + 1, batch)]
-
-
 def find_resume(args):
     ckpt_dir = os.path.join(args.results_dir, "checkpoints")
     existing = sorted(f for f in os.listdir(ckpt_dir) if f.endswith(".pt")) if os.path.isdir(ckpt_dir) else []
@@ -537,17 +530,17 @@ def train(args):
         source = data.open_dataset(args.dataset, args.data_path, split=args.split)
     except (FileNotFoundError, ValueError) as e:
         raise ValueError(f"--dataset {args.dataset}: {e}")
-    dataset = data.ViewDataset(source, args.image_size, views=args.views, random_view=True)
+    dataset = data.ViewDataset(source, args.image_size, views=args.views, random_view=False)  # item = image * views + view
     try:
         raw_model.grid_size(args.image_size)
     except ValueError as e:
         raise ValueError(f"--image-size: {e}.")
-    per_epoch = len(dataset) // args.global_batch_size
+    per_epoch = len(source) // args.global_batch_size
     if per_epoch == 0:
         raise ValueError(f"--global-batch-size {args.global_batch_size} is larger than the dataset "
-                         f"({len(dataset)} images).")
+                         f"({len(source)} images).")
     total = args.steps if args.steps is not None else args.epochs * per_epoch
-    fixed = torch.stack([dataset[i][0] for i in range(min(args.grid_images, len(dataset)))]).to(device)
+    fixed = torch.stack([dataset[i * dataset.num_views][0] for i in range(min(args.grid_images, len(source)))]).to(device)
 
     use_bf16 = device.type == "cuda" and args.mixed_precision == "bf16"
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_bf16)
@@ -560,16 +553,18 @@ def train(args):
     side = raw_model.grid_size(args.image_size)
     log(f"VQ {args.vq_model}: {n_params / 1e6:.2f}M parameters, "
         f"codebook {cfg.codebook_size}x{cfg.codebook_embed_dim}, grid {side}x{side}; "
-        f"{len(dataset)} images, {total} steps"
+        f"{len(source)} images x {dataset.num_views} views, {total} steps"
         + (f", resuming from {resume_path} at step {step}" if ckpt else ""))
     model.train()
     disc.train()
     bar = log.bar = tqdm(total=total, initial=step, disable=rank != 0, desc="train vq", dynamic_ncols=True)
     sums, t0, last_good = {}, time.time(), resume_path
+    sampler = data.EpochSampler(len(source), dataset.num_views, per_epoch * batch, args.seed, rank, world)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch, sampler=sampler, drop_last=True,
+                                         num_workers=args.num_workers, generator=torch.Generator())
     while step < total:
         epoch, skip = divmod(step, per_epoch)
-        batches = epoch_batches(len(dataset), batch, epoch, args.seed, rank, world)[skip:per_epoch]
-        loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=args.num_workers)
+        sampler.set_epoch(epoch, skip * batch)  # a resumed run skips what it has seen of this epoch
         for x, *_ in loader:
             x = x.to(device, non_blocking=True)
             gan_on = 0 <= args.disc_start <= step

@@ -30,7 +30,8 @@ import torch.nn as nn
 from tqdm import tqdm
 
 import foresight as FS
-from data import (FINITE, NONNEG, NONNEG_INT, POSITIVE, POSITIVE_INT, PROBABILITY, CodeDataset, cleanup_distributed,
+from data import (FINITE, NONNEG, NONNEG_INT, POSITIVE, POSITIVE_INT, PROBABILITY, CodeDataset, EpochSampler,
+                  cleanup_distributed,
                   Logger, folder_name, one_line, read_checkpoint, save_atomic, save_grid, setup_distributed)
 from model import GPT, GPT_PRESETS, gpt_config, load_gpt, make_adamw
 from tokenizer import load_vq, sample_images
@@ -149,32 +150,6 @@ def parse_warmup(text, steps_per_epoch, total_steps):
 
 # ----------------------------------------------------------------------------------------------------
 # Building blocks: data order, EMA, the student, checkpoints
-
-
-class EpochSampler(torch.utils.data.Sampler):
-    """This rank's items of one epoch, as flat indices image * views + view.
-
-    The order and the view of each image are drawn from a generator seeded by (seed, epoch) alone, so
-    a resumed run rebuilds them exactly and skips the items it has already seen.
-    """
-
-    def __init__(self, num_images, num_views, per_rank, seed, rank, world):
-        self.n, self.views, self.per_rank = num_images, num_views, per_rank
-        self.seed, self.rank, self.world = seed, rank, world
-        self.epoch, self.skip = 0, 0
-
-    def set_epoch(self, epoch, skip=0):
-        self.epoch, self.skip = epoch, skip
-
-    def __len__(self):
-        return self.per_rank - self.skip
-
-    def __iter__(self):
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        perm = torch.randperm(self.n, generator=g)
-        view = torch.randint(self.views, (self.n,), generator=g)
-        flat = (perm * self.views + view[perm])[self.rank :: self.world][: self.per_rank]
-        return iter(flat[self.skip :].tolist())
 
 
 @torch.no_grad()
