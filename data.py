@@ -627,29 +627,18 @@ def make_view(img, image_size, views, v):
     return np.array(a)  # a fresh, writable copy: PIL's buffer is read-only
 
 
-def image_and_view(k, num_views, random_view):
-    """Item k of a dataset over views -> (image index, view index).
-
-    random_view: item k is image k with a random view (torch's RNG, so DataLoader worker seeding
-    makes the choice reproducible); else all views of one image are neighbours, k = i * views + v.
-    """
-    if random_view:
-        return k, int(torch.randint(num_views, ()).item())
-    return divmod(k, num_views)
-
-
 class ViewDataset(torch.utils.data.Dataset):
     """Crops of a source dataset as float tensors in [-1, 1], with where they came from."""
 
-    def __init__(self, source, image_size, views="none", random_view=True):
+    def __init__(self, source, image_size, views="none"):
         self.source, self.image_size, self.views = source, image_size, views
-        self.num_views, self.random_view = num_views(views), random_view
+        self.num_views = num_views(views)
 
     def __len__(self):
-        return len(self.source) * (1 if self.random_view else self.num_views)
+        return len(self.source) * self.num_views
 
-    def __getitem__(self, k):
-        i, v = image_and_view(k, self.num_views, self.random_view)
+    def __getitem__(self, k):  # item k is view v of image i, k = i * views + v
+        i, v = divmod(k, self.num_views)
         a = make_view(self.source.image(i), self.image_size, self.views, v)
         x = torch.from_numpy(a).permute(2, 0, 1).float() / 127.5 - 1.0
         return x, self.source.label(i), i, v
@@ -678,7 +667,7 @@ class CodeDataset(torch.utils.data.Dataset):
     label below the number of classes), so a bad file stops a run before its first step.
     """
 
-    def __init__(self, root, with_images=False, random_view=True, data_path=None):
+    def __init__(self, root, with_images=False, data_path=None):
         files = [os.path.join(root, f) for f in ("codes.npy", "labels.npy", "meta.json")]
         missing = [os.path.basename(f) for f in files if not os.path.isfile(f)]
         if missing:
@@ -706,7 +695,7 @@ class CodeDataset(torch.utils.data.Dataset):
         self.codes, self.labels = np.load(files[0], mmap_mode="r"), np.load(files[1])
         check_range(self.codes, vocab, files[0], "code", "the vocabulary")
         check_range(self.labels, classes, files[1], "label", "the number of classes")
-        self.num_views, self.random_view = A, random_view
+        self.num_views = A
         self.source = None
         if with_images:
             path = data_path if data_path is not None else self.meta.get("data_path")
@@ -722,10 +711,10 @@ class CodeDataset(torch.utils.data.Dataset):
         return {**self.__dict__, "codes": None}
 
     def __len__(self):
-        return len(self.labels) * (1 if self.random_view else self.num_views)
+        return len(self.labels) * self.num_views
 
-    def __getitem__(self, k):
-        i, v = image_and_view(k, self.num_views, self.random_view)
+    def __getitem__(self, k):  # item k is view v of image i, k = i * views + v
+        i, v = divmod(k, self.num_views)
         if self.codes is None:
             self.codes = np.load(self.codes_path, mmap_mode="r")
         out = (torch.from_numpy(self.codes[i, v].astype(np.int64)),

@@ -444,7 +444,7 @@ def make_rfid(args, model, device, log):
     except (FileNotFoundError, ValueError) as e:
         log(f"rFID skipped: {e}")
         return None
-    held_out = data.ViewDataset(source, args.image_size, views="none", random_view=False)
+    held_out = data.ViewDataset(source, args.image_size, views="none")
     images = torch.stack([held_out[i][0] for i in range(min(args.rfid_images, len(held_out)))])
     real = fid.stats(fid.extract(inception, to_uint8(images), device=device, progress=False)[0])
 
@@ -530,7 +530,7 @@ def train(args):
         source = data.open_dataset(args.dataset, args.data_path, split=args.split)
     except (FileNotFoundError, ValueError) as e:
         raise ValueError(f"--dataset {args.dataset}: {e}")
-    dataset = data.ViewDataset(source, args.image_size, views=args.views, random_view=False)  # item = image * views + view
+    dataset = data.ViewDataset(source, args.image_size, views=args.views)  # item = image * views + view
     try:
         raw_model.grid_size(args.image_size)
     except ValueError as e:
@@ -682,7 +682,7 @@ def extract(args):
     barrier(world)
 
     lo, hi = n * rank // world, n * (rank + 1) // world
-    views = data.ViewDataset(source, args.image_size, views=args.views, random_view=False)
+    views = data.ViewDataset(source, args.image_size, views=args.views)
     mine = torch.utils.data.Subset(views, range(lo * a, hi * a))  # item k is view k % a of image k // a
     loader = torch.utils.data.DataLoader(mine, batch_size=args.batch_size, num_workers=args.num_workers)
     codes = np.lib.format.open_memmap(codes_path, mode="r+")

@@ -362,7 +362,7 @@ def _train(args, rank, world, device):
         raise ValueError("--foresight-level output predicts the neighbours' own tokens: use it with --foresight explicit")
     per_rank = args.global_batch_size // world
     micro = per_rank // args.grad_accum
-    data = CodeDataset(args.code_path, with_images=args.foresight == "implicit", random_view=False,
+    data = CodeDataset(args.code_path, with_images=args.foresight == "implicit",
                        data_path=args.data_path)
     meta = data.meta
     H, W = meta["grid"]
@@ -382,7 +382,7 @@ def _train(args, rank, world, device):
         raise ValueError("--eval-metric inception needs --eval-reference (what to compare the samples with)")
     held_out = None
     if args.eval_codes:
-        held_out = CodeDataset(args.eval_codes, random_view=False)
+        held_out = CodeDataset(args.eval_codes)
         check_data(args, held_out.meta, meta["vocab_size"], H, meta["num_classes"], f"--eval-codes {args.eval_codes}")
 
     gpt, vq = build_models(args, meta, device)
