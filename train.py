@@ -656,10 +656,11 @@ SMALL_RUN = dict(gpt_model="GPT-T", global_batch_size=64, lr=5e-4, max_steps=300
 SMALL_RUN_EXPLICIT = dict(foresight_warmup="10%", foresight_coef=[1.0])
 
 
-def given_flags(parser, argv):
-    """The dests of the flags that argv sets explicitly."""
-    opts = {a.split("=")[0] for a in argv if a.startswith("--")}
-    return {act.dest for act in parser._actions if opts & set(act.option_strings)}
+def given_flags(argv):
+    """The dests of the flags that argv sets itself: argv parsed again with every default a marker."""
+    parser, marker = build_parser(), object()
+    parser.set_defaults(**{dest: marker for dest in vars(parser.parse_args(argv))})
+    return {dest for dest, value in vars(parser.parse_args(argv)).items() if value is not marker}
 
 
 def pipeline(args, given):
@@ -721,7 +722,7 @@ def main(argv=None):
         parser.error("give either --code-path (a code dataset) or --dataset (the whole pipeline), not both")
     try:
         if args.dataset:
-            return pipeline(args, given_flags(parser, argv))
+            return pipeline(args, given_flags(argv))
         return train(args)
     except (ValueError, OSError, RuntimeError, FloatingPointError) as e:
         if os.environ.get("MIRAI_DEBUG"):
