@@ -7,6 +7,11 @@ crops of LlamaGen / ADM, and the code datasets written by `tokenizer.py extract`
     ViewDataset(source, 32, "flip")        -> images in [-1, 1] for tokenizer training / extraction
     CodeDataset("codes/", with_images=True) -> (codes, label, view, the crop that made the codes)
 
+It also holds what every entry point shares, first in this file: flag types checked when parsed
+(POSITIVE_INT, PROBABILITY, ...) and settings dataclasses that make flags; DDP setup and the seeded
+epoch order; files written whole (atomic_write, save_atomic), checkpoints read with one-sentence
+errors (read_checkpoint), log.txt / metrics.jsonl (Logger), and PNG grids (save_grid).
+
 Run `python data.py cifar10 --data-path data` to fetch a dataset and print what it holds.
 """
 import argparse
@@ -20,8 +25,8 @@ import os
 import pickle
 import struct
 import tarfile
-import time
 import tempfile
+import time
 import urllib.error
 import urllib.request
 
