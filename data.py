@@ -733,8 +733,6 @@ class CodeDataset(torch.utils.data.Dataset):
 # -----------------------------------------------------------------------------
 
 if __name__ == "__main__":
-    import argparse
-
     parser = argparse.ArgumentParser(description="Fetch a dataset, say what it holds, and "
                                                  "optionally save a PNG of its views.")
     parser.add_argument("dataset", help=dataset_help())

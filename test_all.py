@@ -16,7 +16,6 @@ import sys
 import tarfile
 import tempfile
 import threading
-import types
 from dataclasses import asdict
 from pathlib import Path
 
