@@ -111,16 +111,20 @@ def plot(summary, title, size=(520, 360), margin=(60, 20, 30, 40)):
     return img
 
 
-def last_grids(groups):
-    """The newest sample grid of each group's first run, labelled, side by side."""
+def last_grids(groups, height):
+    """The newest sample grid of each group (from whichever of its runs got furthest), labelled, side by
+    side, enlarged by a whole factor towards `height` pixels."""
     tiles = []
     for name, runs in groups.items():
-        pngs = sorted(glob.glob(os.path.join(runs[0][0], "samples", "*.png")))
+        pngs = [p for path, _, _ in runs for p in glob.glob(os.path.join(path, "samples", "*.png"))]
         if pngs:
-            g = Image.open(pngs[-1]).convert("RGB")
+            newest = max(pngs, key=lambda p: int(os.path.basename(p)[:-4]))
+            g = Image.open(newest).convert("RGB")
+            k = max(1, (height - 14) // g.height)
+            g = g.resize((g.width * k, g.height * k), Image.NEAREST)
             tile = Image.new("RGB", (g.width, g.height + 14), "white")
             tile.paste(g, (0, 14))
-            ImageDraw.Draw(tile).text((2, 1), f"{name}, step {int(os.path.basename(pngs[-1])[:-4])}", fill="black")
+            ImageDraw.Draw(tile).text((2, 1), f"{name}, step {int(os.path.basename(newest)[:-4])}", fill="black")
             tiles.append(tile)
     return tiles
 
@@ -140,7 +144,8 @@ def main(argv=None):
                    key=lambda k: ("raw_" in k, k.replace("raw_", "") != args.metric, k.replace("raw_", "")))
     print(table(groups, names))
     if args.out:
-        panels = [plot(summarise(groups, args.metric), args.metric)] + last_grids(groups)
+        figure = plot(summarise(groups, args.metric), args.metric)
+        panels = [figure] + last_grids(groups, figure.height)
         h = max(p.height for p in panels)
         canvas = Image.new("RGB", (sum(p.width for p in panels) + 10 * (len(panels) - 1), h), "white")
         x = 0
