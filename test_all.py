@@ -1176,6 +1176,18 @@ def test_training_reduces_reconstruction_loss_and_resumes(tmp_path, monkeypatch)
     assert torch.load(last, weights_only=True)["steps"] == 65
 
 
+def test_tokenizer_resume_is_bit_identical(tmp_path, monkeypatch):
+    folder = make_image_folder(tmp_path / "images", per_class=10)
+    monkeypatch.setitem(T.VQ_PRESETS, "VQ-T", TINY_VQ)
+    argv = (f"train --dataset folder --data-path {folder} --image-size 16 --vq-model VQ-T --global-batch-size 4 "
+            f"--views flip --disc-start -1 --rfid-images 0 --log-every 2 --ckpt-every 3").split()
+    full = T.main(argv + ["--results-dir", str(tmp_path / "full"), "--steps", "8"])
+    T.main(argv + ["--results-dir", str(tmp_path / "half"), "--steps", "3"])  # "killed" after step 3, mid-epoch
+    half = T.main(argv + ["--results-dir", str(tmp_path / "half"), "--steps", "8", "--resume", "auto"])
+    a, b = (torch.load(p, weights_only=True)["model"] for p in (full, half))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_tokenizer_training_reports_rfid_when_inception_weights_exist(tmp_path, monkeypatch):
     folder = make_image_folder(tmp_path / "images", per_class=4)
     monkeypatch.setitem(T.VQ_PRESETS, "VQ-T", TINY_VQ)
