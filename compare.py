@@ -42,7 +42,8 @@ def group_runs(paths, keys):
     for path in paths:
         args, rows = read_run(path)
         if rows:
-            name = " ".join(f"{args.get(k)}" if k == "foresight" else f"{k}={args.get(k)}" for k in keys)
+            name = " ".join(f"{args.get(k)}" if k == "foresight" else f"{k}={args.get(k)}"
+                            for k in keys if k == "foresight" or args.get(k) is not None)  # unset flags: defaults
             groups.setdefault(name, []).append((path, args, rows))
     return groups
 
