@@ -616,6 +616,14 @@ def test_broken_code_files_are_named_with_how_to_remake_them(tmp_path):
         data.CodeDataset(str(root))
 
 
+def test_atomic_writes_leave_ordinary_files(tmp_path):
+    data.save_grid(np.zeros((4, 8, 8, 3), np.uint8), tmp_path / "grid.png")
+    with open(tmp_path / "plain", "w"):
+        pass
+    assert (tmp_path / "grid.png").stat().st_mode & 0o777 == (tmp_path / "plain").stat().st_mode & 0o777
+    assert sorted(os.listdir(tmp_path)) == ["grid.png", "plain"]  # no temporary file left
+
+
 def test_range_check_reads_in_chunks(tmp_path):
     codes = np.lib.format.open_memmap(tmp_path / "c.npy", mode="w+", dtype=np.int16, shape=(1000, 2, 16))
     codes[:] = 7
