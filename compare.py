@@ -33,7 +33,7 @@ def read_run(path):
     ckpt = os.path.join(path, "checkpoints", "last.pt")
     args = {}
     if os.path.isfile(ckpt):
-        args = read_checkpoint(ckpt, "checkpoint").get("args", {})
+        args = read_checkpoint(ckpt, "checkpoint", mmap=True).get("args", {})  # the flags, not the weights
     return args, rows
 
 

@@ -138,6 +138,11 @@ def warmup_text(text):
     return text
 
 
+def warmup_flag(a):
+    """--foresight-warmup of a run's flags (a dict), its default filled in: 15 epochs for Mirai-E."""
+    return a.get("foresight_warmup") or ("15ep" if a.get("foresight") == "explicit" else "0")
+
+
 def parse_warmup(text, steps_per_epoch, total_steps):
     m = WARMUP.fullmatch(text)
     value, unit = float(m.group(1)), m.group(2)
@@ -315,7 +320,7 @@ def run_settings(a, fs, dim):
         out["ema_decay"] = a.get("ema_decay")
     if fs is not None:
         out["foresight_coef"] = expand_coefs(a.get("foresight_coef"), fs.k)
-        out["foresight_warmup"] = a.get("foresight_warmup") or ("15ep" if fs.mode == "explicit" else "0")
+        out["foresight_warmup"] = warmup_flag(a)
         out["foresight_schedule"] = a.get("foresight_schedule")
         proj = a.get("foresight_proj_dim")
         out["foresight_proj_dim"] = proj if proj is not None else FS.default_proj_dim(dim)
@@ -373,7 +378,7 @@ def _train(args, rank, world, device):
     if steps_per_epoch == 0:
         raise ValueError(f"--global-batch-size {args.global_batch_size} is larger than the dataset ({n_images} images)")
     total_steps = args.max_steps if args.max_steps is not None else args.epochs * steps_per_epoch
-    warmup = parse_warmup(args.foresight_warmup or ("15ep" if args.foresight == "explicit" else "0"),
+    warmup = parse_warmup(warmup_flag(vars(args)),
                           steps_per_epoch, total_steps)
     FS.parse_schedule(args.foresight_schedule)
     if args.eval_every and not args.vq_ckpt:
