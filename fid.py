@@ -768,7 +768,9 @@ def classifier_floors(classifier, data_path=None, sizes=(2000, 10000), vq=None, 
             recon = torch.cat([vq.decode_code(vq.encode(_classifier_input(b, classifier.image_size).to(device))).cpu()
                                for b in tqdm(np.array_split(images, math.ceil(len(images) / 100)), "reconstructing",
                                              disable=not progress, leave=False)])
-        kinds.append(("recon", ((recon.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)))  # as samples
+        from tokenizer import to_uint8  # tokenizer.py imports fid.py for rFID: not at the top
+
+        kinds.append(("recon", to_uint8(recon)))  # as samples are made
     return [(kind, n, classifier_metrics(x[:n], labels[:n], classifier.dataset, classifier=classifier))
             for kind, x in kinds for n in sizes]
 
@@ -795,7 +797,7 @@ def classifier_report(args, device):
     dataset = args.samples if args.floors else args.reference
     clf = load_classifier(dataset, args.data_path, device, args.image_size or 32)
     if args.floors:
-        from tokenizer import load_vq  # only here: the rest of fid.py needs nothing of the project
+        from tokenizer import load_vq  # here, not at the top: tokenizer.py imports fid.py for rFID
 
         vq = load_vq(args.vq_ckpt, device=device) if args.vq_ckpt else None
         rows = [(f"{kind} ({n} training images)", m) for kind, n, m in classifier_floors(clf, args.data_path, vq=vq)]
