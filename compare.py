@@ -137,8 +137,11 @@ def main(argv=None):
     p.add_argument("--group-by", default="foresight", help="comma-separated training flags that make a variant")
     p.add_argument("--out", default=None, help="the PNG: the figure beside the last sample grids")
     args = p.parse_args(argv)
-    groups = group_runs([r for r in args.runs if os.path.isfile(os.path.join(r, "metrics.jsonl"))],
-                        args.group_by.split(","))
+    missing = [r for r in args.runs if not os.path.isfile(os.path.join(r, "metrics.jsonl"))]
+    if missing:
+        raise SystemExit(f"error: {', '.join(missing)} {'is not a run folder' if len(missing) == 1 else 'are not run folders'} "
+                         f"(no metrics.jsonl); give the folders train.py made")
+    groups = group_runs(args.runs, args.group_by.split(","))
     if not groups:
         raise SystemExit("error: none of the runs has evaluation rows in its metrics.jsonl (train with --eval-every)")
     names = sorted({k for runs in groups.values() for _, _, rows in runs for r in rows.values() for k in r} - {"step"},

@@ -753,8 +753,11 @@ def test_compare_tabulates_seeds_and_draws_the_curve(tmp_path, capsys):
     assert "| implicit | 1 | 21.000 ± 1.000 (n=3)" in out
     figure = np.asarray(Image.open(tmp_path / "c.png"))
     assert figure.shape[1] > 520 + 2 * 20 and (figure[..., 0] > 150).any()
+    (tmp_path / "none-0" / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": 2.0}) + "\n")  # no evaluation
     with pytest.raises(SystemExit, match="none of the runs has evaluation rows"):
-        compare.main([str(tmp_path)])
+        compare.main([str(tmp_path / "none-0")])
+    with pytest.raises(SystemExit, match=r"nowhere/gpt-\* is not a run folder \(no metrics.jsonl\)"):
+        compare.main([str(tmp_path / "nowhere" / "gpt-*")])
 
 
 def test_an_unreadable_image_ends_with_one_sentence_and_no_codes(tmp_path, capsys):
