@@ -1,15 +1,14 @@
 """
 Train the GPT on a code dataset: the LlamaGen baseline, Mirai-E or Mirai-I, one process or many.
 
-    python train.py --code-path codes/fmnist --gpt-model GPT-T --global-batch-size 64 --max-steps 2000 \
-        --foresight explicit --foresight-warmup 10% --ema-decay 0.99 --vq-ckpt vq.pt
+    python train.py --dataset fashion-mnist --foresight implicit      # tokenizer, codes and GPT in one command
+    python train.py --code-path codes/fmnist --gpt-model GPT-T --max-steps 2000 --foresight explicit --vq-ckpt vq.pt
     torchrun --nproc_per_node=8 train.py --code-path codes/imagenet256 --gpt-model GPT-B \
         --foresight implicit --foresight-encoder dinov2_vitb14 --data-path /data/imagenet/train
 
-Writes results/NNN-<model>-<foresight>/ with log.txt, metrics.jsonl, samples/*.png and
-checkpoints/*.pt (plus last.pt). A killed run continues with --resume auto (or a checkpoint path) as
-if it had never stopped: the data order is a function of (seed, epoch), and the checkpoint holds the
-position inside the epoch and every rank's RNG state.
+Writes results/NNN-<model>-<foresight>/ with log.txt, metrics.jsonl, samples/*.png and checkpoints/*.pt
+(plus last.pt). A killed run continues with --resume auto (or a path) as if it had never stopped: the data
+order is a function of (seed, epoch), and the checkpoint holds the place in the epoch and every rank's RNG.
 """
 import argparse
 import contextlib
@@ -30,104 +29,13 @@ import torch.nn as nn
 from tqdm import tqdm
 
 import foresight as FS
-from data import (FINITE, NONNEG, NONNEG_INT, POSITIVE, POSITIVE_INT, PROBABILITY, CodeDataset, EpochSampler,
-                  cleanup_distributed,
-                  Logger, folder_name, one_line, read_checkpoint, save_atomic, save_grid, setup_distributed)
+from data import (FINITE, NONNEG, NONNEG_INT, POSITIVE, POSITIVE_INT, PROBABILITY, CodeDataset, EpochSampler, Logger,
+                  cleanup_distributed, folder_name, one_line, read_checkpoint, save_atomic, save_grid, setup_distributed)
 from model import GPT, GPT_PRESETS, gpt_config, load_gpt, make_adamw
 from tokenizer import load_vq, sample_images
 
 # ----------------------------------------------------------------------------------------------------
 # Flags
-
-
-def build_parser():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    a = p.add_argument_group("data and model")
-    a.add_argument("--code-path", default=None, help="code dataset folder from `tokenizer.py extract`")
-    a.add_argument("--dataset", default=None,
-                   help="the main job in one command instead of --code-path: tokenizer, codes and GPT for this dataset "
-                        "(fashion-mnist, mnist, cifar10, folder), each stage reusing what --out already holds")
-    a.add_argument("--out", default=None, help="with --dataset: the folder of all stages (default runs/<dataset>)")
-    a.add_argument("--image-size", type=POSITIVE_INT, default=32, help="with --dataset: image side (the VQ-S tokenizer makes 8x8 tokens of 32 px)")
-    a.add_argument("--vq-steps", type=POSITIVE_INT, default=None, help="with --dataset: tokenizer training steps (default 700 on a CPU, 5000 on a GPU)")
-    a.add_argument("--data-path", default=None, help="the images the codes came from (Mirai-I); default: meta.json's")
-    a.add_argument("--results-dir", default="results")
-    a.add_argument("--gpt-model", default="GPT-B", choices=list(GPT_PRESETS))
-    a.add_argument("--gpt-ckpt", default=None, help="start from these GPT weights (ours or LlamaGen's)")
-    a.add_argument("--vq-ckpt", default=None, help="tokenizer: decodes sample grids; the 'vq' Mirai-I teacher")
-    a.add_argument("--dropout-p", type=PROBABILITY, default=0.1, help="residual and FFN dropout")
-    a.add_argument("--token-dropout-p", type=PROBABILITY, default=0.1)
-    a.add_argument("--drop-path-rate", type=PROBABILITY, default=0.0)
-    a.add_argument("--class-dropout-prob", type=PROBABILITY, default=0.1, help="label dropout for CFG")
-    f = p.add_argument_group("foresight (Mirai)")
-    f.add_argument("--foresight", default="none", choices=["none", "explicit", "implicit"])
-    f.add_argument("--foresight-level", default="representation", choices=["representation", "output"],
-                   help="align hidden states (Mirai) or predict the neighbours' tokens with extra heads")
-    f.add_argument("--foresight-depth", type=POSITIVE_INT, default=None, help="student block (1-based); default 2/3 of the layers")
-    f.add_argument("--foresight-k", type=POSITIVE_INT, default=None, help="targets per position; default 3 explicit, 1 implicit")
-    f.add_argument("--foresight-layout", default="2d", choices=["2d", "1d"])
-    f.add_argument("--foresight-coef", type=coef_list, default="2", help="lambda: one value for all targets or one per target, comma-separated")
-    f.add_argument("--foresight-warmup", type=warmup_text, default=None,
-                   help="plain next-token training first: steps (500), epochs (15ep) or a share of the run (10%%); "
-                        "default 15ep explicit, 0 implicit")
-    f.add_argument("--foresight-schedule", default="constant", help="lambda after warm-up: constant, cosine, or 'step:scale,...'")
-    f.add_argument("--foresight-encoder", default="dinov2_vitb14",
-                   help="Mirai-I teacher: dinov2_vit{s,b,l,g}14[_reg] (torch.hub) or vq (the tokenizer's encoder, offline)")
-    f.add_argument("--foresight-proj-dim", type=POSITIVE_INT, default=None, help="projector hidden size; default 2048 from dim 768, else 2*dim")
-    o = p.add_argument_group("optimisation")
-    o.add_argument("--epochs", type=POSITIVE_INT, default=300)
-    o.add_argument("--max-steps", type=POSITIVE_INT, default=None, help="stop after this many steps (overrides --epochs)")
-    o.add_argument("--global-batch-size", type=POSITIVE_INT, default=256)
-    o.add_argument("--grad-accum", type=POSITIVE_INT, default=1, help="micro-batches per step on each rank")
-    o.add_argument("--lr", type=POSITIVE, default=1e-4)
-    o.add_argument("--weight-decay", type=NONNEG, default=5e-2)
-    o.add_argument("--beta1", type=PROBABILITY, default=0.9)
-    o.add_argument("--beta2", type=PROBABILITY, default=0.95)
-    o.add_argument("--max-grad-norm", type=POSITIVE, default=1.0)
-    o.add_argument("--ema", action="store_true", help="keep an EMA of the weights (always on for Mirai-E: it is the teacher)")
-    o.add_argument("--ema-decay", type=PROBABILITY, default=0.9999)
-    o.add_argument("--mixed-precision", default="bf16", choices=["none", "bf16", "fp16"], help="autocast on GPU; a CPU runs fp32")
-    o.add_argument("--compile", action="store_true", help="torch.compile the student")
-    o.add_argument("--global-seed", "--seed", dest="seed", type=NONNEG_INT, default=0)
-    o.add_argument("--num-workers", type=NONNEG_INT, default=None, help="data loader workers; default 4 on GPU, 0 on CPU")
-    r = p.add_argument_group("logging, checkpoints, samples")
-    r.add_argument("--log-every", type=POSITIVE_INT, default=100)
-    r.add_argument("--ckpt-every", type=POSITIVE_INT, default=5000)
-    r.add_argument("--sample-every", type=POSITIVE_INT, default=None, help="save a sample grid every N steps (default: only at the end)")
-    r.add_argument("--cfg-scale", type=FINITE, default=2.0, help="guidance of sample grids and FID samples")
-    r.add_argument("--num-sample-images", type=POSITIVE_INT, default=32)
-    r.add_argument("--eval-every", type=POSITIVE_INT, default=None,
-                   help="score --eval-samples samples every N steps: FID, or offline the dataset classifier's FD")
-    r.add_argument("--eval-metric", default="auto", choices=["auto", "inception", "classifier"],
-                   help="auto: FID where the Inception weights and --eval-reference are, else the classifier metric "
-                        "(FD in a small classifier's features and class agreement; MNIST, Fashion-MNIST, CIFAR-10)")
-    r.add_argument("--eval-weights", default="ema", choices=["ema", "raw", "both"],
-                   help="which weights make the evaluation samples (ema falls back to raw without an EMA)")
-    r.add_argument("--eval-samples", type=POSITIVE_INT, default=1000,
-                   help="samples scored at each evaluation, and held-out images whose loss is measured")
-    r.add_argument("--eval-batch-size", type=POSITIVE_INT, default=250)
-    r.add_argument("--eval-reference", default=None, help="reference for FID: stats .npz, images .npz or a dataset name")
-    r.add_argument("--eval-codes", default=None,
-                   help="a held-out code dataset: the NTP loss of its first --eval-samples images is logged at each evaluation")
-    r.add_argument("--resume", default=None, help="a checkpoint path, or 'auto': the newest run of this model and foresight")
-    r.add_argument("--exp-name", type=folder_name, default=None, help="experiment folder name; default NNN-<model>-<foresight>")
-    r.add_argument("--no-progress", action="store_true", help="no tqdm bar")
-    return p
-
-
-def coef_list(text):
-    """--foresight-coef: one lambda for all targets or one per target, each finite and >= 0."""
-    return [NONNEG(c) for c in str(text).split(",")]
-
-
-def expand_coefs(coefs, k):
-    coefs = coef_list(coefs) if isinstance(coefs, str) else list(coefs)  # older checkpoints stored the text
-    if len(coefs) == 1:
-        coefs = coefs * k
-    if len(coefs) != k:
-        raise ValueError(f"--foresight-coef has {len(coefs)} values for {k} targets: give one, or one per target")
-    return coefs
-
 
 WARMUP = re.compile(r"\s*(\d+(?:\.\d+)?)\s*(ep|%)?\s*")
 
@@ -138,87 +46,136 @@ def warmup_text(text):
     return text
 
 
+def coef_list(text):
+    """--foresight-coef: one lambda for all targets or one per target, each finite and >= 0."""
+    return [NONNEG(c) for c in str(text).split(",")]
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    a = p.add_argument_group("data and model").add_argument
+    a("--code-path", help="code dataset folder from `tokenizer.py extract`")
+    a("--dataset", help="instead of --code-path, the whole job for this dataset (fashion-mnist, mnist, cifar10, "
+                        "folder): tokenizer, codes and GPT, each stage reusing what --out already holds")
+    a("--out", help="with --dataset: the folder of all stages (default runs/<dataset>)")
+    a("--image-size", type=POSITIVE_INT, default=32, help="with --dataset: image side (VQ-S makes 8x8 tokens of 32 px)")
+    a("--vq-steps", type=POSITIVE_INT, help="with --dataset: tokenizer steps (default 700 on a CPU, 5000 on a GPU)")
+    a("--data-path", help="the images the codes came from (Mirai-I); default: meta.json's")
+    a("--results-dir", default="results")
+    a("--gpt-model", default="GPT-B", choices=list(GPT_PRESETS))
+    a("--gpt-ckpt", help="start from these GPT weights (ours or LlamaGen's)")
+    a("--vq-ckpt", help="the tokenizer: decodes samples; the 'vq' Mirai-I teacher")
+    a("--dropout-p", type=PROBABILITY, default=0.1, help="residual and FFN dropout")
+    a("--token-dropout-p", type=PROBABILITY, default=0.1)
+    a("--drop-path-rate", type=PROBABILITY, default=0.0)
+    a("--class-dropout-prob", type=PROBABILITY, default=0.1, help="label dropout for CFG")
+    f = p.add_argument_group("foresight (Mirai)").add_argument
+    f("--foresight", default="none", choices=["none", "explicit", "implicit"])
+    f("--foresight-level", default="representation", choices=["representation", "output"],
+      help="align hidden states (Mirai) or predict the neighbours' tokens with extra heads")
+    f("--foresight-depth", type=POSITIVE_INT, help="student block (1-based); default 2/3 of the layers")
+    f("--foresight-k", type=POSITIVE_INT, help="targets per position; default 3 explicit, 1 implicit")
+    f("--foresight-layout", default="2d", choices=["2d", "1d"])
+    f("--foresight-coef", type=coef_list, default="2", help="lambda: one for all targets or one per target (1,0.5,0.5)")
+    f("--foresight-warmup", type=warmup_text, help="next-token training first: steps (500), epochs (15ep) or a "
+                                                   "share of the run (10%%); default 15ep explicit, 0 implicit")
+    f("--foresight-schedule", default="constant", help="lambda after warm-up: constant, cosine, or 'step:scale,...'")
+    f("--foresight-encoder", default="dinov2_vitb14",
+      help="Mirai-I teacher: dinov2_vit{s,b,l,g}14[_reg] (torch.hub) or vq (the tokenizer's encoder, offline)")
+    f("--foresight-proj-dim", type=POSITIVE_INT, help="projector width; default 2048 from dim 768, else 2*dim")
+    o = p.add_argument_group("optimisation").add_argument
+    o("--epochs", type=POSITIVE_INT, default=300)
+    o("--max-steps", type=POSITIVE_INT, help="stop after this many steps (overrides --epochs)")
+    o("--global-batch-size", type=POSITIVE_INT, default=256)
+    o("--grad-accum", type=POSITIVE_INT, default=1, help="micro-batches per step on each rank")
+    o("--lr", type=POSITIVE, default=1e-4)
+    o("--weight-decay", type=NONNEG, default=5e-2)
+    o("--beta1", type=PROBABILITY, default=0.9)
+    o("--beta2", type=PROBABILITY, default=0.95)
+    o("--max-grad-norm", type=POSITIVE, default=1.0)
+    o("--ema", action="store_true", help="keep an EMA of the weights (always on for Mirai-E: it is the teacher)")
+    o("--ema-decay", type=PROBABILITY, default=0.9999)
+    o("--mixed-precision", default="bf16", choices=["none", "bf16", "fp16"], help="autocast on GPU; a CPU runs fp32")
+    o("--compile", action="store_true", help="torch.compile the student")
+    o("--global-seed", "--seed", dest="seed", type=NONNEG_INT, default=0)
+    o("--num-workers", type=NONNEG_INT, help="data loader workers; default 4 on GPU, 0 on CPU")
+    r = p.add_argument_group("logging, checkpoints, samples, evaluation").add_argument
+    r("--log-every", type=POSITIVE_INT, default=100)
+    r("--ckpt-every", type=POSITIVE_INT, default=5000)
+    r("--sample-every", type=POSITIVE_INT, help="save a sample grid every N steps (default: only at the end)")
+    r("--cfg-scale", type=FINITE, default=2.0, help="guidance of sample grids and evaluation samples")
+    r("--num-sample-images", type=POSITIVE_INT, default=32)
+    r("--eval-every", type=POSITIVE_INT, help="score --eval-samples samples every N steps")
+    r("--eval-metric", default="auto", choices=["auto", "inception", "classifier"],
+      help="auto: FID where the Inception weights and --eval-reference are, else the dataset classifier's FD and "
+           "class agreement (MNIST, Fashion-MNIST, CIFAR-10)")
+    r("--eval-weights", default="ema", choices=["ema", "raw", "both"], help="the weights that make evaluation samples")
+    r("--eval-samples", type=POSITIVE_INT, default=1000, help="samples per evaluation, and held-out images scored")
+    r("--eval-batch-size", type=POSITIVE_INT, default=250)
+    r("--eval-reference", help="reference for FID: stats .npz, images .npz or a dataset name")
+    r("--eval-codes", help="a held-out code dataset: its NTP loss is logged at each evaluation")
+    r("--resume", help="a checkpoint path, or 'auto': the newest run of this model and foresight")
+    r("--exp-name", type=folder_name, help="experiment folder name; default NNN-<model>-<foresight>")
+    r("--no-progress", action="store_true", help="no tqdm bar")
+    return p
+
+
+def expand_coefs(coefs, k):
+    coefs = coef_list(coefs) if isinstance(coefs, str) else list(coefs)  # older checkpoints stored the text
+    if len(coefs) not in (1, k):
+        raise ValueError(f"--foresight-coef has {len(coefs)} values for {k} targets: give one, or one per target")
+    return coefs * k if len(coefs) == 1 else coefs
+
+
 def warmup_flag(a):
     """--foresight-warmup of a run's flags (a dict), its default filled in: 15 epochs for Mirai-E."""
     return a.get("foresight_warmup") or ("15ep" if a.get("foresight") == "explicit" else "0")
 
 
 def parse_warmup(text, steps_per_epoch, total_steps):
-    m = WARMUP.fullmatch(text)
-    value, unit = float(m.group(1)), m.group(2)
-    if unit == "ep":
-        return int(value * steps_per_epoch)
-    if unit == "%":
-        return int(value / 100 * total_steps)
-    return int(value)
-
+    value, unit = WARMUP.fullmatch(text).groups()
+    value = float(value)
+    return int(value * steps_per_epoch) if unit == "ep" else int(value / 100 * total_steps) if unit == "%" else int(value)
 
 # ----------------------------------------------------------------------------------------------------
-# Building blocks: data order, EMA, the student, checkpoints
+# Building blocks: EMA, RNG, the meter, the models, checkpoints and what a resume must share
 
 
 @torch.no_grad()
 def update_ema(ema, model, decay):
-    ema_p = [p for p in ema.parameters()]
-    model_p = [p.detach() for p in model.parameters()]
-    torch._foreach_lerp_(ema_p, model_p, 1.0 - decay)
+    torch._foreach_lerp_(list(ema.parameters()), [p.detach() for p in model.parameters()], 1.0 - decay)
 
 
 def rng_state(device):
-    state = {"cpu": torch.get_rng_state()}
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
-
-
-def set_rng_state(state, device):
-    torch.set_rng_state(state["cpu"])
-    if device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"], device)
+    return {"cpu": torch.get_rng_state(), **({"cuda": torch.cuda.get_rng_state(device)} if device.type == "cuda" else {})}
 
 
 def gather(obj, world):
-    if world == 1:
-        return [obj]
-    out = [None] * world
-    dist.all_gather_object(out, obj)
+    out = [obj] * world
+    if world > 1:
+        dist.all_gather_object(out, obj)
     return out
 
 
-def find_auto_resume(results_dir, suffix, exp_name=None):
-    """--resume auto: the run named by --exp-name, else the newest NNN-<model>-<foresight> run."""
-    pattern = exp_name if exp_name is not None else f"*-{suffix}"
-    runs = sorted(glob.glob(os.path.join(glob.escape(results_dir), pattern, "checkpoints", "last.pt")))
-    return runs[-1] if runs else None
-
-
-def new_experiment_dir(results_dir, name, suffix):
-    if name:
-        return os.path.join(results_dir, name)
-    existing = os.listdir(results_dir) if os.path.isdir(results_dir) else []
-    nums = [int(m.group(1)) for d in existing if (m := re.match(r"(\d+)-", d))]
-    return os.path.join(results_dir, f"{max(nums, default=-1) + 1:03d}-{suffix}")
-
-
 class Meter:
-    """Running sums since the last log line, kept on the device (no sync per step): the NTP loss, the
-    gradient norm, the steps with foresight on, and the foresight losses, averaged over those steps."""
+    """Sums since the last log line, kept on the device (no sync per step): NTP loss, gradient norm,
+    steps with foresight on, and the foresight losses (averaged over those steps)."""
 
     def __init__(self, k, device):
         self.sums, self.count, self.start = torch.zeros(3 + k, device=device), 0, time.perf_counter()
 
-    def add_micro(self, ntp, fs_losses, accum):
+    def add(self, ntp, fs_losses, accum):
         self.sums[0] += ntp.detach() / accum
         if fs_losses is not None:
             self.sums[3:] += fs_losses.detach() / accum
 
-    def add_step(self, grad_norm, fs_on):
+    def step(self, grad_norm, fs_on):
         self.sums[1] += grad_norm
         self.sums[2] += float(fs_on)
         self.count += 1
 
     def flush(self, world):
-        """-> the averages since the last flush, over all ranks (None if no step since), and a reset."""
+        """-> the averages over all ranks since the last flush (None if no step since), and a reset."""
         if self.count == 0:
             return None
         s = self.sums.clone()
@@ -237,19 +194,6 @@ class Meter:
         return row
 
 
-def save_samples(model, vq, meta, args, device, path):
-    """A grid of --num-sample-images samples, one class per column where the classes fit in a row."""
-    labels = torch.arange(args.num_sample_images) % meta["num_classes"]
-    imgs = sample_images(model, vq, labels, cfg_scale=args.cfg_scale,
-                         generator=torch.Generator(device=device).manual_seed(args.seed))
-    classes = meta["num_classes"]
-    save_grid(imgs, path, nrow=classes if classes <= 16 else int(math.ceil(math.sqrt(len(labels)))))
-
-
-# ----------------------------------------------------------------------------------------------------
-# Setup: everything that can be refused is checked before any file is written
-
-
 def check_data(args, meta, vocab, grid, classes, what):
     """Refuse a model or tokenizer that disagrees with the code dataset, naming both numbers."""
     for name, mine, theirs in (("vocabulary", vocab, meta["vocab_size"]), ("grid", grid, meta["grid"][0]),
@@ -264,33 +208,26 @@ def build_models(args, meta, device):
                      drop_path_rate=args.drop_path_rate, class_dropout_prob=args.class_dropout_prob)
     if args.gpt_ckpt:
         gpt = load_gpt(args.gpt_ckpt, preset=args.gpt_model, grid_size=grid, **overrides)
-        c = gpt.config
-        arch = ("dim", "n_layer", "n_head", "n_kv_head", "multiple_of", "ffn_dim_multiplier")
-        want = asdict(gpt_config(args.gpt_model))
-        if any(getattr(c, k) != want[k] for k in arch):  # the run's folder and logs are named after --gpt-model
-            same = [name for name in GPT_PRESETS if all(getattr(c, k) == asdict(gpt_config(name))[k] for k in arch)]
-            raise ValueError(f"--gpt-ckpt {args.gpt_ckpt} holds a {same[0] if same else 'custom'} model (dim {c.dim}, "
-                             f"{c.n_layer} layers), not --gpt-model {args.gpt_model} (dim {want['dim']}, "
-                             f"{want['n_layer']} layers): pass the --gpt-model it was made with")
+        c, arch = gpt.config, ("dim", "n_layer", "n_head", "n_kv_head", "multiple_of", "ffn_dim_multiplier")
+        preset = lambda name: [getattr(gpt_config(name), k) for k in arch]
+        if [getattr(c, k) for k in arch] != preset(args.gpt_model):  # the run's folder and logs carry --gpt-model
+            same = [name for name in GPT_PRESETS if [getattr(c, k) for k in arch] == preset(name)] + ["custom"]
+            want = gpt_config(args.gpt_model)
+            raise ValueError(f"--gpt-ckpt {args.gpt_ckpt} holds a {same[0]} model (dim {c.dim}, {c.n_layer} layers), not "
+                             f"--gpt-model {args.gpt_model} (dim {want.dim}, {want.n_layer} layers): pass the "
+                             f"--gpt-model it was made with")
         check_data(args, meta, c.vocab_size, c.grid_size, c.num_classes, f"--gpt-ckpt {args.gpt_ckpt}")
     else:
         gpt = GPT(gpt_config(args.gpt_model, vocab_size=meta["vocab_size"], grid_size=grid,
                              num_classes=meta["num_classes"], **overrides))
-    gpt = gpt.to(device)
-    vq = None
-    if args.vq_ckpt:
-        vq = load_vq(args.vq_ckpt, device=device)
+    vq = load_vq(args.vq_ckpt, device=device) if args.vq_ckpt else None
+    if vq is not None:
         check_data(args, meta, vq.config.codebook_size, vq.grid_size(meta["image_size"]), None, f"--vq-ckpt {args.vq_ckpt}")
-    return gpt, vq
-
-
-def build_foresight(args, gpt, vq, device):
-    """-> (Foresight heads or None, teacher or None, depth, coefs): foresight.build from the flags."""
     fs, teacher, depth = FS.build(args.foresight, gpt, args.foresight_level, args.foresight_k, args.foresight_depth,
                                   args.foresight_layout, args.foresight_proj_dim, args.foresight_encoder, vq)
-    if fs is None:
-        return None, None, None, []
-    return fs.to(device), teacher.to(device) if teacher is not None else None, depth, expand_coefs(args.foresight_coef, fs.k)
+    coefs = expand_coefs(args.foresight_coef, fs.k) if fs is not None else []
+    to = lambda m: m.to(device) if m is not None else None
+    return gpt.to(device), vq, to(fs), to(teacher), depth, coefs
 
 
 def save_checkpoint(path, state, last):
@@ -305,46 +242,69 @@ def save_checkpoint(path, state, last):
     os.replace(tmp, last)
 
 
-def differences(old, new, flag=lambda k: k):
-    """'name A (now B)' for each key whose value differs between two dicts."""
-    return [f"{flag(k)} {old.get(k)!r} (now {new.get(k)!r})" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+def foresight_setup(args, fs, depth):
+    """What a resumed run must share with the checkpoint for the heads to mean the same thing."""
+    return None if fs is None else {"mode": fs.mode, "k": fs.k, "depth": depth, "layout": args.foresight_layout,
+                   "encoder": args.foresight_encoder if fs.mode == "implicit" else None}
 
 
 def run_settings(a, fs, dim):
-    """The flags that define a run, as values: a resumed run must use the same ones, since the data
-    order inside the epoch, the optimizer state and the foresight heads were made with them."""
+    """The flags that define a run, as values: the data order in the epoch, the optimizer state and the
+    heads were made with them, so a resumed run must use the same ones."""
     keys = ["global_batch_size", "grad_accum", "lr", "weight_decay", "beta1", "beta2", "max_grad_norm", "seed"]
     out = {k: a.get(k) for k in keys}
     out["ema"] = bool(a.get("ema")) or a.get("foresight") == "explicit"
     if out["ema"]:
         out["ema_decay"] = a.get("ema_decay")
     if fs is not None:
-        out["foresight_coef"] = expand_coefs(a.get("foresight_coef"), fs.k)
-        out["foresight_warmup"] = warmup_flag(a)
-        out["foresight_schedule"] = a.get("foresight_schedule")
         proj = a.get("foresight_proj_dim")
-        out["foresight_proj_dim"] = proj if proj is not None else FS.default_proj_dim(dim)
+        out.update(foresight_coef=expand_coefs(a.get("foresight_coef"), fs.k), foresight_warmup=warmup_flag(a),
+                   foresight_schedule=a.get("foresight_schedule"),
+                   foresight_proj_dim=proj if proj is not None else FS.default_proj_dim(dim))
     return out
 
 
 def check_resume(path, ckpt, args, gpt, fs, depth, meta):
     """Refuse, in one sentence naming each field with both values, a resume that would be another run."""
-    old_cfg, new_cfg = ckpt.get("gpt_config") or {}, asdict(gpt.config)
-    old_fs, new_fs = ckpt.get("foresight_setup") or {}, foresight_setup(args, fs, depth) or {}
-    diff = differences(old_cfg, new_cfg) + differences(old_fs, new_fs, lambda k: f"foresight {k}")
+    def differences(old, new, flag=lambda k: k):
+        return [f"{flag(k)} {old.get(k)!r} (now {new.get(k)!r})" for k in sorted({*old, *new}) if old.get(k) != new.get(k)]
+    diff = differences(ckpt.get("gpt_config") or {}, asdict(gpt.config)) + differences(
+        ckpt.get("foresight_setup") or {}, foresight_setup(args, fs, depth) or {}, lambda k: f"foresight {k}")
     if diff:
         raise ValueError(f"--resume {path} was trained with another model or foresight setup: {'; '.join(diff)}; "
                          f"use the flags it was made with")
     flag = lambda k: {"seed": "--global-seed"}.get(k, "--" + k.replace("_", "-"))
-    dim = gpt.config.dim
-    diff = differences(run_settings(ckpt["args"], fs, dim), run_settings(vars(args), fs, dim), flag)
-    data_keys = ("dataset", "split", "num_images", "num_views", "grid", "vocab_size", "num_classes")
-    old_meta = {k: (ckpt.get("data_meta") or {}).get(k) for k in data_keys}
-    diff += differences(old_meta, {k: meta.get(k) for k in data_keys}, lambda k: f"codes' {k}")
+    diff = differences(run_settings(ckpt["args"], fs, gpt.config.dim), run_settings(vars(args), fs, gpt.config.dim), flag)
+    keys = ("dataset", "split", "num_images", "num_views", "grid", "vocab_size", "num_classes")
+    diff += differences({k: (ckpt.get("data_meta") or {}).get(k) for k in keys}, {k: meta.get(k) for k in keys},
+                        lambda k: f"codes' {k}")
     if diff:
         raise ValueError(f"--resume {path} was made with other settings: {'; '.join(diff)}; resume with the flags it "
                          f"was made with, or start a new run")
 
+
+def run_folder(args, rank, world):
+    """-> (checkpoint to resume or None, the run's folder): --resume, or a new NNN-<model>-<foresight>."""
+    suffix = f"{args.gpt_model}-{args.foresight}"
+    resume = args.resume
+    if resume == "auto":  # the run named by --exp-name, else the newest of this model and foresight
+        found = sorted(glob.glob(os.path.join(glob.escape(args.results_dir), args.exp_name or f"*-{suffix}",
+                                              "checkpoints", "last.pt")))
+        resume = found[-1] if found else None
+    if resume:
+        return resume, os.path.dirname(os.path.dirname(os.path.abspath(resume)))
+    exp_dir = os.path.join(args.results_dir, args.exp_name or "")
+    if rank == 0 and not args.exp_name:
+        nums = [int(m.group(1)) for d in (os.listdir(args.results_dir) if os.path.isdir(args.results_dir) else [])
+                if (m := re.match(r"(\d+)-", d))]
+        exp_dir = os.path.join(args.results_dir, f"{max(nums, default=-1) + 1:03d}-{suffix}")
+    if world > 1:
+        box = [exp_dir]
+        dist.broadcast_object_list(box, src=0)
+        exp_dir = box[0]
+    if os.path.exists(os.path.join(exp_dir, "checkpoints", "last.pt")):
+        raise ValueError(f"{exp_dir} already holds a run; pass --resume auto or another --exp-name")
+    return None, exp_dir
 
 # ----------------------------------------------------------------------------------------------------
 # Training
@@ -359,6 +319,7 @@ def train(args):
 
 
 def _train(args, rank, world, device):
+    # setup: everything that can be refused is checked before any file is written
     torch.manual_seed(args.seed * world + rank)
     if args.global_batch_size % (world * args.grad_accum):
         raise ValueError(f"--global-batch-size {args.global_batch_size} does not split into {world} ranks x "
@@ -367,39 +328,30 @@ def _train(args, rank, world, device):
         raise ValueError("--foresight-level output predicts the neighbours' own tokens: use it with --foresight explicit")
     per_rank = args.global_batch_size // world
     micro = per_rank // args.grad_accum
-    data = CodeDataset(args.code_path, with_images=args.foresight == "implicit",
-                       data_path=args.data_path)
-    meta = data.meta
+    data = CodeDataset(args.code_path, with_images=args.foresight == "implicit", data_path=args.data_path)
+    meta, n_images = data.meta, len(data.labels)
     H, W = meta["grid"]
     if H != W:
         raise ValueError(f"{args.code_path} has a {H}x{W} grid; the GPT's 2D rotary table needs a square grid")
-    n_images = len(data.labels)
     steps_per_epoch = n_images // args.global_batch_size
     if steps_per_epoch == 0:
         raise ValueError(f"--global-batch-size {args.global_batch_size} is larger than the dataset ({n_images} images)")
     total_steps = args.max_steps if args.max_steps is not None else args.epochs * steps_per_epoch
-    warmup = parse_warmup(warmup_flag(vars(args)),
-                          steps_per_epoch, total_steps)
+    warmup = parse_warmup(warmup_flag(vars(args)), steps_per_epoch, total_steps)
     FS.parse_schedule(args.foresight_schedule)
     if args.eval_every and not args.vq_ckpt:
         raise ValueError("--eval-every needs --vq-ckpt, the tokenizer that decodes the samples")
     if args.eval_metric == "inception" and args.eval_every and not args.eval_reference:
         raise ValueError("--eval-metric inception needs --eval-reference (what to compare the samples with)")
-    held_out = None
-    if args.eval_codes:
-        held_out = CodeDataset(args.eval_codes)
+    held_out = CodeDataset(args.eval_codes) if args.eval_codes else None
+    if held_out is not None:
         check_data(args, held_out.meta, meta["vocab_size"], H, meta["num_classes"], f"--eval-codes {args.eval_codes}")
 
-    gpt, vq = build_models(args, meta, device)
-    fs, teacher, depth, coefs = build_foresight(args, gpt, vq, device)
-    use_ema = args.ema or args.foresight == "explicit"
-    ema = copy.deepcopy(gpt).requires_grad_(False).eval() if use_ema else None
+    gpt, vq, fs, teacher, depth, coefs = build_models(args, meta, device)
+    ema = copy.deepcopy(gpt).requires_grad_(False).eval() if args.ema or args.foresight == "explicit" else None
     student = FS.Student(gpt, fs, depth).to(device)
     opt = make_adamw([student], lr=args.lr, weight_decay=args.weight_decay, betas=(args.beta1, args.beta2))
-
-    # where does this run live, and does it continue an earlier one?
-    suffix = f"{args.gpt_model}-{args.foresight}"
-    resume = find_auto_resume(args.results_dir, suffix, args.exp_name) if args.resume == "auto" else args.resume
+    resume, exp_dir = run_folder(args, rank, world)
     step, epoch, in_epoch = 0, 0, 0
     if resume:
         ckpt = read_checkpoint(resume, "--resume")
@@ -408,7 +360,6 @@ def _train(args, rank, world, device):
         if lacks:
             raise ValueError(f"--resume {resume} is not a checkpoint of train.py (it lacks {', '.join(lacks)})")
         check_resume(resume, ckpt, args, gpt, fs, depth, meta)
-        resumed_args = ckpt["args"]
         gpt.load_state_dict(ckpt["model"])
         if ema is not None:
             ema.load_state_dict(ckpt["ema"] if ckpt.get("ema") is not None else ckpt["model"])
@@ -417,20 +368,14 @@ def _train(args, rank, world, device):
         opt.load_state_dict(ckpt["optimizer"])
         step, epoch, in_epoch = ckpt["steps"], ckpt["epoch"], ckpt["step_in_epoch"]
         if len(ckpt["rng"]) == world:
-            set_rng_state(ckpt["rng"][rank], device)
+            torch.set_rng_state(ckpt["rng"][rank]["cpu"])
+            if "cuda" in ckpt["rng"][rank] and device.type == "cuda":
+                torch.cuda.set_rng_state(ckpt["rng"][rank]["cuda"], device)
         else:  # still a correct run, just not the same random stream as an uninterrupted one
             print(f"note: {resume} was written by {len(ckpt['rng'])} rank(s), this run has {world}; RNG states start afresh")
-        exp_dir = os.path.dirname(os.path.dirname(os.path.abspath(resume)))
-    else:
-        exp_dir = new_experiment_dir(args.results_dir, args.exp_name, suffix) if rank == 0 else None
-        if world > 1:
-            box = [exp_dir]
-            dist.broadcast_object_list(box, src=0)
-            exp_dir = box[0]
-        if os.path.exists(os.path.join(exp_dir, "checkpoints", "last.pt")):
-            raise ValueError(f"{exp_dir} already holds a run; pass --resume auto or another --exp-name")
+    ckpt_dir = os.path.join(exp_dir, "checkpoints")
     if rank == 0:
-        os.makedirs(os.path.join(exp_dir, "checkpoints"), exist_ok=True)
+        os.makedirs(ckpt_dir, exist_ok=True)
         os.makedirs(os.path.join(exp_dir, "samples"), exist_ok=True)
 
     raw_student = student
@@ -441,22 +386,19 @@ def _train(args, rank, world, device):
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.mixed_precision)
     amp = dict(device_type=device.type, dtype=amp_dtype, enabled=device.type == "cuda" and amp_dtype is not None)
     scaler = torch.amp.GradScaler("cuda", enabled=amp["enabled"] and amp_dtype == torch.float16)
-
     sampler = EpochSampler(n_images, data.num_views, steps_per_epoch * per_rank, args.seed, rank, world)
     workers = args.num_workers if args.num_workers is not None else (4 if device.type == "cuda" else 0)
-    loader = torch.utils.data.DataLoader(
-        data, batch_size=micro, sampler=sampler, num_workers=workers, drop_last=True,
-        pin_memory=device.type == "cuda", persistent_workers=False,
-        generator=torch.Generator(),  # its own: iterating must not draw from the training RNG
-    )
+    loader = torch.utils.data.DataLoader(data, batch_size=micro, sampler=sampler, num_workers=workers, drop_last=True,
+                                         pin_memory=device.type == "cuda",
+                                         generator=torch.Generator())  # its own: never draws from the training RNG
 
     bar = tqdm(total=total_steps, initial=step, disable=rank != 0 or args.no_progress, dynamic_ncols=True, desc="train")
     log = Logger(exp_dir, rank, bar)
     if resume:
         log(f"resumed from {resume} at step {step} (epoch {epoch}, {in_epoch} steps into it)")
         for k in ("max_steps", "epochs"):  # the length of a run may change; said once, and logged
-            if resumed_args.get(k) != getattr(args, k):
-                log(f"--{k.replace('_', '-')} changed from {resumed_args.get(k)} to {getattr(args, k)}: "
+            if ckpt["args"].get(k) != getattr(args, k):
+                log(f"--{k.replace('_', '-')} changed from {ckpt['args'].get(k)} to {getattr(args, k)}: "
                     f"the run now ends at step {total_steps}")
     else:
         log(f"command: {' '.join(sys.argv)}")
@@ -464,21 +406,17 @@ def _train(args, rank, world, device):
         f"{meta['num_classes']} classes; {n_images} images x {data.num_views} views; {steps_per_epoch} steps/epoch, "
         f"{total_steps} steps; {world} rank(s) x {args.grad_accum} x {micro} = batch {args.global_batch_size} on {device}")
     if fs is not None:
-        log(f"foresight {args.foresight} at the {args.foresight_level} level: depth {depth}, {fs.k} target(s), layout {args.foresight_layout}, "
-            f"lambda {coefs}, warm-up {warmup} steps, schedule {args.foresight_schedule}, "
+        log(f"foresight {args.foresight} at the {args.foresight_level} level: depth {depth}, {fs.k} target(s), layout "
+            f"{args.foresight_layout}, lambda {coefs}, warm-up {warmup} steps, schedule {args.foresight_schedule}, "
             f"projectors {sum(p.numel() for p in fs.parameters()) / 1e6:.2f}M")
-    coef_t = torch.tensor(coefs, device=device)
-    ckpt_dir = os.path.join(exp_dir, "checkpoints")
-    meter = Meter(len(coefs), device)
+    coef_t, meter = torch.tensor(coefs, device=device), Meter(len(coefs), device)
     metric = load_metric(args, meta, device, rank, world, log) if args.eval_every else None
-    if args.eval_every and metric is None:
-        args.eval_every = None
-
-    if not resume:
-        # training's own random stream: not shifted by whichever optional models were built above
+    if not resume:  # training's own random stream: not shifted by whichever optional models were built above
         torch.manual_seed(args.seed * world + rank + 1_000_003)
     if ema is not None and step == 0:
         update_ema(ema, gpt, 0.0)  # the EMA starts as a copy of the initial weights
+
+    # the loop: one optimizer step per iteration, --grad-accum micro-batches each
     gpt.train()
     while step < total_steps:
         sampler.set_epoch(epoch, in_epoch * per_rank)
@@ -486,66 +424,63 @@ def _train(args, rank, world, device):
         for _ in range(steps_per_epoch - in_epoch):
             scale = FS.coef_schedule(step, total_steps, warmup, args.foresight_schedule) if coefs else 0.0
             for micro_step in range(args.grad_accum):
-                batch = next(batches)
-                x = batch[0].to(device, non_blocking=True)
-                y = batch[1].to(device, non_blocking=True)
+                batch = [t.to(device, non_blocking=True) for t in next(batches)]
                 sync = micro_step == args.grad_accum - 1 or world == 1
-                images = batch[3].to(device, non_blocking=True) if len(batch) > 3 else None
                 with (contextlib.nullcontext() if sync else student.no_sync()), torch.autocast(**amp):
-                    cond = gpt.cls_embedding.drop(y)  # student and teacher see the same (dropped) labels
-                    loss, ntp, fs_losses = FS.step_losses(student, fs, depth, teacher, ema, x, cond, images,
-                                                           coef_t, scale)
+                    cond = gpt.cls_embedding.drop(batch[1])  # student and teacher see the same (dropped) labels
+                    loss, ntp, fs_losses = FS.step_losses(student, fs, depth, teacher, ema, batch[0], cond,
+                                                           batch[3] if len(batch) > 3 else None, coef_t, scale)
                 scaler.scale(loss / args.grad_accum).backward()
-                meter.add_micro(ntp, fs_losses if scale > 0 else None, args.grad_accum)
+                meter.add(ntp, fs_losses if scale > 0 else None, args.grad_accum)
             scaler.unscale_(opt)
             if fs is not None and scale == 0:
                 for p in fs.parameters():  # warm-up: the heads are not stepped (nor weight-decayed) yet
                     p.grad = None
-            meter.add_step(nn.utils.clip_grad_norm_(raw_student.parameters(), args.max_grad_norm), scale > 0)
+            meter.step(nn.utils.clip_grad_norm_(raw_student.parameters(), args.max_grad_norm), scale > 0)
             scaler.step(opt)
             scaler.update()
             opt.zero_grad(set_to_none=True)
             if ema is not None:
                 update_ema(ema, gpt, args.ema_decay)
             step, in_epoch = step + 1, in_epoch + 1
-            if in_epoch == steps_per_epoch:  # before any checkpoint, so a resume starts the next epoch
+            if in_epoch == steps_per_epoch:  # before any checkpoint, so that a resume starts the next epoch
                 epoch, in_epoch = epoch + 1, 0
             bar.update(1)
             last = step == total_steps
-            if step % args.log_every == 0 or step % args.ckpt_every == 0 or last:
-                row = meter.flush(world)  # the NaN check: before any checkpoint is written
-                if row is not None:
-                    if not all(math.isfinite(v) for v in [row["loss"], row["grad_norm"], *row.get("foresight", [])]):
-                        good = os.path.join(ckpt_dir, "last.pt")
-                        what = f" (foresight {row['foresight']})" if "foresight" in row else ""
-                        raise FloatingPointError(f"the loss became {row['loss']}{what} before step {step}; stopping. "
-                                                 f"The last good checkpoint is {good if os.path.exists(good) else 'none yet'}")
-                    row = {"step": step, "epoch": epoch, **row, "lr": opt.param_groups[0]["lr"],
-                           "tokens_per_sec": row["steps_per_sec"] * args.global_batch_size * H * W}
-                    if "foresight" in row:
-                        row["foresight_coef"] = [c * FS.coef_schedule(step - 1, total_steps, warmup, args.foresight_schedule)
-                                                 for c in coefs]
-                    log.record(row)
-                    log(f"step {step:7d} | loss {row['loss']:.4f}"
-                        + (" | foresight " + " ".join(f"{v:.4f}" for v in row["foresight"])
-                           + f" x {row['foresight_coef'][0]:.3g}" if "foresight" in row else "")
-                        + f" | grad {row['grad_norm']:.3f} | {row['steps_per_sec']:.2f} steps/s")
+            row = meter.flush(world) if step % args.log_every == 0 or step % args.ckpt_every == 0 or last else None
+            if row is not None:  # the NaN check comes before any checkpoint is written
+                if not all(math.isfinite(v) for v in [row["loss"], row["grad_norm"], *row.get("foresight", [])]):
+                    good = os.path.join(ckpt_dir, "last.pt")
+                    what = f" (foresight {row['foresight']})" if "foresight" in row else ""
+                    raise FloatingPointError(f"the loss became {row['loss']}{what} before step {step}; stopping. "
+                                             f"The last good checkpoint is {good if os.path.exists(good) else 'none yet'}")
+                row = {"step": step, "epoch": epoch, **row, "lr": opt.param_groups[0]["lr"],
+                       "tokens_per_sec": row["steps_per_sec"] * args.global_batch_size * H * W}
+                fs_text = ""
+                if "foresight" in row:
+                    scale_now = FS.coef_schedule(step - 1, total_steps, warmup, args.foresight_schedule)
+                    row["foresight_coef"] = [c * scale_now for c in coefs]
+                    fs_text = f" | foresight {' '.join(f'{v:.4f}' for v in row['foresight'])} x {row['foresight_coef'][0]:.3g}"
+                log.record(row)
+                log(f"step {step:7d} | loss {row['loss']:.4f}{fs_text} | grad {row['grad_norm']:.3f} | "
+                    f"{row['steps_per_sec']:.2f} steps/s")
             if step % args.ckpt_every == 0 or last:
-                state = {
-                    "model": gpt.state_dict(), "ema": ema.state_dict() if ema is not None else None,
-                    "optimizer": opt.state_dict(), "steps": step, "epoch": epoch, "step_in_epoch": in_epoch,
-                    "args": vars(args), "gpt_config": asdict(gpt.config), "foresight": fs.state_dict() if fs else None,
-                    "foresight_setup": foresight_setup(args, fs, depth), "rng": gather(rng_state(device), world),
-                    "vq_ckpt": args.vq_ckpt, "data_meta": meta,
-                }
+                state = {"model": gpt.state_dict(), "ema": ema.state_dict() if ema is not None else None,
+                         "optimizer": opt.state_dict(), "steps": step, "epoch": epoch, "step_in_epoch": in_epoch,
+                         "args": vars(args), "gpt_config": asdict(gpt.config), "foresight": fs.state_dict() if fs else None,
+                         "foresight_setup": foresight_setup(args, fs, depth), "rng": gather(rng_state(device), world),
+                         "vq_ckpt": args.vq_ckpt, "data_meta": meta}
                 if rank == 0:
                     save_checkpoint(os.path.join(ckpt_dir, f"{step:07d}.pt"), state, os.path.join(ckpt_dir, "last.pt"))
                     log(f"saved checkpoint {ckpt_dir}/{step:07d}.pt")
             if vq is not None and rank == 0 and ((args.sample_every and step % args.sample_every == 0) or last):
                 path = os.path.join(exp_dir, "samples", f"{step:07d}.png")
-                save_samples(ema if ema is not None else gpt, vq, meta, args, device, path)
+                classes = meta["num_classes"]  # one class a column where the classes fit in a row
+                imgs = sample_images(gpt if ema is None else ema, vq, torch.arange(args.num_sample_images) % classes, cfg_scale=args.cfg_scale,
+                                     generator=torch.Generator(device=device).manual_seed(args.seed))
+                save_grid(imgs, path, nrow=classes if classes <= 16 else math.ceil(math.sqrt(args.num_sample_images)))
                 log(f"saved samples {path}")
-            if args.eval_every and (step % args.eval_every == 0 or last):
+            if metric and (step % args.eval_every == 0 or last):
                 evaluate(args, step, gpt, ema, vq, metric, held_out, meta, rank, world, device, log)
             if last:
                 break
@@ -553,71 +488,66 @@ def _train(args, rank, world, device):
     log(f"done: {step} steps in {exp_dir}")
     return exp_dir
 
-
 # ----------------------------------------------------------------------------------------------------
 # Evaluation during training: sample quality (FID, or offline the classifier metric) and held-out loss
 
 
 def load_metric(args, meta, device, rank, world, log):
-    """-> ("inception", network) or ("classifier", network), or None with one notice: a run whose metric
-    cannot be had trains on. Chosen once, on rank 0, before the first step."""
+    """-> ("inception", network), ("classifier", network), or None with one notice (the run trains on).
+    Chosen once, on rank 0, before the first step; the other ranks learn only whether there is one."""
     import fid
 
-    choice = [None]
+    choice, reasons = None, []
     if rank == 0:
-        reasons = []
         if args.eval_metric in ("auto", "inception") and args.eval_reference:
             try:
-                choice = [("inception", fid.load_inception(device=device))]
+                choice = ("inception", fid.load_inception(device=device))
             except (FileNotFoundError, ValueError) as e:
                 reasons.append(f"no FID ({one_line(e)})")
         elif args.eval_metric == "auto":
             reasons.append("no FID (no --eval-reference)")
-        if choice[0] is None and args.eval_metric in ("auto", "classifier"):
+        if choice is None and args.eval_metric in ("auto", "classifier"):
             if meta["dataset"].split("-")[0] in ("mnist", "fashion", "cifar10"):
-                path = args.data_path or meta.get("data_path")
-                choice = [("classifier", fid.load_classifier(meta["dataset"], path, device, meta["image_size"],
-                                                             progress=not args.no_progress))]
+                choice = ("classifier", fid.load_classifier(meta["dataset"], args.data_path or meta.get("data_path"),
+                                                            device, meta["image_size"], progress=not args.no_progress))
                 log(f"evaluation: {''.join(r + '; ' for r in reasons)}the {meta['dataset']} classifier's FD and class "
-                    f"agreement (its test accuracy {choice[0][1].test_accuracy:.4f})")
+                    f"agreement (its test accuracy {choice[1].test_accuracy:.4f})")
             else:
                 reasons.append(f"no classifier metric for {meta['dataset']} (MNIST, Fashion-MNIST and CIFAR-10 only)")
-        if choice[0] is None:
+        if choice is None:
             log(f"evaluation skipped: {'; '.join(reasons)}")
-    if world > 1:  # the other ranks only need to know whether to make samples
-        flag = [choice[0] is not None]
-        dist.broadcast_object_list(flag, src=0)
-        choice = [choice[0] if rank == 0 else (flag[0] or None)]
-    return choice[0]
+    if world > 1:
+        box = [choice is not None]
+        dist.broadcast_object_list(box, src=0)
+        choice = choice if rank == 0 else box[0]
+    return choice
 
 
 @torch.no_grad()
 def held_out_loss(model, codes, device, images, batch=1000):
-    """Mean next-token loss over every view of the first `images` images of a held-out code dataset (no
-    dropout, no label drop). All 10,000 of Fashion-MNIST's test split would cost a run 6% of its time."""
+    """Mean next-token loss over every view of the first `images` images of a held-out code dataset, without
+    dropout or label drop (all 10,000 of Fashion-MNIST's test split would cost a run 6% of its time)."""
     was_training, total = model.training, 0.0
     model.eval()
     x_all = torch.from_numpy(np.asarray(codes.codes[:images], dtype=np.int64).reshape(-1, codes.codes.shape[-1]))
     y_all = torch.from_numpy(np.repeat(np.asarray(codes.labels[:images], dtype=np.int64), codes.num_views))
     for x, y in zip(x_all.split(batch), y_all.split(batch)):
-        x, y = x.to(device), y.to(device)
-        total += model(x[:, :-1], y, targets=x, drop_labels=False)[1].item() * len(x)
+        total += model(x[:, :-1].to(device), y.to(device), targets=x.to(device), drop_labels=False)[1].item() * len(x)
     model.train(was_training)
     return total / len(x_all)
 
 
 def evaluate(args, step, gpt, ema, vq, metric, held_out, meta, rank, world, device, log):
-    """Samples from --eval-weights made by all ranks, scored on rank 0, plus the held-out loss. Its own
+    """Samples of --eval-weights made by all ranks and scored on rank 0, and the held-out loss. Its own
     random generator: evaluating never changes the training run."""
-    which = {"ema": ["ema"], "raw": ["raw"], "both": ["ema", "raw"]}[args.eval_weights]
-    if ema is None:
-        which = ["raw"]
+    import fid
+
+    which = ["raw"] if ema is None else {"ema": ["ema"], "raw": ["raw"], "both": ["ema", "raw"]}[args.eval_weights]
     row = {"step": step}
     for name in which:
         model, prefix = (ema if name == "ema" else gpt), ("eval_" if name == which[0] else f"eval_{name}_")
         mine = torch.arange(rank, args.eval_samples, world) % meta["num_classes"]
-        g = torch.Generator(device=device).manual_seed(args.seed * world + rank)
-        was_training = model.training
+        g, was_training = torch.Generator(device=device).manual_seed(args.seed * world + rank), model.training
         imgs = [sample_images(model, vq, chunk, cfg_scale=args.cfg_scale, generator=g)
                 for chunk in mine.split(args.eval_batch_size)]
         model.train(was_training)
@@ -626,8 +556,6 @@ def evaluate(args, step, gpt, ema, vq, metric, held_out, meta, rank, world, devi
             row[prefix + "heldout_loss"] = held_out_loss(model, held_out, device, args.eval_samples)
         if rank != 0:
             continue
-        import fid
-
         imgs = np.concatenate(imgs)
         if metric[0] == "inception":
             result = fid.evaluate(imgs, args.eval_reference, model=metric[1], data_path=args.data_path)
@@ -639,15 +567,6 @@ def evaluate(args, step, gpt, ema, vq, metric, held_out, meta, rank, world, devi
     log("eval " + " | ".join(f"{k[5:]} {v:.4f}" if isinstance(v, float) else f"{k[5:]} {v}"
                              for k, v in row.items() if k != "step"))
     log.record(row)
-
-
-def foresight_setup(args, fs, depth):
-    """What a resumed run must share with the checkpoint for the heads to mean the same thing."""
-    if fs is None:
-        return None
-    return {"mode": fs.mode, "k": fs.k, "depth": depth, "layout": args.foresight_layout,
-            "encoder": args.foresight_encoder if fs.mode == "implicit" else None}
-
 
 # ----------------------------------------------------------------------------------------------------
 # The main job in one command: tokenizer -> codes -> GPT, each stage reusing what --out already holds
@@ -661,23 +580,16 @@ SMALL_RUN = dict(gpt_model="GPT-T", global_batch_size=64, lr=5e-4, max_steps=300
 SMALL_RUN_EXPLICIT = dict(foresight_warmup="10%", foresight_coef=[1.0])
 
 
-def given_flags(argv):
-    """The dests of the flags that argv sets itself: argv parsed again with every default a marker."""
-    parser, marker = build_parser(), object()
-    parser.set_defaults(**{dest: marker for dest in vars(parser.parse_args(argv))})
-    return {dest for dest, value in vars(parser.parse_args(argv)).items() if value is not marker}
-
-
-def pipeline(args, given):
+def pipeline(args, argv):
     import tokenizer
 
-    out = args.out or os.path.join("runs", args.dataset)
-    for key, value in SMALL_RUN.items():
+    parser, marker = build_parser(), object()  # which flags argv sets itself: parsed again, every default a marker
+    parser.set_defaults(**{dest: marker for dest in vars(args)})
+    given = {dest for dest, value in vars(parser.parse_args(argv)).items() if value is not marker}
+    for key, value in {**SMALL_RUN, **(SMALL_RUN_EXPLICIT if args.foresight == "explicit" else {})}.items():
         if key not in given:
             setattr(args, key, value)
-    for key, value in SMALL_RUN_EXPLICIT.items():
-        if args.foresight == "explicit" and key not in given:
-            setattr(args, key, value)
+    out = args.out or os.path.join("runs", args.dataset)
     where = dict(dataset=args.dataset, image_size=args.image_size, data_path=args.data_path)
 
     if not args.vq_ckpt:  # 1. the tokenizer, trained to its final step once
@@ -692,9 +604,8 @@ def pipeline(args, given):
                 log_every=50, sample_every=100, ckpt_every=100, resume="auto" if started else None))
 
     code_path = os.path.join(out, "codes")  # 2. the codes, made once per tokenizer
-    meta_path = os.path.join(code_path, "meta.json")
-    if os.path.exists(meta_path):
-        with open(meta_path) as f:
+    if os.path.exists(os.path.join(code_path, "meta.json")):
+        with open(os.path.join(code_path, "meta.json")) as f:
             made_with = json.load(f)["tokenizer"]
         if made_with != os.path.abspath(args.vq_ckpt):
             raise ValueError(f"{code_path} holds codes of another tokenizer ({made_with}); remove it or choose another --out")
@@ -702,7 +613,6 @@ def pipeline(args, given):
         print(f"== stage 2/3: codes -> {code_path}")
         tokenizer.extract(tokenizer.ExtractSettings(**where, vq_ckpt=args.vq_ckpt, views="flip", code_path=code_path,
                                                     batch_size=256, overwrite=True))
-
     if args.dataset in ("fashion-mnist", "mnist", "cifar10") and "eval_codes" not in given:
         args.eval_codes = os.path.join(out, "codes-test")  # the test split's codes: a held-out loss
         if not os.path.exists(os.path.join(args.eval_codes, "meta.json")):
@@ -726,9 +636,7 @@ def main(argv=None):
     if (args.code_path is None) == (args.dataset is None):
         parser.error("give either --code-path (a code dataset) or --dataset (the whole pipeline), not both")
     try:
-        if args.dataset:
-            return pipeline(args, given_flags(argv))
-        return train(args)
+        return pipeline(args, argv) if args.dataset else train(args)
     except (ValueError, OSError, RuntimeError, FloatingPointError) as e:
         if os.environ.get("MIRAI_DEBUG"):
             raise
