@@ -53,7 +53,7 @@ def build_gpt(args, device):
 # Figures
 
 
-def bench_train_steps(args, device):
+def bench_train_steps(args, device, extra=None):
     """Seconds per training step of the baseline, Mirai-E and Mirai-I, interleaved so that a machine
     that gets busier or quieter during the run moves all three alike."""
     gpt = build_gpt(args, device).train()
@@ -85,6 +85,7 @@ def bench_train_steps(args, device):
                     loss = loss + 2.0 * fs(hidden, targets if mode == "explicit" else feats).sum()
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            torch.nn.utils.clip_grad_norm_(gpt.parameters(), 1.0)
             opt.step()
             if mode == "explicit":
                 with torch.no_grad():
@@ -92,16 +93,16 @@ def bench_train_steps(args, device):
 
         return step
 
-    steps = {m: make_step(m) for m in heads}
+    steps = {**{m: make_step(m) for m in heads}, **(extra or {})}
     memory = {}
-    for m in heads:  # warm-up (and compilation), with each variant's own peak memory on a GPU
+    for m in steps:  # warm-up (and compilation), with each variant's own peak memory on a GPU
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         timeit(steps[m], device, args.warmup, 1)
         memory[m] = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
-    times = {m: [] for m in heads}
+    times = {m: [] for m in steps}
     for _ in range(args.iters):
-        for m in heads:
+        for m in steps:
             times[m].append(timeit(steps[m], device, 0, 1))
     bench_train_steps.memory = memory
     return {m: sorted(t)[len(t) // 2] for m, t in times.items()}, gpt
@@ -159,13 +160,14 @@ def train_flops(args, gpt):
     return 6 * (gpt.num_params() - emb) * tokens + attn
 
 
-def bench_generate(args, device, gpt):
+def bench_generate(args, device, gpt, official=None):
+    """Tokens/s of generate() with the KV cache, of a full forward per token (as without a cache), and of
+    the official generate() where given; interleaved like the training steps."""
     gpt.eval()
     cond = torch.arange(args.gen_batch, device=device) % args.num_classes
     g = torch.Generator(device=device).manual_seed(0)
-    cached = timeit(lambda: gpt.generate(cond, cfg_scale=args.cfg_scale, generator=g), device, 1, args.gen_iters)
 
-    def no_cache():  # a full forward over the whole prefix for every token, as without a KV cache
+    def no_cache():
         both = torch.cat([cond, torch.full_like(cond, args.num_classes)])
         seq = torch.zeros(2 * args.gen_batch, 0, dtype=torch.long, device=device)
         with torch.no_grad():
@@ -174,9 +176,16 @@ def bench_generate(args, device, gpt):
                 tok = M.sample_logits(u + (c - u) * args.cfg_scale, generator=g)
                 seq = torch.cat([seq, torch.cat([tok, tok])[:, None]], dim=1)
 
-    uncached = timeit(no_cache, device, 1, args.gen_iters)
-    tokens = args.gen_batch * args.grid**2
-    return tokens / cached, tokens / uncached
+    calls = {"cached": lambda: gpt.generate(cond, cfg_scale=args.cfg_scale, generator=g), "uncached": no_cache}
+    if official is not None:
+        calls["official"] = official
+    times = {k: [] for k in calls}
+    for k, f in calls.items():
+        timeit(f, device, 1, 1)
+    for _ in range(args.gen_iters):
+        for k, f in calls.items():
+            times[k].append(timeit(f, device, 0, 1))
+    return {k: args.gen_batch * args.grid**2 / sorted(t)[len(t) // 2] for k, t in times.items()}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -255,6 +264,87 @@ def gpu_check(args, device):
 
 
 # ----------------------------------------------------------------------------------------------------
+# The official code, side by side (--official DIR holding checkouts of LlamaGen and Mirai-Code): their
+# model, loss and optimizer code run from there, imported as they are, never copied here
+
+
+def import_from(root, names):
+    """Import modules of a checkout whose package names (autoregressive, utils, dataset) clash with the
+    other's; what the training scripts import but a model step never uses (timm, wandb, ...) is stubbed."""
+    import sys
+    import types
+
+    for name in [m for m in sys.modules if m.split(".")[0] in ("autoregressive", "utils", "dataset")]:
+        del sys.modules[name]
+    for name in ("timm", "timm.data", "torchvision", "torchvision.transforms", "wandb", "dataset", "dataset.build"):
+        stub = sys.modules.setdefault(name, types.ModuleType(name))
+        stub.__getattr__ = lambda attr: None
+    sys.path.insert(0, root)
+    try:
+        return [__import__(n, fromlist=["_"]) for n in names]
+    finally:
+        sys.path.remove(root)
+
+
+def official_steps(args, device):
+    """-> ({name: training step}, sampling call): LlamaGen's baseline step and generate(), Mirai-Code's
+    Mirai-E step, at the bench's shapes, for bench_train_steps and bench_generate to time beside ours."""
+    import os
+
+    lg_gpt, lg_gen, lg_train, lg_ema = import_from(os.path.join(args.official, "LlamaGen"), [
+        "autoregressive.models.gpt", "autoregressive.models.generate", "autoregressive.train.train_c2i", "utils.ema"])
+    mi_model, mi_train = import_from(os.path.join(args.official, "Mirai-Code"), [
+        "autoregressive.models.Mirai", "autoregressive.train.train_c2i_Mirai_E"])
+    quiet = type("Log", (), {"info": lambda self, msg: None})()
+    shape = dict(dim=args.dim, n_layer=args.n_layer, n_head=args.n_head, vocab_size=args.vocab,
+                 block_size=args.grid**2, num_classes=args.num_classes, cls_token_num=1)
+    n = args.grid**2
+    x = torch.randint(0, args.vocab, (args.batch, n), device=device)
+    y = torch.randint(0, args.num_classes, (args.batch,), device=device)
+
+    torch.manual_seed(0)
+    base = lg_gpt.Transformer(lg_gpt.ModelArgs(**shape)).to(device).train()
+    base_opt = lg_train.creat_optimizer(base, 0.05, 1e-4, (0.9, 0.95), quiet)
+
+    def base_step():  # the loop body of LlamaGen's train_c2i.py (fp32 on a CPU)
+        _, loss = base(cond_idx=y, idx=x[:, :-1], targets=x)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(base.parameters(), 1.0)
+        base_opt.step()
+        base_opt.zero_grad(set_to_none=True)
+
+    heads = args.foresight_k
+    mirai = mi_model.Transformer(mi_model.ModelArgs(**shape, encoder_depth=args.foresight_depth, z_dims=[args.dim],
+                                                    projector_dim=args.proj_dim, num_heads=heads)).to(device).train()
+    ema, teacher = copy.deepcopy(mirai).eval(), copy.deepcopy(mirai).eval()
+    for m in (ema, teacher):
+        m.requires_grad_(False)
+    mirai_opt = mi_train.creat_optimizer(mirai, 0.05, 1e-4, (0.9, 0.95), quiet)
+
+    def mirai_step():  # the loop body of Mirai-Code's train_c2i_Mirai_E.py after its warm-up (--use-prev-iter-ema)
+        _, zs, loss = mirai(cond_idx=y, idx=x[:, :-1], targets=x)
+        with torch.no_grad():
+            target = teacher.forward_ema(cond_idx=y, idx=x[:, :-1], targets=None)
+        losses = mi_train.calculate_foresight_loss([target], zs)
+        loss = loss + sum(2.0 * l for l in losses[:heads])
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(mirai.parameters(), 1.0)
+        mirai_opt.step()
+        mirai_opt.zero_grad(set_to_none=True)
+        lg_ema.update_ema(ema, mirai)
+        teacher.load_state_dict(ema.state_dict())
+
+    base_gen = copy.deepcopy(base).eval()
+    cond = torch.arange(args.gen_batch, device=device) % args.num_classes
+
+    def sample():  # LlamaGen's generate() at our sampling settings: CFG, temperature 1, no top-k / top-p
+        with torch.no_grad():
+            lg_gen.generate(base_gen, cond, n, cfg_scale=args.cfg_scale, temperature=1.0, top_k=0, top_p=1.0)
+
+    return {"official baseline": base_step, "official Mirai-E": mirai_step}, sample
+
+
+# ----------------------------------------------------------------------------------------------------
 # Main
 
 
@@ -279,6 +369,8 @@ def main(argv=None):
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--gen-iters", type=int, default=3)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--official", default=None,
+                   help="a folder holding checkouts of LlamaGen and Mirai-Code: their steps and sampling, side by side")
     p.add_argument("--skip", default="", help="comma-separated rows to leave out: train,sample,inception,memory")
     p.add_argument("--gpu-check", action="store_true",
                    help="GPT-B, batch 64, 16x16 tokens, bf16, with and without torch.compile; DINOv2-B; sampling at "
@@ -295,8 +387,9 @@ def main(argv=None):
     gpt = None
     if args.gpu_check:
         rows, skip = gpu_check(args, device), {"train", "sample", "inception", "memory"}
+    extra, official_sample = official_steps(args, device) if args.official else ({}, None)
     if "train" not in skip:
-        t, gpt = bench_train_steps(args, device)
+        t, gpt = bench_train_steps(args, device, extra)
         note = f"batch {args.batch} x {args.grid**2} tokens"
         if device.type == "cuda":
             name = torch.cuda.get_device_name(device)
@@ -308,12 +401,20 @@ def main(argv=None):
                      f"{t['explicit'] / t['none']:.2f}x baseline (depth {args.foresight_depth}, K={args.foresight_k}, P={args.proj_dim})"))
         rows.append(("train step: Mirai-I", t["implicit"], "s",
                      f"{t['implicit'] / t['none']:.2f}x baseline, encoder excluded (features {args.teacher_dim})"))
+        if extra:
+            rows.append(("  official: LlamaGen baseline", t["official baseline"], "s",
+                         f"ours {t['none'] / t['official baseline']:.2f}x its time"))
+            rows.append(("  official: Mirai-Code Mirai-E", t["official Mirai-E"], "s",
+                         f"ours {t['explicit'] / t['official Mirai-E']:.2f}x its time (--use-prev-iter-ema, as its README)"))
         enc = bench_vq_teacher(args, device)
         rows.append(("Mirai-I teacher: VQ-S encoder", enc, "s", f"per batch of {args.batch} (32 px); DINOv2 is timed by no one here"))
     if "sample" not in skip:
-        cached, uncached = bench_generate(args, device, gpt or build_gpt(args, device))
-        rows.append(("sampling, KV cache", cached, "tokens/s", f"{args.gen_batch} images, CFG {args.cfg_scale}"))
-        rows.append(("sampling, no cache", uncached, "tokens/s", f"KV cache is {cached / uncached:.1f}x faster"))
+        r = bench_generate(args, device, gpt or build_gpt(args, device), official_sample)
+        rows.append(("sampling, KV cache", r["cached"], "tokens/s", f"{args.gen_batch} images, CFG {args.cfg_scale}"))
+        rows.append(("sampling, no cache", r["uncached"], "tokens/s", f"KV cache is {r['cached'] / r['uncached']:.1f}x faster"))
+        if "official" in r:
+            rows.append(("  official: LlamaGen generate()", r["official"], "tokens/s",
+                         f"ours {r['cached'] / r['official']:.2f}x its speed"))
     if "inception" not in skip:
         rows.append(("FID Inception", bench_inception(args, device), "images/s", f"32 px inputs resized to 299, batch {args.fid_batch}"))
     if "memory" not in skip:

@@ -210,6 +210,12 @@ def test_top_k_and_top_p_filtering():
     assert set(M.sample_logits(logits, generator=g).tolist()) == {0, 1, 2, 3}
     cold = M.sample_logits(logits, temperature=0.0, generator=g)
     assert torch.all(cold == 0)
+    # the inverse-CDF draw keeps torch.multinomial's distribution: frequencies within 4 sigma of the probabilities
+    p = torch.tensor([0.5, 0.3, 0.15, 0.05, 0.0])
+    draws = M.sample_logits(torch.log(p).repeat(40_000, 1), generator=g)
+    freq = torch.bincount(draws, minlength=5).double() / len(draws)
+    assert torch.all((freq - p.double()).abs() <= 4 * (p.double() * (1 - p.double()) / len(draws)).sqrt() + 1e-12), freq
+    assert freq[4] == 0
 
 
 def test_load_llamagen_and_our_checkpoint_formats(tmp_path, llamagen_tiny):
