@@ -1,18 +1,14 @@
 """
-Images and codes on disk: CIFAR-10, MNIST / Fashion-MNIST, image folders (ImageNet layout), the
-crops of LlamaGen / ADM, and the code datasets written by `tokenizer.py extract`.
+Images and codes on disk, and what every entry point shares.
 
-    open_dataset("cifar10", "data")        -> SourceDataset (raw images, original size)
-    make_view(img, 256, "tencrop", v=3)    -> uint8 (256, 256, 3), the same pixels every time
-    ViewDataset(source, 32, "flip")        -> images in [-1, 1] for tokenizer training / extraction
+    open_dataset("cifar10", "data")         -> raw images (CIFAR-10, MNIST, Fashion-MNIST, image folders)
+    make_view(img, 256, "tencrop", v=3)     -> uint8 (256, 256, 3): LlamaGen's / ADM's crops, the same every time
+    ViewDataset(source, 32, "flip")         -> images in [-1, 1] for the tokenizer
     CodeDataset("codes/", with_images=True) -> (codes, label, view, the crop that made the codes)
 
-It also holds what every entry point shares, first in this file: flag types checked when parsed
-(POSITIVE_INT, PROBABILITY, ...) and settings dataclasses that make flags; DDP setup and the seeded
-epoch order; files written whole (atomic_write, save_atomic), checkpoints read with one-sentence
-errors (read_checkpoint), log.txt / metrics.jsonl (Logger), and PNG grids (save_grid).
-
-Run `python data.py cifar10 --data-path data` to fetch a dataset and print what it holds.
+Shared plumbing comes first: flag types checked when parsed, settings dataclasses that make flags, DDP setup
+and the seeded epoch order, files written whole, checkpoints read with one-sentence errors, logs, PNG grids.
+`python data.py cifar10 --data-path data` fetches a dataset and says what it holds.
 """
 import argparse
 import dataclasses
@@ -220,64 +216,38 @@ def save_grid(images, path, nrow=None, padding=2):
     atomic_write(path, lambda f: Image.fromarray(grid.squeeze(-1) if c == 1 else grid).save(f, format="PNG"))
 
 # -----------------------------------------------------------------------------
-# where datasets live
+# where datasets live, and downloads (a .part file that takes the real name only once its MD5 is right)
 
 DEFAULT_DATA_ROOT = "data"  # downloads land here when no --data-path is given
 SYSTEM_DATASETS = "/usr/share/datasets"  # Debian's dataset-* packages install here
-
-CIFAR_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
-CIFAR_MD5 = "c58f30108f718f92721af3b95e74349a"
-CIFAR_FILE = "cifar-10-python.tar.gz"
-CIFAR_DIR = "cifar-10-batches-py"
+CIFAR_URL, CIFAR_MD5 = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz", "c58f30108f718f92721af3b95e74349a"
+CIFAR_FILE, CIFAR_DIR = "cifar-10-python.tar.gz", "cifar-10-batches-py"
 CIFAR_BATCHES = {"train": [f"data_batch_{k}" for k in range(1, 6)], "test": ["test_batch"]}
-CIFAR_CLASSES = ["airplane", "automobile", "bird", "cat", "deer",
-                 "dog", "frog", "horse", "ship", "truck"]
-
+CIFAR_CLASSES = "airplane automobile bird cat deer dog frog horse ship truck".split()
 IDX_FILES = {"train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
              "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")}
 IDX_COUNTS = {"train": 60000, "test": 10000}
 IDX_IMAGES_MAGIC, IDX_LABELS_MAGIC = 2051, 2049
-MNIST_LIKE = {
-    "mnist": {
-        "url": "https://storage.googleapis.com/cvdf-datasets/mnist/",
-        "md5": {"train-images-idx3-ubyte.gz": "f68b3c2dcbeaaa9fbdd348bbdeb94873",
-                "train-labels-idx1-ubyte.gz": "d53e105ee54ea40749a09fcbcd1e9432",
-                "t10k-images-idx3-ubyte.gz": "9fb629c4189551a2d022fa330f9573f3",
-                "t10k-labels-idx1-ubyte.gz": "ec29112dd5afa0611ce80d1b7f02629c"},
-        "classes": [str(d) for d in range(10)],
-    },
-    "fashion-mnist": {
-        "url": "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",
-        "md5": {"train-images-idx3-ubyte.gz": "8d4fb7e6c68d591d4c3dfef9ec88bf0d",
-                "train-labels-idx1-ubyte.gz": "25c81989df183df01b3e8a0aad5dffbe",
-                "t10k-images-idx3-ubyte.gz": "bef4ecab320f06d8554ea6380940ec79",
-                "t10k-labels-idx1-ubyte.gz": "bb300cfdad3c16e7a12a480ee83cd310"},
-        "classes": ["t-shirt", "trouser", "pullover", "dress", "coat",
-                    "sandal", "shirt", "sneaker", "bag", "ankle-boot"],
-    },
+MNIST_LIKE = {  # url, MD5 of the four files in IDX_FILES' order (train images, labels, test images, labels), classes
+    "mnist": ("https://storage.googleapis.com/cvdf-datasets/mnist/",
+              ["f68b3c2dcbeaaa9fbdd348bbdeb94873", "d53e105ee54ea40749a09fcbcd1e9432",
+               "9fb629c4189551a2d022fa330f9573f3", "ec29112dd5afa0611ce80d1b7f02629c"], [str(d) for d in range(10)]),
+    "fashion-mnist": ("http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",
+                      ["8d4fb7e6c68d591d4c3dfef9ec88bf0d", "25c81989df183df01b3e8a0aad5dffbe",
+                       "bef4ecab320f06d8554ea6380940ec79", "bb300cfdad3c16e7a12a480ee83cd310"],
+                      "t-shirt trouser pullover dress coat sandal shirt sneaker bag ankle-boot".split()),
 }
-
 DATASETS = {
-    "cifar10": "CIFAR-10, 32x32 RGB, 10 classes; --data-path holds cifar-10-python.tar.gz or "
-               "cifar-10-batches-py/ (downloaded there when missing)",
-    "mnist": "MNIST digits, 28x28 gray, 10 classes; IDX .gz files in --data-path or "
-             "/usr/share/datasets/mnist/ (downloaded when missing)",
-    "fashion-mnist": "Fashion-MNIST, 28x28 gray, 10 classes; IDX .gz files in --data-path or "
-                     "/usr/share/datasets/fashion-mnist/ (apt install dataset-fashion-mnist)",
-    "folder": "any image folder with one sub-folder per class (ImageNet train/ layout) at "
-              "--data-path, or --data-path/<split>/ when that exists; alias: imagenet",
+    "cifar10": "CIFAR-10, 32x32 RGB, 10 classes; --data-path holds cifar-10-python.tar.gz or cifar-10-batches-py/ "
+               "(downloaded there when missing)",
+    "mnist": "MNIST digits, 28x28 gray; IDX .gz files in --data-path or /usr/share/datasets/mnist/ (downloaded when missing)",
+    "fashion-mnist": "Fashion-MNIST, 28x28 gray; IDX .gz files in --data-path or /usr/share/datasets/fashion-mnist/ "
+                     "(apt install dataset-fashion-mnist)",
+    "folder": "any image folder with one sub-folder per class (ImageNet train/ layout) at --data-path, or "
+              "--data-path/<split>/ when that exists; alias: imagenet",
 }
 SPLITS = ("train", "test", "val")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".pgm", ".tif", ".tiff")
-
-
-def dataset_help():
-    """One line per known dataset, for --help texts."""
-    lines = [f"{name}: {text}" for name, text in DATASETS.items()]
-    return "; ".join(lines) + "; append -train / -test to pick the split (e.g. cifar10-test)"
-
-# -----------------------------------------------------------------------------
-# downloads: a .part file that becomes the real name only once its MD5 is right
 
 
 def file_md5(path, chunk=1 << 20):
@@ -299,24 +269,18 @@ def download_file(url, dest, md5=None):
             resumed = have > 0 and getattr(response, "status", None) == 206
             mode, have = ("ab", have) if resumed else ("wb", 0)
             size = response.headers.get("Content-Length")
-            total = have + int(size) if size else None
-            with open(part, mode) as f, tqdm(total=total, initial=have, unit="B", unit_scale=True,
-                                             desc=os.path.basename(dest)) as bar:
+            with open(part, mode) as f, tqdm(total=have + int(size) if size else None, initial=have, unit="B",
+                                             unit_scale=True, desc=os.path.basename(dest)) as bar:
                 while block := response.read(1 << 20):
-                    f.write(block)
-                    bar.update(len(block))
+                    bar.update(f.write(block))
     except urllib.error.HTTPError as e:
         if not (e.code == 416 and have):  # 416: the .part was already whole; the MD5 decides below
-            raise FileNotFoundError(f"could not download {url} (HTTP {e.code}); {manual}.") \
-                from None
-    except (urllib.error.URLError, OSError) as e:
-        # the .part stays: the next attempt resumes it, and it never passes for the finished file
-        reason = getattr(e, "reason", e)
-        raise FileNotFoundError(f"could not download {url} ({reason}); {manual}.") from None
+            raise FileNotFoundError(f"could not download {url} (HTTP {e.code}); {manual}.") from None
+    except (urllib.error.URLError, OSError) as e:  # the .part stays: the next attempt resumes it
+        raise FileNotFoundError(f"could not download {url} ({getattr(e, 'reason', e)}); {manual}.") from None
     if md5 is not None and (got := file_md5(part)) != md5:
         os.remove(part)
-        raise ValueError(f"the download of {url} has MD5 {got}, expected {md5}, so it was deleted; "
-                         f"run again or {manual}.")
+        raise ValueError(f"the download of {url} has MD5 {got}, expected {md5}, so it was deleted; run again or {manual}.")
     os.replace(part, dest)
     return dest
 
@@ -325,47 +289,40 @@ def download_file(url, dest, md5=None):
 
 
 class _ArrayUnpickler(pickle.Unpickler):
-    # CIFAR batches are pickles; letting only numpy's array rebuilders through means a foreign
-    # pickle dropped into --data-path cannot run code
+    # CIFAR batches are pickles; letting only numpy's array rebuilders through means a foreign pickle dropped
+    # into --data-path cannot run code (_codecs.encode: how Python 3 writes bytes at protocol 2)
+    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+               ("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.numeric", "_frombuffer"),
+               ("numpy._core.numeric", "_frombuffer"), ("_codecs", "encode")}
+
     def find_class(self, module, name):
-        allowed = {("numpy.core.multiarray", "_reconstruct"),
-                   ("numpy._core.multiarray", "_reconstruct"),
-                   ("numpy", "ndarray"), ("numpy", "dtype"),
-                   ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
-                   ("_codecs", "encode")}  # how Python 3 writes bytes at pickle protocol 2
-        if (module, name) not in allowed:
+        if (module, name) not in self.ALLOWED:
             raise pickle.UnpicklingError(f"unexpected object {module}.{name} in a CIFAR batch")
         return super().find_class(module, name)
 
 
 def _cifar_batch(raw, where):
-    # the official batches were pickled by Python 2: latin1 keeps the numpy bytes intact
-    try:
+    try:  # the official batches were pickled by Python 2: latin1 keeps the numpy bytes intact
         d = _ArrayUnpickler(io.BytesIO(raw), encoding="latin1").load()
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError) as e:
         raise ValueError(f"{where} is not a readable CIFAR-10 batch ({e})") from None
     if not isinstance(d, dict):
-        raise ValueError(f"{where} is not a CIFAR-10 batch: it holds a {type(d).__name__}, "
-                         f"not a dict")
+        raise ValueError(f"{where} is not a CIFAR-10 batch: it holds a {type(d).__name__}, not a dict")
     d = {k.decode() if isinstance(k, bytes) else k: v for k, v in d.items()}
     if "data" not in d or "labels" not in d:
         raise ValueError(f"{where} is not a CIFAR-10 batch: it has no 'data' and 'labels' entries")
-    data = np.asarray(d["data"], dtype=np.uint8)
-    labels = np.asarray(d["labels"], dtype=np.int64)
+    data, labels = np.asarray(d["data"], dtype=np.uint8), np.asarray(d["labels"], dtype=np.int64)
     if data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or len(labels) != len(data):
-        raise ValueError(f"{where} holds data of shape {data.shape} and {len(labels)} labels, "
-                         f"expected (n, 3072) and n")
+        raise ValueError(f"{where} holds data of shape {data.shape} and {len(labels)} labels, expected (n, 3072) and n")
     return data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1), labels
 
 
 def read_cifar(path, split):
     """(images uint8 (N, 32, 32, 3), labels int64 (N,)) from the tarball or the extracted folder."""
-    names = CIFAR_BATCHES[split]
-    parts = {}  # each batch is decoded as soon as it is read, so raw bytes never pile up
+    names, parts = CIFAR_BATCHES[split], {}  # each batch is decoded as soon as it is read
     if os.path.isdir(path):
         for n in names:
-            f = os.path.join(path, n)
-            if not os.path.isfile(f):
+            if not os.path.isfile(f := os.path.join(path, n)):
                 raise FileNotFoundError(f"{path} lacks the CIFAR-10 batch {n}")
             with open(f, "rb") as fh:
                 parts[n] = _cifar_batch(fh.read(), f)
@@ -373,24 +330,20 @@ def read_cifar(path, split):
         try:
             with tarfile.open(path, "r:gz") as tar:
                 for member in tar:  # one pass: a gzip stream is slow to seek backwards
-                    n = os.path.basename(member.name)
-                    if n in names and member.isfile():
+                    if (n := os.path.basename(member.name)) in names and member.isfile():
                         parts[n] = _cifar_batch(tar.extractfile(member).read(), f"{path}:{n}")
         except (tarfile.TarError, EOFError, OSError) as e:
-            raise ValueError(f"{path} is not a readable cifar-10-python.tar.gz ({e}); "
-                             f"delete it and run again to download it afresh") from None
-        missing = [n for n in names if n not in parts]
-        if missing:
+            raise ValueError(f"{path} is not a readable cifar-10-python.tar.gz ({e}); delete it and run again to "
+                             f"download it afresh") from None
+        if missing := [n for n in names if n not in parts]:
             raise ValueError(f"{path} lacks the CIFAR-10 batches {', '.join(missing)}")
-    return (np.concatenate([parts[n][0] for n in names]),
-            np.concatenate([parts[n][1] for n in names]))
+    return np.concatenate([parts[n][0] for n in names]), np.concatenate([parts[n][1] for n in names])
 
 
 def read_idx(path, magic, count=None):
     """A uint8 IDX array (.gz or raw), checked against its header: magic, sizes, (count)."""
-    opener = gzip.open if path.endswith(".gz") else open
     try:
-        with opener(path, "rb") as f:
+        with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
             raw = f.read()
     except (OSError, EOFError) as e:
         raise ValueError(f"{path} is not a readable IDX file ({e})") from None
@@ -399,52 +352,29 @@ def read_idx(path, magic, count=None):
         raise ValueError(f"{path} has IDX magic number {got}, expected {magic} "
                          f"({'images' if magic == IDX_IMAGES_MAGIC else 'labels'})")
     ndim = magic & 0xFF
-    shape = struct.unpack(f">{ndim}i", raw[4:4 + 4 * ndim])
-    body = raw[4 + 4 * ndim:]
+    shape, body = struct.unpack(f">{ndim}i", raw[4:4 + 4 * ndim]), raw[4 + 4 * ndim:]
     if len(body) != int(np.prod(shape)):
-        raise ValueError(f"{path} holds {len(body)} bytes after its header, expected "
-                         f"{int(np.prod(shape))} for shape {tuple(shape)}: is it truncated?")
+        raise ValueError(f"{path} holds {len(body)} bytes after its header, expected {int(np.prod(shape))} for shape "
+                         f"{tuple(shape)}: is it truncated?")
     if count is not None and shape[0] != count:
         raise ValueError(f"{path} holds {shape[0]} items, expected {count}")
     return np.frombuffer(body, dtype=np.uint8).reshape(shape)
 
 # -----------------------------------------------------------------------------
-# source datasets: raw images, before any crop
+# source datasets: raw images of their original size, image(i) an RGB PIL image and label(i) an int
 
 
-class SourceDataset:
-    """Indexable raw images: image(i) is an RGB PIL image of the original size, label(i) an int."""
-    name = "?"
-    classes = []
-
-    @property
-    def num_classes(self):
-        return len(self.classes)
-
-    def __len__(self):
-        raise NotImplementedError
-
-    def image(self, i):
-        raise NotImplementedError
-
-    def label(self, i):
-        raise NotImplementedError
-
-    def __repr__(self):
-        return f"{type(self).__name__}({self.name!r}, {len(self)} images, " \
-               f"{self.num_classes} classes)"
-
-
-class ArraySource(SourceDataset):
+class ArraySource:
     """Datasets small enough to hold in memory: uint8 (N, H, W) gray or (N, H, W, 3) RGB."""
 
     def __init__(self, name, images, labels, classes):
         if len(images) != len(labels):
             raise ValueError(f"{name}: {len(images)} images but {len(labels)} labels")
         self.name, self.images, self.labels, self.classes = name, images, labels, list(classes)
+        self.num_classes = len(self.classes)
 
     def __len__(self):
-        return len(self.images)
+        return len(self.labels)
 
     def image(self, i):
         a = self.images[i]
@@ -454,31 +384,26 @@ class ArraySource(SourceDataset):
         return int(self.labels[i])
 
 
-class FolderSource(SourceDataset):
+class FolderSource(ArraySource):
     """One sub-folder per class; only the file list is kept, images are read when asked for."""
 
     def __init__(self, root, name="folder"):
-        self.name, self.root = name, root
-        self.classes = sorted(e.name for e in os.scandir(root) if e.is_dir())
-        if not self.classes:
-            raise FileNotFoundError(f"--data-path {root} has no class sub-folders; expected an "
-                                    f"ImageNet-style folder, one sub-folder of images per class")
+        classes = sorted(e.name for e in os.scandir(root) if e.is_dir())
+        if not classes:
+            raise FileNotFoundError(f"--data-path {root} has no class sub-folders; expected an ImageNet-style "
+                                    f"folder, one sub-folder of images per class")
         self.files, labels = [], []
-        for c, cls in enumerate(tqdm(self.classes, desc="scanning classes", leave=False,
-                                     disable=len(self.classes) < 100)):
+        for c, cls in enumerate(tqdm(classes, desc="scanning classes", leave=False, disable=len(classes) < 100)):
             for dirpath, dirnames, filenames in os.walk(os.path.join(root, cls), followlinks=True):
                 dirnames.sort()
-                for fn in sorted(filenames):
-                    if fn.lower().endswith(IMAGE_EXTENSIONS):
-                        self.files.append(os.path.join(dirpath, fn))
-                        labels.append(c)
+                found = [os.path.join(dirpath, f) for f in sorted(filenames) if f.lower().endswith(IMAGE_EXTENSIONS)]
+                self.files += found
+                labels += [c] * len(found)
         if not self.files:
             raise FileNotFoundError(f"--data-path {root} has class folders but no images in them "
                                     f"(looked for {', '.join(IMAGE_EXTENSIONS)})")
-        self.labels = np.asarray(labels, dtype=np.int64)
-
-    def __len__(self):
-        return len(self.files)
+        super().__init__(name, self.files, np.asarray(labels, dtype=np.int64), classes)
+        self.root = root
 
     def image(self, i):
         try:
@@ -487,92 +412,67 @@ class FolderSource(SourceDataset):
         except OSError as e:
             raise ValueError(f"cannot read the image {self.files[i]} ({e})") from None
 
-    def label(self, i):
-        return int(self.labels[i])
-
-
-def _split_name(name, split):
-    for s in SPLITS:
-        if name.endswith("-" + s):
-            return name[:-len(s) - 1], s
-    return name, split
-
 
 def _open_cifar(data_path, split, download_ok):
     root = data_path or DEFAULT_DATA_ROOT
     tarball = os.path.join(root, CIFAR_FILE)
-    candidates = [root, os.path.join(root, CIFAR_DIR), tarball]
-    found = next((p for p in candidates if (os.path.isfile(p) and p.endswith(".tar.gz"))
-                  or os.path.isfile(os.path.join(p, "batches.meta"))
+    found = next((p for p in (root, os.path.join(root, CIFAR_DIR), tarball)
+                  if (os.path.isfile(p) and p.endswith(".tar.gz")) or os.path.isfile(os.path.join(p, "batches.meta"))
                   or os.path.isfile(os.path.join(p, CIFAR_BATCHES[split][0]))), None)
     if found is None:
         if not download_ok or os.path.isfile(root):
-            raise FileNotFoundError(f"CIFAR-10 not found in {root}: download {CIFAR_URL} "
-                                    f"(MD5 {CIFAR_MD5}) into that folder, or allow the download")
+            raise FileNotFoundError(f"CIFAR-10 not found in {root}: download {CIFAR_URL} (MD5 {CIFAR_MD5}) into that "
+                                    f"folder, or allow the download")
         os.makedirs(root, exist_ok=True)
         found = download_file(CIFAR_URL, tarball, CIFAR_MD5)
-    images, labels = read_cifar(found, split)
-    return ArraySource("cifar10", images, labels, CIFAR_CLASSES)
+    return ArraySource("cifar10", *read_cifar(found, split), CIFAR_CLASSES)
 
 
 def _open_idx(name, data_path, split, download_ok):
-    info = MNIST_LIKE[name]
-    img_file, lbl_file = IDX_FILES[split]
+    url, md5s, classes = MNIST_LIKE[name]
+    files = IDX_FILES[split]
 
-    def find(folder):
-        # a file and its uncompressed twin both count
-        paths = []
-        for f in (img_file, lbl_file):
-            p = next((q for q in (os.path.join(folder, f), os.path.join(folder, f[:-3]))
-                      if os.path.isfile(q)), None)
-            if p is None:
-                return None
-            paths.append(p)
-        return paths
+    def find(folder):  # a file or its uncompressed twin
+        paths = [next((q for q in (os.path.join(folder, f), os.path.join(folder, f[:-3])) if os.path.isfile(q)), None)
+                 for f in files]
+        return None if None in paths else paths
 
-    paths, count = None, None
-    for folder in ([data_path, os.path.join(data_path, name)] if data_path else []):
-        paths = paths or find(folder)
-    if paths is None:
-        # Debian recompressed the files, so their MD5s differ: the headers and counts vouch instead
+    paths = next((p for folder in ([data_path, os.path.join(data_path, name)] if data_path else []) if (p := find(folder))),
+                 None)
+    count = None
+    if paths is None:  # Debian recompressed the files, so their MD5s differ: the headers and counts vouch instead
         paths, count = find(os.path.join(SYSTEM_DATASETS, name)), IDX_COUNTS[split]
     if paths is None:
-        target = os.path.join(data_path or DEFAULT_DATA_ROOT, name)
         if not download_ok:
-            raise FileNotFoundError(
-                f"{name} ({split}) not found in {data_path or '(no --data-path)'} or "
-                f"{os.path.join(SYSTEM_DATASETS, name)}: put {img_file} and {lbl_file} from "
-                f"{info['url']} there, or allow the download")
+            raise FileNotFoundError(f"{name} ({split}) not found in {data_path or '(no --data-path)'} or "
+                                    f"{os.path.join(SYSTEM_DATASETS, name)}: put {files[0]} and {files[1]} from {url} "
+                                    f"there, or allow the download")
+        target = os.path.join(data_path or DEFAULT_DATA_ROOT, name)
         os.makedirs(target, exist_ok=True)
-        paths = [download_file(info["url"] + f, os.path.join(target, f), info["md5"][f])
-                 for f in (img_file, lbl_file)]
+        md5 = dict(zip(IDX_FILES["train"] + IDX_FILES["test"], md5s))
+        paths = [download_file(url + f, os.path.join(target, f), md5[f]) for f in files]
     images = read_idx(paths[0], IDX_IMAGES_MAGIC, count)
     labels = read_idx(paths[1], IDX_LABELS_MAGIC, count).astype(np.int64)
     if len(images) != len(labels):
-        raise ValueError(f"{paths[0]} holds {len(images)} images but {paths[1]} "
-                         f"{len(labels)} labels")
-    return ArraySource(name, images, labels, info["classes"])
+        raise ValueError(f"{paths[0]} holds {len(images)} images but {paths[1]} {len(labels)} labels")
+    return ArraySource(name, images, labels, classes)
 
 
 def open_dataset(name, data_path=None, split="train", download=True):
-    """A SourceDataset by name ("cifar10", "mnist", "fashion-mnist", "folder"; "name-split" too)."""
-    name, split = _split_name(name, split)
-    if name == "imagenet":
-        name = "folder"
+    """A source dataset by name ("cifar10", "mnist", "fashion-mnist", "folder"; "name-split" too)."""
+    name, split = next(((name[:-len(s) - 1], s) for s in SPLITS if name.endswith("-" + s)), (name, split))
+    name = "folder" if name == "imagenet" else name
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; known: {', '.join(DATASETS)}")
     if name == "folder":
         if not data_path or not os.path.isdir(data_path):
-            raise FileNotFoundError(f"dataset 'folder' needs --data-path to be a folder with one "
-                                    f"sub-folder of images per class; got {data_path!r}")
-        sub = os.path.join(data_path, split)
-        return FolderSource(sub if os.path.isdir(sub) else data_path)
+            raise FileNotFoundError(f"dataset 'folder' needs --data-path to be a folder with one sub-folder of images "
+                                    f"per class; got {data_path!r}")
+        return FolderSource(os.path.join(data_path, split) if os.path.isdir(os.path.join(data_path, split)) else data_path)
     split = "test" if split == "val" else split  # the small datasets have no separate val split
     if split not in IDX_FILES:
         raise ValueError(f"unknown split {split!r} for {name}; expected train or test")
-    if name == "cifar10":
-        return _open_cifar(data_path, split, download)
-    return _open_idx(name, data_path, split, download)
+    return _open_cifar(data_path, split, download) if name == "cifar10" else _open_idx(name, data_path, split, download)
 
 # -----------------------------------------------------------------------------
 # views: the crops of LlamaGen / ADM, each re-made exactly from (image, view index)
@@ -592,173 +492,147 @@ def center_crop_arr(img, size):
     while min(img.size) >= 2 * size:
         img = img.resize(tuple(x // 2 for x in img.size), resample=Image.BOX)
     scale = size / min(img.size)
-    img = img.resize(tuple(round(x * scale) for x in img.size), resample=Image.BICUBIC)
-    a = np.asarray(img)
+    a = np.asarray(img.resize(tuple(round(x * scale) for x in img.size), resample=Image.BICUBIC))
     y, x = (a.shape[0] - size) // 2, (a.shape[1] - size) // 2
     return a[y:y + size, x:x + size]
 
 
-def _pad_small(img, size):
-    # 28x28 digits into 32x32: a black border keeps every pixel, where a 14% bicubic upscale would
-    # blur them; only images that already fill 7/8 of the crop get this, the rest follow ADM
-    w, h = img.size
-    if (w, h) == (size, size) or not (size * 7 / 8 <= min(w, h) and max(w, h) <= size):
-        return img
-    canvas = Image.new("RGB", (size, size))
-    canvas.paste(img, ((size - w) // 2, (size - h) // 2))
-    return canvas
-
-
-def _ten_crop(a, size, v):
-    # order of torchvision's TenCrop: corners tl, tr, bl, br, centre; then the same on the mirror
-    if v >= 5:
-        a, v = a[:, ::-1], v - 5
-    H, W = a.shape[:2]
-    top, left = [(0, 0), (0, W - size), (H - size, 0), (H - size, W - size),
-                 (int(round((H - size) / 2)), int(round((W - size) / 2)))][v]
-    return a[top:top + size, left:left + size]
-
-
 def make_view(img, image_size, views, v):
-    """View v of img as uint8 (S, S, 3): "none" the ADM crop, "flip" v=1 its mirror, "tencrop"
-    v = 0..9 LlamaGen's ten-crop (tl, tr, bl, br, centre, then the same on the mirrored image)."""
+    """View v of img as uint8 (S, S, 3): "none" the ADM crop, "flip" v=1 its mirror, "tencrop" v = 0..9 LlamaGen's
+    ten-crop (corners tl, tr, bl, br, centre, as torchvision's TenCrop; then the same on the mirrored image)."""
     n = num_views(views)
     if not 0 <= v < n:
         raise ValueError(f"view index {v} is out of range for views={views!r} ({n} views)")
-    img = _pad_small(img.convert("RGB"), image_size)
-    if views == "tencrop":
-        a = _ten_crop(center_crop_arr(img, int(image_size * TENCROP_RANGE)), image_size, v)
-    else:
-        a = center_crop_arr(img, image_size)
-        if v == 1:
-            a = a[:, ::-1]
-    return np.array(a)  # a fresh, writable copy: PIL's buffer is read-only
+    img, (w, h), S = img.convert("RGB"), img.size, image_size
+    if (w, h) != (S, S) and S * 7 / 8 <= min(w, h) and max(w, h) <= S:
+        # 28x28 digits into 32x32: a black border keeps every pixel, where a 14% bicubic upscale would blur them
+        canvas = Image.new("RGB", (S, S))
+        canvas.paste(img, ((S - w) // 2, (S - h) // 2))
+        img = canvas
+    if views != "tencrop":
+        a = center_crop_arr(img, S)
+        return np.array(a[:, ::-1] if v == 1 else a)  # a fresh, writable copy: PIL's buffer is read-only
+    a = center_crop_arr(img, int(S * TENCROP_RANGE))
+    if v >= 5:
+        a, v = a[:, ::-1], v - 5
+    H, W = a.shape[:2]
+    top, left = [(0, 0), (0, W - S), (H - S, 0), (H - S, W - S), (int(round((H - S) / 2)), int(round((W - S) / 2)))][v]
+    return np.array(a[top:top + S, left:left + S])
 
 
 class ViewDataset(torch.utils.data.Dataset):
-    """Crops of a source dataset as float tensors in [-1, 1], with where they came from."""
+    """Crops of a source dataset as float tensors in [-1, 1], with where they came from: item k is view v of
+    image i, k = i * views + v."""
 
     def __init__(self, source, image_size, views="none"):
-        self.source, self.image_size, self.views = source, image_size, views
-        self.num_views = num_views(views)
+        self.source, self.image_size, self.views, self.num_views = source, image_size, views, num_views(views)
 
     def __len__(self):
         return len(self.source) * self.num_views
 
-    def __getitem__(self, k):  # item k is view v of image i, k = i * views + v
+    def __getitem__(self, k):
         i, v = divmod(k, self.num_views)
         a = make_view(self.source.image(i), self.image_size, self.views, v)
-        x = torch.from_numpy(a).permute(2, 0, 1).float() / 127.5 - 1.0
-        return x, self.source.label(i), i, v
+        return torch.from_numpy(a).permute(2, 0, 1).float() / 127.5 - 1.0, self.source.label(i), i, v
 
 # -----------------------------------------------------------------------------
 # code datasets written by `tokenizer.py extract`
 
+REMAKE = "make it again with `python tokenizer.py extract ... --overwrite`"
+
 
 def check_range(array, limit, path, what, name, rows=1 << 16):
-    """Refuse any value outside [0, limit): vectorised over chunks of rows, so a memory-mapped
-    ImageNet code file (1.28M x 10 x 256) is read once in seconds and never held in memory."""
+    """Refuse any value outside [0, limit): vectorised over chunks of rows, so a memory-mapped ImageNet code
+    file (1.28M x 10 x 256) is read once in seconds and never held in memory."""
     for start in range(0, len(array), rows):
         chunk = np.asarray(array[start:start + rows])
         if chunk.size and (chunk.min() < 0 or chunk.max() >= limit):
             bad = np.argwhere((chunk < 0) | (chunk >= limit))[0]
             index = (start + int(bad[0]), *map(int, bad[1:]))
             raise ValueError(f"{path} holds the {what} {int(chunk[tuple(bad)])} at index {index}, outside "
-                             f"0..{limit - 1} ({name} in meta.json); make it again with `python tokenizer.py "
-                             f"extract ... --overwrite`")
+                             f"0..{limit - 1} ({name} in meta.json); {REMAKE}")
 
 
 class CodeDataset(torch.utils.data.Dataset):
-    """Memory-mapped codes (N, A, H*W), one view per item, optionally with the crop itself.
+    """Memory-mapped codes (N, A, H*W), one view per item (k = i * views + v), optionally with the crop itself.
 
-    Opening one checks it whole (shapes against meta.json, every code below the vocabulary, every
-    label below the number of classes), so a bad file stops a run before its first step.
+    Opening one checks it whole (shapes against meta.json, every code below the vocabulary, every label below
+    the number of classes), so a bad file stops a run before its first step.
     """
 
     def __init__(self, root, with_images=False, data_path=None):
         files = [os.path.join(root, f) for f in ("codes.npy", "labels.npy", "meta.json")]
-        missing = [os.path.basename(f) for f in files if not os.path.isfile(f)]
-        if missing:
+        if missing := [os.path.basename(f) for f in files if not os.path.isfile(f)]:
             raise FileNotFoundError(f"{root} is not a code dataset: it lacks {', '.join(missing)} "
                                     f"(make one with `python tokenizer.py extract`)")
-        remake = "make it again with `python tokenizer.py extract ... --overwrite`"
         try:
             with open(files[2]) as f:
                 self.meta = json.load(f)
-            H, W = self.meta["grid"]
-            N, A = self.meta["num_images"], self.meta["num_views"]
+            (H, W), N, A = self.meta["grid"], self.meta["num_images"], self.meta["num_views"]
             vocab, classes = self.meta["vocab_size"], self.meta["num_classes"]
         except (ValueError, KeyError, TypeError) as e:
             raise ValueError(f"{files[2]} is not a valid code-dataset description ({type(e).__name__}: {e}); "
-                             f"{remake}") from None
-        self.codes_path = files[0]
+                             f"{REMAKE}") from None
         for path, shape in ((files[0], (N, A, H * W)), (files[1], (N,))):
             try:
                 array = np.load(path, mmap_mode="r")
             except (ValueError, OSError, EOFError) as e:
-                raise ValueError(f"{path} cannot be read ({e}): it is truncated or not a .npy file; {remake}") from None
+                raise ValueError(f"{path} cannot be read ({e}): it is truncated or not a .npy file; {REMAKE}") from None
             if array.shape != shape or array.dtype.kind not in "iu":
-                raise ValueError(f"{path} holds {array.dtype} {array.shape}, but meta.json says integers of "
-                                 f"shape {shape} (images, views, tokens); {remake}")
-        self.codes, self.labels = np.load(files[0], mmap_mode="r"), np.load(files[1])
+                raise ValueError(f"{path} holds {array.dtype} {array.shape}, but meta.json says integers of shape "
+                                 f"{shape} (images, views, tokens); {REMAKE}")
+        self.codes_path, self.codes, self.labels = files[0], np.load(files[0], mmap_mode="r"), np.load(files[1])
         check_range(self.codes, vocab, files[0], "code", "the vocabulary")
         check_range(self.labels, classes, files[1], "label", "the number of classes")
-        self.num_views = A
-        self.source = None
+        self.num_views, self.source = A, None
         if with_images:
             path = data_path if data_path is not None else self.meta.get("data_path")
             self.source = open_dataset(self.meta["dataset"], path, self.meta["split"])
-            if len(self.source) != N or any(self.source.label(i) != self.labels[i]
-                                            for i in {0, N // 2, N - 1}):
-                raise ValueError(f"the images of {self.meta['dataset']} at {path} do not match "
-                                 f"{root} ({len(self.source)} images vs {N} codes, or other "
-                                 f"labels): pass the --data-path the codes were extracted from")
+            if len(self.source) != N or any(self.source.label(i) != self.labels[i] for i in {0, N // 2, N - 1}):
+                raise ValueError(f"the images of {self.meta['dataset']} at {path} do not match {root} "
+                                 f"({len(self.source)} images vs {N} codes, or other labels): pass the --data-path "
+                                 f"the codes were extracted from")
 
-    def __getstate__(self):
-        # pickling a memmap copies the whole array into each spawned DataLoader worker: reopen instead
+    def __getstate__(self):  # pickling a memmap copies the whole array into each DataLoader worker: reopen instead
         return {**self.__dict__, "codes": None}
 
     def __len__(self):
         return len(self.labels) * self.num_views
 
-    def __getitem__(self, k):  # item k is view v of image i, k = i * views + v
+    def __getitem__(self, k):
         i, v = divmod(k, self.num_views)
         if self.codes is None:
             self.codes = np.load(self.codes_path, mmap_mode="r")
-        out = (torch.from_numpy(self.codes[i, v].astype(np.int64)),
-               torch.tensor(self.labels[i], dtype=torch.int64),
+        out = (torch.from_numpy(self.codes[i, v].astype(np.int64)), torch.tensor(self.labels[i], dtype=torch.int64),
                torch.tensor(v, dtype=torch.int64))
         if self.source is None:
             return out
         a = make_view(self.source.image(i), self.meta["image_size"], self.meta["views"], v)
         return out + (torch.from_numpy(a).permute(2, 0, 1).contiguous(),)
 
-# -----------------------------------------------------------------------------
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description="Fetch a dataset, say what it holds, and "
-                                                 "optionally save a PNG of its views.")
-    parser.add_argument("dataset", help=dataset_help())
-    parser.add_argument("--data-path", default=None)
-    parser.add_argument("--split", default="train", choices=SPLITS)
-    parser.add_argument("--no-download", action="store_true")
-    parser.add_argument("--image-size", type=int, default=32)
-    parser.add_argument("--views", default="none", choices=list(VIEWS))
-    parser.add_argument("--preview", default=None, help="PNG file: 8 images, one row per image")
-    parser.add_argument("--force", action="store_true", help="overwrite an existing --preview")
-    args = parser.parse_args()
-
+    p = argparse.ArgumentParser(description="Fetch a dataset, say what it holds, and optionally save a PNG of its views.")
+    p.add_argument("dataset", help="; ".join(f"{k}: {v}" for k, v in DATASETS.items()) + "; append -train / -test "
+                                   "to pick the split (e.g. cifar10-test)")
+    p.add_argument("--data-path", default=None)
+    p.add_argument("--split", default="train", choices=SPLITS)
+    p.add_argument("--no-download", action="store_true")
+    p.add_argument("--image-size", type=POSITIVE_INT, default=32)
+    p.add_argument("--views", default="none", choices=list(VIEWS))
+    p.add_argument("--preview", default=None, help="PNG file: 8 images, one row per image")
+    p.add_argument("--force", action="store_true", help="overwrite an existing --preview")
+    args = p.parse_args()
     try:
         ds = open_dataset(args.dataset, args.data_path, args.split, download=not args.no_download)
     except (FileNotFoundError, ValueError) as e:
-        raise SystemExit(f"error: {e}")
-    counts = np.bincount(ds.labels, minlength=ds.num_classes)
+        raise SystemExit(f"error: {one_line(e)}")
     print(f"{ds.name}: {len(ds)} images, {ds.num_classes} classes, first image {ds.image(0).size}")
-    print("per class:", dict(zip(ds.classes[:20], counts[:20].tolist())))
+    print("per class:", dict(zip(ds.classes[:20], np.bincount(ds.labels, minlength=ds.num_classes)[:20].tolist())))
     if args.preview:
         if os.path.exists(args.preview) and not args.force:
             raise SystemExit(f"error: --preview {args.preview} exists; pass --force to replace it")
-        S, n = args.image_size, num_views(args.views)
-        views = [make_view(ds.image(i), S, args.views, v) for i in range(min(8, len(ds))) for v in range(n)]
+        n = num_views(args.views)
+        views = [make_view(ds.image(i), args.image_size, args.views, v) for i in range(min(8, len(ds))) for v in range(n)]
         save_grid(views, args.preview, nrow=n, padding=0)
         print(f"wrote {args.preview}")
