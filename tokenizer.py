@@ -10,11 +10,14 @@ buffer (LlamaGen wraps it in an nn.Parameter, which breaks in-place updates on a
 There is no perceptual (LPIPS) loss: it needs VGG weights, which we do not ship.
 """
 import argparse
+import contextlib
+import functools
 import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass
+from collections import Counter
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 import torch
@@ -23,13 +26,13 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import data
-from data import (NONNEG, NONNEG_INT, POSITIVE, POSITIVE_INT, PROBABILITY, Logger, add_options, arg_type,
-                  atomic_write, barrier, cleanup_distributed, option, read_checkpoint, save_atomic, save_grid, setup_distributed)
+import fid
+from data import (NONNEG, NONNEG_INT, POSITIVE, POSITIVE_INT, Logger, add_options, arg_type, atomic_write, barrier,
+                  cleanup_distributed, option, read_checkpoint, save_atomic, save_grid, setup_distributed)
 from model import load_state_dict_strict
 
 # ----------------------------------------------------------------------------------------------------
 # Config and presets
-# ----------------------------------------------------------------------------------------------------
 
 
 @dataclass
@@ -49,8 +52,7 @@ class VQConfig:
 
     def __post_init__(self):
         # json round-trips turn tuples into lists; keep one form so configs compare equal
-        self.encoder_ch_mult = tuple(self.encoder_ch_mult)
-        self.decoder_ch_mult = tuple(self.decoder_ch_mult)
+        self.encoder_ch_mult, self.decoder_ch_mult = tuple(self.encoder_ch_mult), tuple(self.decoder_ch_mult)
         if len(self.encoder_ch_mult) != len(self.decoder_ch_mult):
             raise ValueError("encoder_ch_mult and decoder_ch_mult must have the same length "
                              f"(got {self.encoder_ch_mult} and {self.decoder_ch_mult})")
@@ -59,53 +61,43 @@ class VQConfig:
 VQ_PRESETS = {
     "VQ-16": VQConfig(encoder_ch_mult=(1, 1, 2, 2, 4), decoder_ch_mult=(1, 1, 2, 2, 4)),  # 256 px -> 16x16
     "VQ-8": VQConfig(encoder_ch_mult=(1, 2, 2, 4), decoder_ch_mult=(1, 2, 2, 4)),  # 256 px -> 32x32
-    # CIFAR scale: 32 px -> 8x8 tokens; narrow enough to train on a laptop CPU in minutes.
-    # GroupNorm(32) needs every width to be a multiple of 32.
-    "VQ-S": VQConfig(codebook_size=1024, codebook_embed_dim=8, encoder_ch_mult=(1, 2, 2),
-                     decoder_ch_mult=(1, 2, 2), z_channels=64, ch=32),
+    # CIFAR scale: 32 px -> 8x8 tokens, trains on a laptop CPU in minutes; GroupNorm(32) needs widths of 32n
+    "VQ-S": VQConfig(codebook_size=1024, encoder_ch_mult=(1, 2, 2), decoder_ch_mult=(1, 2, 2), z_channels=64, ch=32),
 }
-
 USAGE_WINDOW = 65536  # LlamaGen remembers the last 65536 code indices to measure codebook usage
 
 
 def get_config(preset):
-    """A VQConfig from a preset name (or a VQConfig passed through)."""
+    """A VQConfig from a preset name (a copy: callers may change it), or a VQConfig passed through."""
     if isinstance(preset, VQConfig):
         return preset
     if preset not in VQ_PRESETS:
         raise ValueError(f"unknown VQ preset {preset!r}; expected one of {', '.join(VQ_PRESETS)}")
-    return VQConfig(**asdict(VQ_PRESETS[preset]))
+    return replace(VQ_PRESETS[preset])
 
 # ----------------------------------------------------------------------------------------------------
-# Building blocks (LlamaGen / taming-transformers layout and names)
-# ----------------------------------------------------------------------------------------------------
+# Building blocks: LlamaGen's (taming-transformers') names and order of construction, so that a seed
+# draws the same initial weights
 
 
 def swish(x):
     return x * torch.sigmoid(x)
 
 
-def group_norm(channels):
-    return nn.GroupNorm(num_groups=32, num_channels=channels, eps=1e-6, affine=True)
+Norm = functools.partial(nn.GroupNorm, 32, eps=1e-6)  # Norm(channels)
 
 
 class ResnetBlock(nn.Module):
     def __init__(self, in_ch, out_ch, dropout=0.0):
         super().__init__()
-        self.norm1 = group_norm(in_ch)
-        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
-        self.norm2 = group_norm(out_ch)
-        self.dropout = nn.Dropout(dropout)
+        self.norm1, self.conv1 = Norm(in_ch), nn.Conv2d(in_ch, out_ch, 3, padding=1)
+        self.norm2, self.dropout = Norm(out_ch), nn.Dropout(dropout)
         self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
-        if in_ch != out_ch:
-            self.nin_shortcut = nn.Conv2d(in_ch, out_ch, 1)
+        self.nin_shortcut = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
 
     def forward(self, x):
-        h = self.conv1(swish(self.norm1(x)))
-        h = self.conv2(self.dropout(swish(self.norm2(h))))
-        if hasattr(self, "nin_shortcut"):
-            x = self.nin_shortcut(x)
-        return x + h
+        h = self.conv2(self.dropout(swish(self.norm2(self.conv1(swish(self.norm1(x)))))))
+        return self.nin_shortcut(x) + h
 
 
 class AttnBlock(nn.Module):
@@ -113,11 +105,8 @@ class AttnBlock(nn.Module):
 
     def __init__(self, ch):
         super().__init__()
-        self.norm = group_norm(ch)
-        self.q = nn.Conv2d(ch, ch, 1)
-        self.k = nn.Conv2d(ch, ch, 1)
-        self.v = nn.Conv2d(ch, ch, 1)
-        self.proj_out = nn.Conv2d(ch, ch, 1)
+        self.norm = Norm(ch)
+        self.q, self.k, self.v, self.proj_out = (nn.Conv2d(ch, ch, 1) for _ in range(4))
 
     def forward(self, x):
         b, c, h, w = x.shape
@@ -127,178 +116,127 @@ class AttnBlock(nn.Module):
         return x + self.proj_out(y.transpose(2, 3).reshape(b, c, h, w))
 
 
-class Downsample(nn.Module):
-    def __init__(self, ch):
+class Level(nn.Module):
+    """One resolution: residual blocks, each followed by attention where `attn`, then `resample`: a
+    stride-2 conv ("downsample"), x2 nearest upsampling and a conv ("upsample"), or None."""
+
+    def __init__(self, in_ch, out_ch, n_res, dropout, attn, resample):
         super().__init__()
-        self.conv = nn.Conv2d(ch, ch, 3, stride=2, padding=0)
+        self.res, self.attn, self.resample = nn.ModuleList(), nn.ModuleList(), resample
+        for i in range(n_res):
+            self.res.append(ResnetBlock(in_ch if i == 0 else out_ch, out_ch, dropout))
+            if attn:
+                self.attn.append(AttnBlock(out_ch))
+        if resample:  # LlamaGen's key: {downsample,upsample}.conv
+            up = resample == "upsample"
+            self.add_module(resample, nn.ModuleDict({"conv": nn.Conv2d(out_ch, out_ch, 3, 1 if up else 2, int(up))}))
 
-    def forward(self, x):
-        # asymmetric padding (right and bottom only) keeps LlamaGen's pixel alignment
-        return self.conv(F.pad(x, (0, 1, 0, 1)))
+    def forward(self, h):
+        for i, res in enumerate(self.res):
+            h = self.attn[i](res(h)) if self.attn else res(h)
+        if self.resample == "downsample":  # padding right and bottom only: LlamaGen's pixel alignment
+            h = self.downsample.conv(F.pad(h, (0, 1, 0, 1)))
+        elif self.resample == "upsample":
+            h = self.upsample.conv(F.interpolate(h, scale_factor=2.0, mode="nearest"))
+        return h
 
 
-class Upsample(nn.Module):
-    def __init__(self, ch):
-        super().__init__()
-        self.conv = nn.Conv2d(ch, ch, 3, padding=1)
-
-    def forward(self, x):
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+def middle(ch, dropout):
+    return nn.Sequential(ResnetBlock(ch, ch, dropout), AttnBlock(ch), ResnetBlock(ch, ch, dropout))
 
 
 class Encoder(nn.Module):
+    """Image (B, 3, S, S) -> (B, z_channels, S/f, S/f); attention only at the lowest resolution."""
+
     def __init__(self, cfg):
         super().__init__()
-        ch, mult, n_res = cfg.ch, cfg.encoder_ch_mult, cfg.num_res_blocks
-        self.conv_in = nn.Conv2d(3, ch, 3, padding=1)
-        self.conv_blocks = nn.ModuleList()
-        ch_in = ch
-        for level, m in enumerate(mult):
-            block, ch_out = nn.Module(), ch * m
-            block.res = nn.ModuleList()
-            block.attn = nn.ModuleList()
-            for _ in range(n_res):
-                block.res.append(ResnetBlock(ch_in, ch_out, cfg.dropout_p))
-                ch_in = ch_out
-                if level == len(mult) - 1:  # attention only at the lowest resolution
-                    block.attn.append(AttnBlock(ch_in))
-            if level != len(mult) - 1:
-                block.downsample = Downsample(ch_in)
-            self.conv_blocks.append(block)
-        self.mid = nn.ModuleList([ResnetBlock(ch_in, ch_in, cfg.dropout_p), AttnBlock(ch_in),
-                                  ResnetBlock(ch_in, ch_in, cfg.dropout_p)])
-        self.norm_out = group_norm(ch_in)
-        self.conv_out = nn.Conv2d(ch_in, cfg.z_channels, 3, padding=1)
+        chs, p, last = [cfg.ch] + [cfg.ch * m for m in cfg.encoder_ch_mult], cfg.dropout_p, len(cfg.encoder_ch_mult) - 1
+        self.conv_in = nn.Conv2d(3, cfg.ch, 3, padding=1)
+        self.conv_blocks = nn.Sequential(*(Level(chs[i], chs[i + 1], cfg.num_res_blocks, p, attn=i == last,
+                                                 resample=None if i == last else "downsample")
+                                           for i in range(last + 1)))
+        self.mid, self.norm_out = middle(chs[-1], p), Norm(chs[-1])
+        self.conv_out = nn.Conv2d(chs[-1], cfg.z_channels, 3, padding=1)
 
     def forward(self, x):
-        h = self.conv_in(x)
-        for block in self.conv_blocks:
-            for i, res in enumerate(block.res):
-                h = res(h)
-                if len(block.attn) > 0:
-                    h = block.attn[i](h)
-            if hasattr(block, "downsample"):
-                h = block.downsample(h)
-        for layer in self.mid:
-            h = layer(h)
-        return self.conv_out(swish(self.norm_out(h)))
+        return self.conv_out(swish(self.norm_out(self.mid(self.conv_blocks(self.conv_in(x))))))
 
 
 class Decoder(nn.Module):
+    """The encoder's mirror: the middle first, attention at the first level, one residual block more per level."""
+
     def __init__(self, cfg):
         super().__init__()
-        ch, mult, n_res = cfg.ch, cfg.decoder_ch_mult, cfg.num_res_blocks
-        ch_in = ch * mult[-1]
-        self.conv_in = nn.Conv2d(cfg.z_channels, ch_in, 3, padding=1)
-        self.mid = nn.ModuleList([ResnetBlock(ch_in, ch_in, cfg.dropout_p), AttnBlock(ch_in),
-                                  ResnetBlock(ch_in, ch_in, cfg.dropout_p)])
-        self.conv_blocks = nn.ModuleList()
-        for level, m in enumerate(reversed(mult)):
-            block, ch_out = nn.Module(), ch * m
-            block.res = nn.ModuleList()
-            block.attn = nn.ModuleList()
-            for _ in range(n_res + 1):  # the decoder has one residual block more per level
-                block.res.append(ResnetBlock(ch_in, ch_out, cfg.dropout_p))
-                ch_in = ch_out
-                if level == 0:
-                    block.attn.append(AttnBlock(ch_in))
-            if level != len(mult) - 1:
-                block.upsample = Upsample(ch_in)
-            self.conv_blocks.append(block)
-        self.norm_out = group_norm(ch_in)
-        self.conv_out = nn.Conv2d(ch_in, 3, 3, padding=1)
+        chs, p, last = [cfg.ch * m for m in reversed(cfg.decoder_ch_mult)], cfg.dropout_p, len(cfg.decoder_ch_mult) - 1
+        self.conv_in = nn.Conv2d(cfg.z_channels, chs[0], 3, padding=1)
+        self.mid = middle(chs[0], p)
+        self.conv_blocks = nn.Sequential(*(Level(chs[max(i - 1, 0)], chs[i], cfg.num_res_blocks + 1, p, attn=i == 0,
+                                                 resample=None if i == last else "upsample")
+                                           for i in range(last + 1)))
+        self.norm_out, self.conv_out = Norm(chs[-1]), nn.Conv2d(chs[-1], 3, 3, padding=1)
 
     def forward(self, z):
-        h = self.conv_in(z)
-        for layer in self.mid:
-            h = layer(h)
-        for block in self.conv_blocks:
-            for i, res in enumerate(block.res):
-                h = res(h)
-                if len(block.attn) > 0:
-                    h = block.attn[i](h)
-            if hasattr(block, "upsample"):
-                h = block.upsample(h)
-        return self.conv_out(swish(self.norm_out(h)))
+        return self.conv_out(swish(self.norm_out(self.conv_blocks(self.mid(self.conv_in(z))))))
 
 
 def entropy_loss(affinity, temperature=0.01):
     """Low per-token entropy (confident assignments) minus high codebook-wide entropy (use all codes)."""
     logits = affinity.reshape(-1, affinity.shape[-1]) / temperature
-    probs = F.softmax(logits, dim=-1)
-    log_probs = F.log_softmax(logits + 1e-5, dim=-1)
+    probs, log_probs = F.softmax(logits, dim=-1), F.log_softmax(logits + 1e-5, dim=-1)
     avg_probs = probs.mean(dim=0)
     avg_entropy = -(avg_probs * torch.log(avg_probs + 1e-5)).sum()
-    sample_entropy = -(probs * log_probs).sum(dim=-1).mean()
-    return sample_entropy - avg_entropy
+    return -(probs * log_probs).sum(dim=-1).mean() - avg_entropy
 
 
 class VectorQuantizer(nn.Module):
     def __init__(self, cfg):
         super().__init__()
-        self.n_e, self.e_dim, self.l2_norm = cfg.codebook_size, cfg.codebook_embed_dim, cfg.codebook_l2_norm
-        self.beta, self.entropy_ratio = cfg.commit_loss_beta, cfg.entropy_loss_ratio
-        self.show_usage = cfg.codebook_show_usage
-        self.embedding = nn.Embedding(self.n_e, self.e_dim)
+        self.cfg, n = cfg, cfg.codebook_size
+        self.embedding = nn.Embedding(n, cfg.codebook_embed_dim)
         with torch.no_grad():
-            self.embedding.weight.uniform_(-1.0 / self.n_e, 1.0 / self.n_e)
-            if self.l2_norm:
+            self.embedding.weight.uniform_(-1.0 / n, 1.0 / n)
+            if cfg.codebook_l2_norm:
                 self.embedding.weight.copy_(F.normalize(self.embedding.weight, dim=-1))
-        # a ring of the most recent code indices; -1 marks "never filled" (LlamaGen starts at 0,
-        # which counts code 0 as used from the start)
+        # the most recent code indices; -1 marks "never filled" (LlamaGen's 0 counts code 0 as used)
         self.register_buffer("codebook_used", torch.full((USAGE_WINDOW,), -1.0))
 
     def codebook(self):
-        w = self.embedding.weight
-        return F.normalize(w, dim=-1) if self.l2_norm else w
+        return F.normalize(self.embedding.weight, dim=-1) if self.cfg.codebook_l2_norm else self.embedding.weight
 
     def usage(self):
         """Fraction of the codebook seen among the last 65536 codes produced in training mode."""
-        seen = self.codebook_used[self.codebook_used >= 0]
-        return seen.unique().numel() / self.n_e
+        return self.codebook_used[self.codebook_used >= 0].unique().numel() / self.cfg.codebook_size
 
     def forward(self, z):
         """z (B, C, H, W) -> (z_q (B, C, H, W), codes (B, H, W), losses dict; empty in eval mode)."""
         z = z.float().permute(0, 2, 3, 1)  # distances in float32 even under bf16 autocast
-        if self.l2_norm:
-            z = F.normalize(z, dim=-1)
-        emb = self.codebook().float()
-        flat = z.reshape(-1, self.e_dim)
+        z = F.normalize(z, dim=-1) if self.cfg.codebook_l2_norm else z
+        emb, flat = self.codebook().float(), z.reshape(-1, self.cfg.codebook_embed_dim)
         d = flat.pow(2).sum(1, keepdim=True) + emb.pow(2).sum(1) - 2 * flat @ emb.t()
         idx = d.argmin(dim=1)
-        z_q = emb[idx].view(z.shape)
-        losses = {}
+        z_q, losses = emb[idx].view(z.shape), {}
         if self.training:
-            if self.show_usage:
-                with torch.no_grad():
-                    n = min(idx.numel(), USAGE_WINDOW)
-                    used = torch.cat([self.codebook_used[n:], idx[-n:].to(self.codebook_used.dtype)])
-                    self.codebook_used.copy_(used)
+            if self.cfg.codebook_show_usage:
+                n, used = min(idx.numel(), USAGE_WINDOW), self.codebook_used
+                used.copy_(torch.cat([used[n:], idx[-n:].to(used.dtype)]))
             losses["codebook"] = (z_q - z.detach()).pow(2).mean()
-            losses["commit"] = self.beta * (z_q.detach() - z).pow(2).mean()
-            if self.entropy_ratio > 0:
-                losses["entropy"] = self.entropy_ratio * entropy_loss(-d)
+            losses["commit"] = self.cfg.commit_loss_beta * (z_q.detach() - z).pow(2).mean()
+            if self.cfg.entropy_loss_ratio > 0:
+                losses["entropy"] = self.cfg.entropy_loss_ratio * entropy_loss(-d)
             z_q = z + (z_q - z).detach()  # straight-through: the decoder's gradient goes to the encoder
         return z_q.permute(0, 3, 1, 2).contiguous(), idx.view(z.shape[:-1]), losses
 
 # ----------------------------------------------------------------------------------------------------
-# The VQ model
-# ----------------------------------------------------------------------------------------------------
+# The VQ model and its checkpoints
 
 
 class VQModel(nn.Module):
     def __init__(self, cfg):
         super().__init__()
-        self.config = cfg
-        self.encoder = Encoder(cfg)
-        self.decoder = Decoder(cfg)
-        self.quantize = VectorQuantizer(cfg)
+        self.config, self.downsample_factor = cfg, 2 ** (len(cfg.encoder_ch_mult) - 1)
+        self.encoder, self.decoder, self.quantize = Encoder(cfg), Decoder(cfg), VectorQuantizer(cfg)
         self.quant_conv = nn.Conv2d(cfg.z_channels, cfg.codebook_embed_dim, 1)
         self.post_quant_conv = nn.Conv2d(cfg.codebook_embed_dim, cfg.z_channels, 1)
-
-    @property
-    def downsample_factor(self):
-        return 2 ** (len(self.config.encoder_ch_mult) - 1)
 
     def grid_size(self, image_size):
         """Side of the token grid for square images of side image_size."""
@@ -310,10 +248,7 @@ class VQModel(nn.Module):
     def forward(self, x):
         """Training pass: x in [-1, 1] -> (reconstruction, codes (B, H, W), quantizer losses dict)."""
         z_q, codes, losses = self.quantize(self.quant_conv(self.encoder(x)))
-        return self.decode(z_q), codes, losses
-
-    def decode(self, z_q):
-        return self.decoder(self.post_quant_conv(z_q))
+        return self.decoder(self.post_quant_conv(z_q)), codes, losses
 
     @torch.no_grad()
     def encode(self, x):
@@ -324,24 +259,18 @@ class VQModel(nn.Module):
     def decode_code(self, codes, grid=None):
         """Codes (B, H, W) or (B, N) (square grid unless grid=(H, W)) -> images (B, 3, fH, fW), ~[-1, 1]."""
         if codes.dim() == 2:
-            n = codes.shape[1]
-            h, w = grid if grid is not None else (math.isqrt(n), math.isqrt(n))
-            if h * w != n:
-                raise ValueError(f"cannot lay {n} codes on a square grid; pass grid=(H, W)")
+            h, w = grid or (math.isqrt(codes.shape[1]),) * 2
+            if h * w != codes.shape[1]:
+                raise ValueError(f"cannot lay {codes.shape[1]} codes on a square grid; pass grid=(H, W)")
             codes = codes.reshape(-1, h, w)
         z_q = self.quantize.codebook()[codes.long()].permute(0, 3, 1, 2).contiguous()
-        return self.decode(z_q)
+        return self.decoder(self.post_quant_conv(z_q))
 
     @torch.no_grad()
     def encoder_features(self, x):
-        """The offline Mirai-I teacher: the encoder output (B, z_channels, H, W) at the token grid,
-        before quant_conv. It is wider than the 8-dim code space and not yet squeezed onto the
-        codebook, so it carries more of the image than the codes do."""
+        """The offline Mirai-I teacher: the encoder output (B, z_channels, H, W) before quant_conv; wider
+        than the code space and not squeezed onto the codebook, it carries more of the image than the codes."""
         return self.encoder(x)
-
-# ----------------------------------------------------------------------------------------------------
-# Checkpoints
-# ----------------------------------------------------------------------------------------------------
 
 
 def load_vq(path, preset=None, device="cpu"):
@@ -356,35 +285,49 @@ def load_vq(path, preset=None, device="cpu"):
         except TypeError:
             raise ValueError(f"VQ checkpoint {path} stores a config that is not a VQ tokenizer's "
                              f"(keys {', '.join(sorted(ckpt['config']))[:200]})") from None
-    elif preset is not None:
-        cfg = get_config(preset)
-    else:
+    elif preset is None:
         raise ValueError(f"VQ checkpoint {path} stores no config; name its architecture with a preset "
                          f"(one of {', '.join(VQ_PRESETS)}), e.g. VQ-16 for LlamaGen's vq_ds16_c2i.pt")
-    sd = ckpt.get("model", ckpt)
+    else:
+        cfg = get_config(preset)
     model = VQModel(cfg)
-    load_state_dict_strict(model, sd, f"VQ checkpoint {path}")
+    load_state_dict_strict(model, ckpt.get("model", ckpt), f"VQ checkpoint {path}")
     return model.to(device).eval()
 
+
+def to_uint8(x):
+    """(B, 3, H, W) in [-1, 1] -> (B, H, W, 3) uint8 numpy."""
+    return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+def sample_images(gpt, vq, labels, cfg_scale=1.0, cfg_interval=-1, temperature=1.0, top_k=0, top_p=1.0,
+                  generator=None):
+    """Class labels (B,) -> (B, H, W, 3) uint8 images: GPT tokens decoded by the tokenizer."""
+    labels = torch.as_tensor(labels, dtype=torch.long, device=gpt.tok_embeddings.weight.device)
+    tokens = gpt.generate(labels, cfg_scale=cfg_scale, cfg_interval=cfg_interval, temperature=temperature,
+                          top_k=top_k, top_p=top_p, generator=generator)
+    g = gpt.config.grid_size
+    return to_uint8(vq.decode_code(tokens.to(next(vq.parameters()).device), grid=(g, g)))
+
 # ----------------------------------------------------------------------------------------------------
-# Discriminator and image helpers for training
-# ----------------------------------------------------------------------------------------------------
+# Training: L2 (+ L1) reconstruction, codebook and commitment losses, a PatchGAN from --disc-start on
+
+BETAS, MAX_GRAD_NORM = (0.9, 0.95), 1.0  # LlamaGen's, for both optimizers
 
 
 class PatchDiscriminator(nn.Module):
-    """PatchGAN (pix2pix / taming): every output logit judges one patch of the image."""
+    """PatchGAN (pix2pix / taming): every output logit judges one patch of the image. LlamaGen's 3
+    layers leave a 2x2 map at 32 px; fewer layers on small images keep the map at least 6x6."""
 
-    def __init__(self, n_layers=3, ndf=64):
+    def __init__(self, image_size, ndf=64):
         super().__init__()
+        n_layers, mult = max(1, min(3, int(math.log2(image_size / 8)))), 1
         layers = [nn.Conv2d(3, ndf, 4, 2, 1), nn.LeakyReLU(0.2, True)]
-        mult = 1
         for n in range(1, n_layers + 1):
             prev, mult = mult, min(2 ** n, 8)
-            stride = 2 if n < n_layers else 1
-            layers += [nn.Conv2d(ndf * prev, ndf * mult, 4, stride, 1, bias=False),
+            layers += [nn.Conv2d(ndf * prev, ndf * mult, 4, 2 if n < n_layers else 1, 1, bias=False),
                        nn.BatchNorm2d(ndf * mult), nn.LeakyReLU(0.2, True)]
-        layers.append(nn.Conv2d(ndf * mult, 1, 4, 1, 1))
-        self.main = nn.Sequential(*layers)
+        self.main = nn.Sequential(*layers, nn.Conv2d(ndf * mult, 1, 4, 1, 1))
         for m in self.modules():  # DCGAN init, as the PatchGAN papers use
             if isinstance(m, nn.Conv2d):
                 nn.init.normal_(m.weight, 0.0, 0.02)
@@ -396,26 +339,13 @@ class PatchDiscriminator(nn.Module):
         return self.main(x)
 
 
-def disc_layers_for(image_size):
-    """LlamaGen's 3 layers leave a 2x2 map at 32 px; keep the map at least 6x6 (3 layers from 64 px up)."""
-    return max(1, min(3, int(math.log2(image_size / 8))))
-
-
-def to_uint8(x):
-    """(B, 3, H, W) in [-1, 1] -> (B, H, W, 3) uint8 numpy."""
-    return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-
-
-def sample_images(gpt, vq, labels, cfg_scale=1.0, cfg_interval=-1, temperature=1.0, top_k=0, top_p=1.0,
-                  generator=None):
-    """Class labels (B,) -> (B, H, W, 3) uint8 images: GPT tokens decoded by the tokenizer."""
-    device = gpt.tok_embeddings.weight.device
-    labels = torch.as_tensor(labels, dtype=torch.long, device=device)
-    tokens = gpt.generate(labels, cfg_scale=cfg_scale, cfg_interval=cfg_interval, temperature=temperature,
-                          top_k=top_k, top_p=top_p, generator=generator)
-    g = gpt.config.grid_size
-    vq_device = next(vq.parameters()).device
-    return to_uint8(vq.decode_code(tokens.to(vq_device), grid=(g, g)))
+@torch.no_grad()
+def reconstruct(model, images, device):
+    """Reconstructions (float32, on the CPU), 64 images at a time in eval mode; the model goes back to training."""
+    model.eval()
+    out = torch.cat([model(b.to(device))[0].float().cpu() for b in images.split(64)])
+    model.train()
+    return out
 
 
 def psnr(x, y):
@@ -424,215 +354,171 @@ def psnr(x, y):
     return (10 * torch.log10(1.0 / mse.clamp_min(1e-10))).mean().item()
 
 
-def save_recon_grid(x, recon, path, per_row=8):
-    """Rows alternate: originals, then their reconstructions right below."""
-    a, b = to_uint8(x), to_uint8(recon)
-    n = (len(a) // per_row) * per_row or len(a)
-    per_row = min(per_row, n)
-    rows = [img for i in range(0, n, per_row) for img in (*a[i:i + per_row], *b[i:i + per_row])]
-    save_grid(rows, path, nrow=per_row, padding=0)
+class RFID:
+    """rFID: the Fréchet distance of a model's reconstructions of held-out images to the images themselves."""
 
-def make_rfid(args, model, device, log):
-    """A function computing rFID (reconstructions vs originals of held-out images), or None with one
-    notice when the Inception weights or the held-out split are not to be had."""
-    import fid
+    def __init__(self, s, device):
+        self.inception, self.device = fid.load_inception(s.inception_weights, device, download=False), device
+        source = data.open_dataset(s.dataset, s.data_path, split="test", download=False)
+        held_out = data.ViewDataset(source, s.image_size)
+        self.images = torch.stack([held_out[i][0] for i in range(min(s.rfid_images, len(held_out)))])
+        self.real = self.stats(self.images)
 
+    def stats(self, images):
+        return fid.stats(fid.extract(self.inception, to_uint8(images), device=self.device, progress=False)[0])
+
+    def __call__(self, model):
+        return fid.frechet_distance(*self.stats(reconstruct(model, self.images, self.device)), *self.real)
+
+
+@contextlib.contextmanager
+def blame(flag):
+    """A refused input (a missing file, a wrong value) re-raised as one sentence that names its flag."""
     try:
-        inception = fid.load_inception(args.inception_weights, device, download=False)
-        source = data.open_dataset(args.dataset, args.data_path, split=args.rfid_split, download=False)
+        yield
     except (FileNotFoundError, ValueError) as e:
-        log(f"rFID skipped: {e}")
-        return None
-    held_out = data.ViewDataset(source, args.image_size, views="none")
-    images = torch.stack([held_out[i][0] for i in range(min(args.rfid_images, len(held_out)))])
-    real = fid.stats(fid.extract(inception, to_uint8(images), device=device, progress=False)[0])
-
-    def rfid():
-        model.eval()
-        with torch.no_grad():
-            recon = torch.cat([model(b.to(device))[0].float().cpu() for b in images.split(64)])
-        model.train()
-        fake = fid.stats(fid.extract(inception, to_uint8(recon), device=device, progress=False)[0])
-        return fid.frechet_distance(*fake, *real)
-
-    return rfid
+        raise ValueError(f"{flag}: {e}") from e
 
 
-# ----------------------------------------------------------------------------------------------------
-# Training
-# ----------------------------------------------------------------------------------------------------
+def read_resume(s, cfg):
+    """(path, checkpoint) that --resume names, checked against cfg; (None, None) for a fresh run."""
+    folder = os.path.join(s.results_dir, "checkpoints")
+    existing = sorted(f for f in os.listdir(folder) if f.endswith(".pt")) if os.path.isdir(folder) else []
+    if s.resume is None and existing:
+        raise ValueError(f"--results-dir {s.results_dir} already holds checkpoints; pass "
+                         "--resume auto to continue that run or choose another folder.")
+    if s.resume is None or (s.resume == "auto" and not existing):
+        return None, None
+    path = os.path.join(folder, existing[-1]) if s.resume == "auto" else s.resume
+    if not os.path.isfile(path):
+        raise ValueError(f"--resume {path}: no such checkpoint file.")
+    ckpt = read_checkpoint(path, "--resume")
+    needed = ("model", "config", "optimizer", "disc", "disc_optimizer", "steps")
+    if not isinstance(ckpt, dict) or any(k not in ckpt for k in needed):
+        raise ValueError(f"--resume {path} is not a checkpoint of `tokenizer.py train` "
+                         f"(it lacks some of {', '.join(needed)}).")
+    if VQConfig(**ckpt["config"]) != cfg:
+        raise ValueError(f"--resume {path} was trained with another tokenizer config than --vq-model {s.vq_model} "
+                         f"and the flags given now: {ckpt['config']}.")
+    return path, ckpt
 
 
-def find_resume(args):
-    ckpt_dir = os.path.join(args.results_dir, "checkpoints")
-    existing = sorted(f for f in os.listdir(ckpt_dir) if f.endswith(".pt")) if os.path.isdir(ckpt_dir) else []
-    if args.resume is None:
-        if existing:
-            raise ValueError(f"--results-dir {args.results_dir} already holds checkpoints; pass "
-                             "--resume auto to continue that run or choose another folder.")
-        return None
-    if args.resume == "auto":
-        return os.path.join(ckpt_dir, existing[-1]) if existing else None
-    if not os.path.isfile(args.resume):
-        raise ValueError(f"--resume {args.resume}: no such checkpoint file.")
-    return args.resume
-
-
-def train(args):
+def train(s):
+    """Train a tokenizer as the TrainSettings `s` say; returns the path of the last checkpoint."""
     rank, world, device = setup_distributed()
-    torch.manual_seed(args.seed * world + rank)
-    try:
-        cfg = get_config(args.vq_model)
-    except ValueError as e:
-        raise ValueError(f"--vq-model: {e}.")
-    cfg.commit_loss_beta, cfg.entropy_loss_ratio = args.commit_loss_beta, args.entropy_loss_ratio
-    cfg.dropout_p = args.dropout_p
-    if args.codebook_size:
-        cfg.codebook_size = args.codebook_size
-    if args.codebook_embed_dim:
-        cfg.codebook_embed_dim = args.codebook_embed_dim
-    if args.global_batch_size % world != 0:
-        raise ValueError(f"--global-batch-size {args.global_batch_size} is not divisible by the "
-                         f"{world} processes.")
-    batch = args.global_batch_size // world
-
-    resume_path = find_resume(args)
-    ckpt = None
-    if resume_path:
-        ckpt = read_checkpoint(resume_path, "--resume")
-        needed = ("model", "config", "optimizer", "disc", "disc_optimizer", "steps")
-        if not isinstance(ckpt, dict) or any(k not in ckpt for k in needed):
-            raise ValueError(f"--resume {resume_path} is not a checkpoint of `tokenizer.py train` "
-                             f"(it lacks some of {', '.join(needed)}).")
-        if VQConfig(**ckpt["config"]) != cfg:
-            raise ValueError(f"--resume {resume_path} was trained with another tokenizer config than "
-                             f"--vq-model {args.vq_model} and the flags given now: {ckpt['config']}.")
-
-    model = VQModel(cfg).to(device)
-    disc = PatchDiscriminator(args.disc_layers or disc_layers_for(args.image_size), args.disc_dim).to(device)
-    opt = torch.optim.Adam(model.parameters(), lr=args.lr, betas=(args.beta1, args.beta2))
-    opt_d = torch.optim.Adam(disc.parameters(), lr=args.lr, betas=(args.beta1, args.beta2))
-    step = 0
-    if ckpt is not None:
+    torch.manual_seed(s.seed * world + rank)
+    with blame("--vq-model"):
+        cfg = get_config(s.vq_model)
+    cfg = replace(cfg, codebook_size=s.codebook_size or cfg.codebook_size,
+                  codebook_embed_dim=s.codebook_embed_dim or cfg.codebook_embed_dim)
+    if s.global_batch_size % world != 0:
+        raise ValueError(f"--global-batch-size {s.global_batch_size} is not divisible by the {world} processes.")
+    batch = s.global_batch_size // world
+    resume_path, ckpt = read_resume(s, cfg)
+    model, disc = VQModel(cfg).to(device), PatchDiscriminator(s.image_size).to(device)
+    opt, opt_d = (torch.optim.Adam(m.parameters(), lr=s.lr, betas=BETAS) for m in (model, disc))
+    if ckpt:
         load_state_dict_strict(model, ckpt["model"], resume_path)
-        disc.load_state_dict(ckpt["disc"])
-        opt.load_state_dict(ckpt["optimizer"])
-        opt_d.load_state_dict(ckpt["disc_optimizer"])
-        step = ckpt["steps"]
+        for obj, key in ((disc, "disc"), (opt, "optimizer"), (opt_d, "disc_optimizer")):
+            obj.load_state_dict(ckpt[key])
+    step = ckpt["steps"] if ckpt else 0
     raw_model, raw_disc = model, disc
     if world > 1:
         ids = [device.index] if device.type == "cuda" else None
-        model = nn.parallel.DistributedDataParallel(model, device_ids=ids)
-        disc = nn.parallel.DistributedDataParallel(disc, device_ids=ids)
+        model, disc = (nn.parallel.DistributedDataParallel(m, device_ids=ids) for m in (model, disc))
 
-    try:
-        source = data.open_dataset(args.dataset, args.data_path, split=args.split)
-    except (FileNotFoundError, ValueError) as e:
-        raise ValueError(f"--dataset {args.dataset}: {e}")
-    dataset = data.ViewDataset(source, args.image_size, views=args.views)  # item = image * views + view
-    try:
-        raw_model.grid_size(args.image_size)
-    except ValueError as e:
-        raise ValueError(f"--image-size: {e}.")
-    per_epoch = len(source) // args.global_batch_size
+    with blame(f"--dataset {s.dataset}"):
+        source = data.open_dataset(s.dataset, s.data_path)
+    with blame("--image-size"):
+        side = raw_model.grid_size(s.image_size)
+    per_epoch = len(source) // s.global_batch_size
     if per_epoch == 0:
-        raise ValueError(f"--global-batch-size {args.global_batch_size} is larger than the dataset "
+        raise ValueError(f"--global-batch-size {s.global_batch_size} is larger than the dataset "
                          f"({len(source)} images).")
-    total = args.steps if args.steps is not None else args.epochs * per_epoch
-    fixed = torch.stack([dataset[i * dataset.num_views][0] for i in range(min(args.grid_images, len(source)))]).to(device)
-
-    use_bf16 = device.type == "cuda" and args.mixed_precision == "bf16"
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_bf16)
+    total = s.steps or s.epochs * per_epoch
+    dataset = data.ViewDataset(source, s.image_size, views=s.views)  # item = image * views + view
+    sampler = data.EpochSampler(len(source), dataset.num_views, per_epoch * batch, s.seed, rank, world)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch, sampler=sampler, drop_last=True,
+                                         num_workers=s.num_workers, generator=torch.Generator())
+    fixed = torch.stack([dataset[i * dataset.num_views][0] for i in range(min(s.grid_images, len(source)))])
+    autocast = torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda")
     if rank == 0:
-        os.makedirs(os.path.join(args.results_dir, "checkpoints"), exist_ok=True)
-        os.makedirs(os.path.join(args.results_dir, "samples"), exist_ok=True)
-    log = Logger(args.results_dir, rank)
-    rfid = make_rfid(args, raw_model, device, log) if rank == 0 and args.rfid_images > 0 else None
-    n_params = sum(p.numel() for p in raw_model.parameters())
-    side = raw_model.grid_size(args.image_size)
-    log(f"VQ {args.vq_model}: {n_params / 1e6:.2f}M parameters, "
-        f"codebook {cfg.codebook_size}x{cfg.codebook_embed_dim}, grid {side}x{side}; "
-        f"{len(source)} images x {dataset.num_views} views, {total} steps"
-        + (f", resuming from {resume_path} at step {step}" if ckpt else ""))
+        os.makedirs(os.path.join(s.results_dir, "samples"), exist_ok=True)
+    log, rfid = Logger(s.results_dir, rank), None
+    try:
+        rfid = RFID(s, device) if rank == 0 and s.rfid_images > 0 else None
+    except (FileNotFoundError, ValueError) as e:  # no Inception weights or no held-out split: train on
+        log(f"rFID skipped: {e}")
+    log(f"VQ {s.vq_model}: {sum(p.numel() for p in raw_model.parameters()) / 1e6:.2f}M parameters, "
+        f"codebook {cfg.codebook_size}x{cfg.codebook_embed_dim}, grid {side}x{side}; {len(source)} images x "
+        f"{dataset.num_views} views, {total} steps" + (f", resuming from {resume_path} at step {step}" if ckpt else ""))
+
     model.train()
     disc.train()
     bar = log.bar = tqdm(total=total, initial=step, disable=rank != 0, desc="train vq", dynamic_ncols=True)
-    sums, t0, last_good = {}, time.time(), resume_path
-    sampler = data.EpochSampler(len(source), dataset.num_views, per_epoch * batch, args.seed, rank, world)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch, sampler=sampler, drop_last=True,
-                                         num_workers=args.num_workers, generator=torch.Generator())
+    sums, t0, last_good = Counter(), time.time(), resume_path
     while step < total:
         epoch, skip = divmod(step, per_epoch)
         sampler.set_epoch(epoch, skip * batch)  # a resumed run skips what it has seen of this epoch
         for x, *_ in loader:
-            x = x.to(device, non_blocking=True)
-            gan_on = 0 <= args.disc_start <= step
+            x, gan_on = x.to(device, non_blocking=True), 0 <= s.disc_start <= step
             with autocast:
-                recon, _, q_losses = model(x)
+                recon, _, q = model(x)
                 recon = recon.float()
                 rec = F.mse_loss(recon, x)
-                loss = (args.reconstruction_weight * rec + args.codebook_weight * q_losses["codebook"]
-                        + q_losses["commit"])
-                if args.l1_weight > 0:
-                    loss = loss + args.l1_weight * (recon - x).abs().mean()
-                if "entropy" in q_losses:
-                    loss = loss + q_losses["entropy"]
+                loss = rec + q["codebook"] + q["commit"]
+                if s.l1_weight > 0:
+                    loss = loss + s.l1_weight * (recon - x).abs().mean()
+                if "entropy" in q:
+                    loss = loss + q["entropy"]
                 if gan_on:  # hinge generator loss: push the discriminator's logits on fakes up
                     g_loss = -disc(recon).float().mean()
-                    loss = loss + args.disc_weight * g_loss
+                    loss = loss + s.disc_weight * g_loss
             if not torch.isfinite(loss):
                 bar.close()
                 raise FloatingPointError(f"the loss became {loss.item()} at step {step}; the last good checkpoint "
-                                 f"is {last_good}.")
+                                         f"is {last_good}.")
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            if args.max_grad_norm > 0:
-                nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+            nn.utils.clip_grad_norm_(model.parameters(), MAX_GRAD_NORM)
             opt.step()
-
-            stats = {"loss": loss.item(), "rec": rec.item(), "psnr": psnr(recon.detach(), x),
-                     "codebook": q_losses["codebook"].item(), "commit": q_losses["commit"].item()}
+            sums.update(loss=loss.item(), rec=rec.item(), psnr=psnr(recon.detach(), x), codebook=q["codebook"].item(),
+                        commit=q["commit"].item(), n=1)
             if gan_on:  # hinge discriminator loss on real images and detached reconstructions
                 with autocast:
                     real, fake = disc(x).float(), disc(recon.detach()).float()
                     d_loss = 0.5 * (F.relu(1 - real).mean() + F.relu(1 + fake).mean())
                 opt_d.zero_grad(set_to_none=True)
                 d_loss.backward()
-                if args.max_grad_norm > 0:
-                    nn.utils.clip_grad_norm_(disc.parameters(), args.max_grad_norm)
+                nn.utils.clip_grad_norm_(disc.parameters(), MAX_GRAD_NORM)
                 opt_d.step()
-                stats.update(g_loss=g_loss.item(), d_loss=d_loss.item())
-            for k, v in stats.items():
-                sums[k] = sums.get(k, 0.0) + v
-            sums["n"] = sums.get("n", 0) + 1
+                sums.update(g_loss=g_loss.item(), d_loss=d_loss.item())
             step += 1
             bar.update(1)
 
-            if step % args.log_every == 0 or step == total:
+            if step % s.log_every == 0 or step == total:
                 n = sums.pop("n")
                 avg = {k: v / n for k, v in sums.items()}
                 avg.update(step=step, usage=raw_model.quantize.usage(), steps_per_s=n / (time.time() - t0))
                 bar.set_postfix(psnr=f"{avg['psnr']:.2f}", usage=f"{avg['usage']:.3f}")
                 log(f"step {step:7d} " + " ".join(f"{k} {v:.4f}" for k, v in avg.items() if k != "step"))
                 log.record(avg)
-                sums, t0 = {}, time.time()
-            if rank == 0 and (step % args.sample_every == 0 or step == total):
-                raw_model.eval()
-                with torch.no_grad(), autocast:
-                    fixed_recon = raw_model(fixed)[0].float()
-                raw_model.train()
-                grid_path = os.path.join(args.results_dir, "samples", f"recon_{step:07d}.png")
-                save_recon_grid(fixed, fixed_recon, grid_path)
-                log(f"step {step:7d} fixed-batch psnr {psnr(fixed_recon, fixed):.2f} dB -> {grid_path}")
-            if step % args.ckpt_every == 0 or step == total:
+                sums, t0 = Counter(), time.time()
+            if rank == 0 and (step % s.sample_every == 0 or step == total):  # rows of k originals, k reconstructions
+                out, k = reconstruct(raw_model, fixed, device), min(8, len(fixed))
+                rows = [to_uint8(a[i:i + k]) for i in range(0, len(fixed) - len(fixed) % k, k) for a in (fixed, out)]
+                path = os.path.join(s.results_dir, "samples", f"recon_{step:07d}.png")
+                save_grid(np.concatenate(rows), path, nrow=k, padding=0)
+                log(f"step {step:7d} fixed-batch psnr {psnr(out, fixed):.2f} dB -> {path}")
+            if step % s.ckpt_every == 0 or step == total:
                 if rank == 0:
-                    last_good = os.path.join(args.results_dir, "checkpoints", f"{step:07d}.pt")
+                    last_good = os.path.join(s.results_dir, "checkpoints", f"{step:07d}.pt")
                     save_atomic({"model": raw_model.state_dict(), "config": asdict(cfg), "optimizer": opt.state_dict(),
                                  "disc": raw_disc.state_dict(), "disc_optimizer": opt_d.state_dict(), "steps": step,
-                                 "args": vars(args)}, last_good)
+                                 "args": asdict(s)}, last_good)
                 if rfid is not None:
-                    value = rfid()
-                    log(f"step {step:7d} rFID {value:.3f} on {args.rfid_images} held-out images")
+                    value = rfid(raw_model)
+                    log(f"step {step:7d} rFID {value:.3f} on {s.rfid_images} held-out images")
                     log.record({"step": step, "rfid": value})
                 barrier(world)
             if step >= total:
@@ -644,52 +530,39 @@ def train(args):
 
 # ----------------------------------------------------------------------------------------------------
 # Extraction: a dataset -> codes.npy (N, A, H*W), labels.npy (N,), meta.json
-# ----------------------------------------------------------------------------------------------------
 
 
-def extract(args):
+def extract(s):
+    """Encode every view of every image of a dataset as the ExtractSettings `s` say; torchrun shards it."""
     rank, world, device = setup_distributed()
-    out = args.code_path
-    codes_path, labels_path, meta_path = (os.path.join(out, f)
-                                          for f in ("codes.npy", "labels.npy", "meta.json"))
-    if os.path.exists(codes_path) and not args.overwrite:
-        raise ValueError(f"--code-path {out} already holds codes.npy; pass --overwrite to replace it.")
-    try:
-        vq = load_vq(args.vq_ckpt, preset=args.vq_model, device=device)
-    except (FileNotFoundError, ValueError) as e:
-        raise ValueError(f"--vq-ckpt: {e}")
-    try:
-        grid = vq.grid_size(args.image_size)
-    except ValueError as e:
-        raise ValueError(f"--image-size: {e}.")
-    try:
-        source = data.open_dataset(args.dataset, args.data_path, split=args.split)
-    except (FileNotFoundError, ValueError) as e:
-        raise ValueError(f"--dataset {args.dataset}: {e}")
-    split = next((s for s in ("train", "test", "val") if args.dataset.endswith("-" + s)), args.split)
-    n, a = len(source), data.num_views(args.views)
-    vocab = vq.config.codebook_size
-    dtype = np.int16 if vocab <= np.iinfo(np.int16).max + 1 else np.int32
+    codes_path, labels_path, meta_path = (os.path.join(s.code_path, name)
+                                          for name in ("codes.npy", "labels.npy", "meta.json"))
+    if os.path.exists(codes_path) and not s.overwrite:
+        raise ValueError(f"--code-path {s.code_path} already holds codes.npy; pass --overwrite to replace it.")
+    with blame("--vq-ckpt"):
+        vq = load_vq(s.vq_ckpt, preset=s.vq_model, device=device)
+    with blame("--image-size"):
+        grid = vq.grid_size(s.image_size)
+    with blame(f"--dataset {s.dataset}"):
+        source = data.open_dataset(s.dataset, s.data_path, split=s.split)
+    n, a, vocab = len(source), data.num_views(s.views), vq.config.codebook_size
+    dtype = np.int16 if vocab <= 1 << 15 else np.int32
     barrier(world)  # every rank has checked the output folder before rank 0 touches it
-
     if rank == 0:
-        os.makedirs(out, exist_ok=True)
+        os.makedirs(s.code_path, exist_ok=True)
         if os.path.exists(meta_path):  # an overwrite in progress must not look complete
             os.remove(meta_path)
         np.lib.format.open_memmap(codes_path, mode="w+", dtype=dtype, shape=(n, a, grid * grid)).flush()
         np.lib.format.open_memmap(labels_path, mode="w+", dtype=np.int64, shape=(n,)).flush()
     barrier(world)
 
-    lo, hi = n * rank // world, n * (rank + 1) // world
-    views = data.ViewDataset(source, args.image_size, views=args.views)
-    mine = torch.utils.data.Subset(views, range(lo * a, hi * a))  # item k is view k % a of image k // a
-    loader = torch.utils.data.DataLoader(mine, batch_size=args.batch_size, num_workers=args.num_workers)
-    codes = np.lib.format.open_memmap(codes_path, mode="r+")
-    labels = np.lib.format.open_memmap(labels_path, mode="r+")
+    lo, hi = n * rank // world, n * (rank + 1) // world  # this rank's images; item k is view k % a of image k // a
+    mine = torch.utils.data.Subset(data.ViewDataset(source, s.image_size, views=s.views), range(lo * a, hi * a))
+    loader = torch.utils.data.DataLoader(mine, batch_size=s.batch_size, num_workers=s.num_workers)
+    codes, labels = (np.lib.format.open_memmap(p, mode="r+") for p in (codes_path, labels_path))
     try:
-        for x, y, idx, v in tqdm(loader, disable=rank != 0, desc=f"extract {args.views}", dynamic_ncols=True):
-            c = vq.encode(x.to(device)).flatten(1).cpu().numpy()
-            codes[idx.numpy(), v.numpy()] = c.astype(dtype)
+        for x, y, idx, v in tqdm(loader, disable=rank != 0, desc=f"extract {s.views}", dynamic_ncols=True):
+            codes[idx.numpy(), v.numpy()] = vq.encode(x.to(device)).flatten(1).cpu().numpy().astype(dtype)
             labels[idx.numpy()] = y.numpy()
         codes.flush()
         labels.flush()
@@ -703,65 +576,43 @@ def extract(args):
             if os.path.exists(path):
                 os.remove(path)
         raise
-
-    if rank == 0:
+    if rank == 0:  # meta.json last: its presence means the codes are complete
+        split = next((x for x in data.SPLITS if s.dataset.endswith("-" + x)), s.split)
         meta = {"grid": [grid, grid], "vocab_size": vocab, "num_classes": source.num_classes,
-                "image_size": args.image_size, "views": args.views, "num_views": a, "dataset": args.dataset,
-                "split": split, "data_path": args.data_path and os.path.abspath(args.data_path),
-                "tokenizer": os.path.abspath(args.vq_ckpt),
+                "image_size": s.image_size, "views": s.views, "num_views": a, "dataset": s.dataset, "split": split,
+                "data_path": s.data_path and os.path.abspath(s.data_path), "tokenizer": os.path.abspath(s.vq_ckpt),
                 "tokenizer_config": asdict(vq.config), "num_images": n}
-        # written last: its presence means the codes are complete
         atomic_write(meta_path, lambda f: f.write(json.dumps(meta, indent=1).encode()))
-        print(f"wrote {n} x {a} x {grid * grid} codes to {out}")
+        print(f"wrote {n} x {a} x {grid * grid} codes to {s.code_path}")
     cleanup_distributed(world)
 
-
 # ----------------------------------------------------------------------------------------------------
-# CLI
-# ----------------------------------------------------------------------------------------------------
-
-
-VIEWS = ["none", "flip", "tencrop"]
+# CLI: the settings dataclasses are the flags (data.add_options); train.py's one command builds them
 
 
 @dataclass
 class TrainSettings:
-    """What `tokenizer.py train` takes: every flag, with its default (train.py's one command builds one)."""
-    dataset: str = option(required=True, help="cifar10, mnist, fashion-mnist or folder")
+    dataset: str = option(required=True, help="cifar10, mnist, fashion-mnist or folder (its train split)")
     results_dir: str = option(required=True)
     data_path: str = option()
-    split: str = option("train")
     image_size: int = option(32, type=POSITIVE_INT)
-    views: str = option("flip", choices=VIEWS, help="augmentation: a random view per image")
+    views: str = option("flip", choices=data.VIEWS, help="augmentation: a random view per image")
     vq_model: str = option("VQ-S", choices=VQ_PRESETS)
     codebook_size: int = option(type=POSITIVE_INT, help="override the preset's")
     codebook_embed_dim: int = option(type=POSITIVE_INT, help="override the preset's")
-    commit_loss_beta: float = option(0.25, type=NONNEG)
-    entropy_loss_ratio: float = option(0.0, type=NONNEG)
-    dropout_p: float = option(0.0, type=PROBABILITY)
     resume: str = option(help="'auto' (newest checkpoint in --results-dir) or a checkpoint path")
     steps: int = option(type=POSITIVE_INT, help="total training steps (default: from --epochs)")
     epochs: int = option(40, type=POSITIVE_INT)
     global_batch_size: int = option(128, type=POSITIVE_INT)
     lr: float = option(1e-4, type=POSITIVE)
-    beta1: float = option(0.9, type=PROBABILITY)
-    beta2: float = option(0.95, type=PROBABILITY)
-    max_grad_norm: float = option(1.0, type=POSITIVE)
-    reconstruction_weight: float = option(1.0, type=NONNEG, help="weight of the L2 loss")
-    l1_weight: float = option(0.0, type=NONNEG)
-    codebook_weight: float = option(1.0, type=NONNEG)
+    l1_weight: float = option(0.0, type=NONNEG, help="an L1 loss beside the L2 one")
     disc_start: int = option(20000, type=arg_type(int, -1), help="step that switches the GAN loss on; -1: never")
     disc_weight: float = option(0.5, type=NONNEG)
-    disc_layers: int = option(type=POSITIVE_INT, help="PatchGAN depth; default: suited to --image-size")
-    disc_dim: int = option(64, type=POSITIVE_INT)
-    mixed_precision: str = option("bf16", choices=["bf16", "none"], help="bf16 applies on GPU only")
     log_every: int = option(100, type=POSITIVE_INT)
     sample_every: int = option(1000, type=POSITIVE_INT)
     ckpt_every: int = option(5000, type=POSITIVE_INT)
     grid_images: int = option(16, type=POSITIVE_INT)
-    rfid_images: int = option(1000, type=NONNEG_INT, help="rFID on this many held-out (--rfid-split) images at each "
-                              "checkpoint, when the FID Inception weights are available; 0: never")
-    rfid_split: str = option("test")
+    rfid_images: int = option(1000, type=NONNEG_INT, help="rFID on this many test images at each checkpoint; 0: never")
     inception_weights: str = option(help="pt_inception-2015-12-05-6726825d.pth (fid.py)")
     num_workers: int = option(0, type=NONNEG_INT)
     seed: int = option(0, type=NONNEG_INT)
@@ -769,7 +620,6 @@ class TrainSettings:
 
 @dataclass
 class ExtractSettings:
-    """What `tokenizer.py extract` takes."""
     vq_ckpt: str = option(required=True)
     dataset: str = option(required=True)
     image_size: int = option(type=POSITIVE_INT, required=True)
@@ -777,22 +627,18 @@ class ExtractSettings:
     vq_model: str = option(choices=VQ_PRESETS, help="architecture of a LlamaGen checkpoint (ours store their config)")
     data_path: str = option()
     split: str = option("train")
-    views: str = option("none", choices=VIEWS)
+    views: str = option("none", choices=data.VIEWS)
     overwrite: bool = option(False, action="store_true")
     batch_size: int = option(64, type=POSITIVE_INT)
     num_workers: int = option(0, type=NONNEG_INT)
 
 
-def build_parser():
+def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
     add_options(sub.add_parser("train", help="train a VQ tokenizer"), TrainSettings)
     add_options(sub.add_parser("extract", help="encode a dataset into a code dataset"), ExtractSettings)
-    return p
-
-
-def main(argv=None):
-    args = vars(build_parser().parse_args(argv))
+    args = vars(p.parse_args(argv))
     try:
         if args.pop("command") == "train":
             return train(TrainSettings(**args))
