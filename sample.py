@@ -33,7 +33,6 @@ PRECISIONS = {"none": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float
 
 # ----------------------------------------------------------------------------------------------------
 # Building blocks: models, sampling, grids and .npz files
-# ----------------------------------------------------------------------------------------------------
 
 
 def check_compatible(gpt, vq, image_size=None):
@@ -54,10 +53,8 @@ def recorded_vq_ckpt(gpt_ckpt):
         ckpt = read_checkpoint(gpt_ckpt, "--gpt-ckpt", mmap=True)
     except (FileNotFoundError, ValueError):
         return None  # load_gpt explains an unreadable file better
-    if not isinstance(ckpt, dict):
-        return None
-    args = ckpt.get("args") if isinstance(ckpt.get("args"), dict) else {}
-    return ckpt.get("vq_ckpt") or args.get("vq_ckpt")
+    args = ckpt.get("args") if isinstance(ckpt, dict) and isinstance(ckpt.get("args"), dict) else {}
+    return (ckpt.get("vq_ckpt") if isinstance(ckpt, dict) else None) or args.get("vq_ckpt")
 
 
 def chunk_generator(seed, start, device):
@@ -95,18 +92,11 @@ def write_npz(path, png_paths, labels):
 
 # ----------------------------------------------------------------------------------------------------
 # The two jobs: a grid, and FID samples sharded over ranks
-# ----------------------------------------------------------------------------------------------------
 
 
 def sampling_kwargs(args):
     return dict(cfg_scale=args.cfg_scale, cfg_interval=args.cfg_interval, temperature=args.temperature,
                 top_k=args.top_k, top_p=args.top_p)
-
-
-def padded(labels, batch_size):
-    """Labels padded (cyclically) to whole chunks, since the batch shape decides the random stream."""
-    n = math.ceil(len(labels) / batch_size) * batch_size
-    return np.resize(np.asarray(labels, dtype=np.int64), n)
 
 
 def make_grid(args, gpt, vq, device):
@@ -118,7 +108,8 @@ def make_grid(args, gpt, vq, device):
     else:
         gen = torch.Generator().manual_seed(args.seed)
         labels = torch.randint(num_classes, (args.num_samples,), generator=gen).numpy()
-    labels, b = padded(labels, args.batch_size), args.batch_size
+    b = args.batch_size  # labels padded (cyclically) to whole chunks: the batch shape decides the random stream
+    labels = np.resize(np.asarray(labels, dtype=np.int64), math.ceil(len(labels) / b) * b)
     chunks = []
     for start in tqdm(range(0, len(labels), b), desc="sample", unit="batch", dynamic_ncols=True):
         gen = chunk_generator(args.seed, start, device)
@@ -182,7 +173,6 @@ def make_fid_samples(args, gpt, vq, rank, world, device):
 
 # ----------------------------------------------------------------------------------------------------
 # CLI
-# ----------------------------------------------------------------------------------------------------
 
 
 def build_parser():
@@ -253,22 +243,16 @@ def check_args(args):
 
 
 def load_models(args, device):
-    try:
-        vq = load_vq(args.vq_ckpt, preset=args.vq_model, device=device)
-    except (FileNotFoundError, ValueError) as e:
-        raise ValueError(f"--vq-ckpt: {e}")
-    try:
-        grid = vq.grid_size(args.image_size) if args.image_size else None
-    except ValueError as e:
-        raise ValueError(f"--image-size: {e}.")
-    try:
-        gpt = load_gpt(args.gpt_ckpt, preset=args.gpt_model, grid_size=grid, use_ema=args.ema, device=device)
-    except (FileNotFoundError, ValueError) as e:
-        raise ValueError(f"--gpt-ckpt: {e}")
-    try:
-        check_compatible(gpt, vq, args.image_size)
-    except ValueError as e:
-        raise ValueError(str(e))
+    def named(flag, load):  # a loader's error, prefixed with the flag that named the file
+        try:
+            return load()
+        except (FileNotFoundError, ValueError) as e:
+            raise ValueError(f"{flag}: {e}") from None
+    vq = named("--vq-ckpt", lambda: load_vq(args.vq_ckpt, preset=args.vq_model, device=device))
+    grid = named("--image-size", lambda: vq.grid_size(args.image_size)) if args.image_size else None
+    gpt = named("--gpt-ckpt", lambda: load_gpt(args.gpt_ckpt, preset=args.gpt_model, grid_size=grid, use_ema=args.ema,
+                                               device=device))
+    check_compatible(gpt, vq, args.image_size)
     if device.type == "cuda":  # a CPU has no fast half-precision matmuls; fp32 there
         gpt = gpt.to(PRECISIONS[args.precision])
     else:
