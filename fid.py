@@ -1,30 +1,19 @@
 """
-FID, Inception Score, precision and recall with the standard FID Inception network, in pure torch.
+FID, Inception Score, precision and recall in pure torch with pytorch-fid's port of the TF Inception 2015-12-05 graph
+and its weights (so numbers compare with pytorch-fid, and closely with the ADM evaluator); and where those weights are
+missing, an offline metric: the Frechet distance in the features of a small classifier of the dataset.
 
-The network is the TF Inception 2015-12-05 graph as ported by pytorch-fid, with its own weights
-(pt_inception-2015-12-05-6726825d.pth, loaded strictly), so numbers are comparable with pytorch-fid
-and close to the ADM evaluator. No scipy: the matrix square root of the Frechet distance goes through
-symmetric eigendecompositions, which are exact for covariance matrices.
-
-    python fid.py samples.npz cifar10-train            # FID, IS, precision, recall as a table
-    python fid.py samples.npz ref_stats.npz --json     # ... as JSON
-    python fid.py samples/ --save-stats samples.npz    # store statistics to reuse
-    python fid.py samples.npz fashion-mnist --classifier  # offline: a small classifier of the dataset's own
-    python fid.py --classifier fashion-mnist --floors --vq-ckpt vq.pt  # its accuracy, the best numbers to expect
-
-From Python (what train.py / tokenizer.py / bench.py call):
-
-    model = load_inception(device="cuda")              # FileNotFoundError with a hint if no weights
-    pool3, logits = extract(model, images_uint8_nhwc)
-    metrics = evaluate(images_uint8_nhwc, "cifar10-train", model=model)
-    clf = load_classifier("fashion-mnist")             # trained on first use (minutes on a CPU), then cached
-    metrics = classifier_metrics(images_uint8_nhwc, labels, "fashion-mnist", classifier=clf)
+    python fid.py samples.npz cifar10-train [--json]     # each side: an .npz of images or stats, a folder, a dataset
+    python fid.py samples/ --save-stats samples.npz      # statistics to reuse as either side
+    python fid.py samples.npz fashion-mnist --classifier  # and its floors: --classifier fashion-mnist --floors
 """
 import argparse
+import functools
 import hashlib
 import json
 import math
 import os
+import re
 import sys
 import time
 
@@ -35,32 +24,48 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import data
-from data import IMAGE_EXTENSIONS, atomic_write
 from model import load_state_dict_strict
 
 WEIGHTS_NAME = "pt_inception-2015-12-05-6726825d.pth"
 WEIGHTS_URL = "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/" + WEIGHTS_NAME
-INPUT_SIZE = 299
-BN_EPS = 1e-3             # the TF graph's batch-norm epsilon
-IS_SPLITS = 10            # ADM evaluator: 50k samples in splits of 5000
-PR_NEIGHBOURS = 3         # Kynkaanniemi et al. 2019
-MAX_STORED_FEATURES = 10_000  # pool3 rows kept in a stats file, enough for precision/recall (as ADM's ref batches)
-PSD_TOLERANCE = 1e-6      # covariance eigenvalues down to -1e-6 * trace are round-off (even stored as float32)
+PSD_TOLERANCE = 1e-6  # covariance eigenvalues down to -1e-6 * trace are round-off (even stored as float32)
 
 
 # ----------------------------------------------------------------------------------------------
-# Building blocks of the FID Inception-v3. Names follow pytorch-fid's port so its weights load.
+# The FID Inception-v3, with pytorch-fid's module names so that its weights load strictly
 
-class BasicConv2d(nn.Module):
-    """conv (no bias) -> batch norm -> relu."""
+POOLS = {"avg": lambda x: F.avg_pool2d(x, 3, stride=1, padding=1, count_include_pad=False),  # TF: valid pixels only
+         "max": lambda x: F.max_pool2d(x, 3, stride=1, padding=1),  # the 2015 graph's Mixed_7c pools by max
+         "reduce": lambda x: F.max_pool2d(x, 3, stride=2)}  # the grid reductions' branch without convs
+# The Mixed blocks (_A, _C, _E: pytorch-fid's InceptionA, C, E), branches in concatenation order, which is also
+# pytorch-fid's module order and so the state_dict's: a name, the pool it starts with if any, then convs
+# "channels:HxW[/stride]"; "a|b" is a fork whose outputs are both kept. Convs are named name_1, name_2, ..., the bare
+# name when alone, name_2a and name_2b for a fork at step 2.
+_A = "branch1x1 64:1x1, branch5x5 48:1x1 64:5x5, branch3x3dbl 64:1x1 96:3x3 96:3x3, branch_pool avg {}:1x1"  # 35x35
+_C = ("branch1x1 192:1x1, branch7x7 {0}:1x1 {0}:1x7 192:7x1, branch7x7dbl {0}:1x1 {0}:7x1 {0}:1x7 {0}:7x1 192:1x7, "
+      "branch_pool avg 192:1x1")  # 17x17, 7x7 convolutions factorised
+_E = ("branch1x1 320:1x1, branch3x3 384:1x1 384:1x3|384:3x1, branch3x3dbl 448:1x1 384:3x3 384:1x3|384:3x1, "
+      "branch_pool {} 192:1x1")  # 8x8
+MIXED = {"5b": _A.format(32), "5c": _A.format(64), "5d": _A.format(64),
+         "6a": "branch3x3 384:3x3/2, branch3x3dbl 64:1x1 96:3x3 96:3x3/2, - reduce",  # 35 -> 17
+         "6b": _C.format(128), "6c": _C.format(160), "6d": _C.format(160), "6e": _C.format(192),
+         "7a": "branch3x3 192:1x1 320:3x3/2, branch7x7x3 192:1x1 192:1x7 192:7x1 192:3x3/2, - reduce",  # 17 -> 8
+         "7b": _E.format("avg"), "7c": _E.format("max")}
 
-    def __init__(self, cin, cout, kernel_size, stride=1, padding=0):
+
+class BasicConv2d(nn.Module):  # conv (no bias) -> batch norm -> relu; the default padding keeps the size at stride 1
+    def __init__(self, cin, cout, kernel, stride=1, padding=None):
         super().__init__()
-        self.conv = nn.Conv2d(cin, cout, kernel_size, stride=stride, padding=padding, bias=False)
-        self.bn = nn.BatchNorm2d(cout, eps=BN_EPS)
-        # Filled by FIDInceptionV3.fold_batchnorm(); buffers so .to() moves them, outside the state_dict.
+        same = (kernel[0] // 2, kernel[1] // 2) if stride == 1 else 0
+        self.conv = nn.Conv2d(cin, cout, kernel, stride, same if padding is None else padding, bias=False)
+        self.bn = nn.BatchNorm2d(cout, eps=1e-3)  # the TF graph's epsilon
+        # Set by FIDInceptionV3.fold_batchnorm(): buffers so .to() moves them, kept out of pytorch-fid's state_dict
         self.register_buffer("folded_weight", None, persistent=False)
         self.register_buffer("folded_bias", None, persistent=False)
+
+    def _load_from_state_dict(self, *args):  # a fold of the old weights must not outlive them
+        self.folded_weight = self.folded_bias = None
+        super()._load_from_state_dict(*args)
 
     def forward(self, x):
         if self.folded_weight is None or self.training:
@@ -68,164 +73,61 @@ class BasicConv2d(nn.Module):
         return F.relu(F.conv2d(x, self.folded_weight, self.folded_bias, self.conv.stride, self.conv.padding))
 
 
-def avg_pool_3x3(x):
-    # The TF graph averages over the valid pixels only at the border.
-    return F.avg_pool2d(x, 3, stride=1, padding=1, count_include_pad=False)
-
-
-class InceptionA(nn.Module):
-    def __init__(self, cin, pool_features):
+class Mixed(nn.Module):  # one block of MIXED: its branches side by side, outputs concatenated
+    def __init__(self, cin, spec):
         super().__init__()
-        self.branch1x1 = BasicConv2d(cin, 64, 1)
-        self.branch5x5_1 = BasicConv2d(cin, 48, 1)
-        self.branch5x5_2 = BasicConv2d(48, 64, 5, padding=2)
-        self.branch3x3dbl_1 = BasicConv2d(cin, 64, 1)
-        self.branch3x3dbl_2 = BasicConv2d(64, 96, 3, padding=1)
-        self.branch3x3dbl_3 = BasicConv2d(96, 96, 3, padding=1)
-        self.branch_pool = BasicConv2d(cin, pool_features, 1)
+        self.branches, self.out_channels = [], 0
+        for name, *steps in (branch.split() for branch in spec.split(", ")):
+            pool, names, c = steps.pop(0) if steps[0] in POOLS else None, [], cin
+            for i, step in enumerate(steps, 1):
+                convs = [[int(n) for n in re.split("[:x/]", conv)] for conv in step.split("|")]
+                names.append([name if len(steps) == 1 else f"{name}_{i}" + "ab"[j] * (len(convs) > 1)
+                              for j in range(len(convs))])
+                for n, (cout, h, w, *stride) in zip(names[-1], convs):
+                    self.add_module(n, BasicConv2d(c, cout, (h, w), *stride))
+                c = sum(conv[0] for conv in convs)
+            self.branches.append((pool, names))
+            self.out_channels += c
 
     def forward(self, x):
-        return torch.cat([
-            self.branch1x1(x),
-            self.branch5x5_2(self.branch5x5_1(x)),
-            self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x))),
-            self.branch_pool(avg_pool_3x3(x)),
-        ], 1)
+        out = []
+        for pool, steps in self.branches:
+            ys = [POOLS[pool](x) if pool else x]
+            for names in steps:
+                ys = [getattr(self, n)(ys[0]) for n in names]
+            out += ys
+        return torch.cat(out, 1)
 
-
-class InceptionB(nn.Module):
-    """Grid reduction 35 -> 17."""
-
-    def __init__(self, cin):
-        super().__init__()
-        self.branch3x3 = BasicConv2d(cin, 384, 3, stride=2)
-        self.branch3x3dbl_1 = BasicConv2d(cin, 64, 1)
-        self.branch3x3dbl_2 = BasicConv2d(64, 96, 3, padding=1)
-        self.branch3x3dbl_3 = BasicConv2d(96, 96, 3, stride=2)
-
-    def forward(self, x):
-        return torch.cat([
-            self.branch3x3(x),
-            self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x))),
-            F.max_pool2d(x, 3, stride=2),
-        ], 1)
-
-
-class InceptionC(nn.Module):
-    """Factorised 7x7 convolutions as 1x7 and 7x1 pairs."""
-
-    def __init__(self, cin, c7):
-        super().__init__()
-        self.branch1x1 = BasicConv2d(cin, 192, 1)
-        self.branch7x7_1 = BasicConv2d(cin, c7, 1)
-        self.branch7x7_2 = BasicConv2d(c7, c7, (1, 7), padding=(0, 3))
-        self.branch7x7_3 = BasicConv2d(c7, 192, (7, 1), padding=(3, 0))
-        self.branch7x7dbl_1 = BasicConv2d(cin, c7, 1)
-        self.branch7x7dbl_2 = BasicConv2d(c7, c7, (7, 1), padding=(3, 0))
-        self.branch7x7dbl_3 = BasicConv2d(c7, c7, (1, 7), padding=(0, 3))
-        self.branch7x7dbl_4 = BasicConv2d(c7, c7, (7, 1), padding=(3, 0))
-        self.branch7x7dbl_5 = BasicConv2d(c7, 192, (1, 7), padding=(0, 3))
-        self.branch_pool = BasicConv2d(cin, 192, 1)
-
-    def forward(self, x):
-        b7 = self.branch7x7_3(self.branch7x7_2(self.branch7x7_1(x)))
-        d7 = self.branch7x7dbl_1(x)
-        for conv in (self.branch7x7dbl_2, self.branch7x7dbl_3, self.branch7x7dbl_4, self.branch7x7dbl_5):
-            d7 = conv(d7)
-        return torch.cat([self.branch1x1(x), b7, d7, self.branch_pool(avg_pool_3x3(x))], 1)
-
-
-class InceptionD(nn.Module):
-    """Grid reduction 17 -> 8."""
-
-    def __init__(self, cin):
-        super().__init__()
-        self.branch3x3_1 = BasicConv2d(cin, 192, 1)
-        self.branch3x3_2 = BasicConv2d(192, 320, 3, stride=2)
-        self.branch7x7x3_1 = BasicConv2d(cin, 192, 1)
-        self.branch7x7x3_2 = BasicConv2d(192, 192, (1, 7), padding=(0, 3))
-        self.branch7x7x3_3 = BasicConv2d(192, 192, (7, 1), padding=(3, 0))
-        self.branch7x7x3_4 = BasicConv2d(192, 192, 3, stride=2)
-
-    def forward(self, x):
-        b7 = self.branch7x7x3_1(x)
-        for conv in (self.branch7x7x3_2, self.branch7x7x3_3, self.branch7x7x3_4):
-            b7 = conv(b7)
-        return torch.cat([self.branch3x3_2(self.branch3x3_1(x)), b7, F.max_pool2d(x, 3, stride=2)], 1)
-
-
-class InceptionE(nn.Module):
-    """Expanded filter bank. The 2015 graph pools by average in Mixed_7b, by max in Mixed_7c."""
-
-    def __init__(self, cin, max_pool):
-        super().__init__()
-        self.max_pool = max_pool
-        self.branch1x1 = BasicConv2d(cin, 320, 1)
-        self.branch3x3_1 = BasicConv2d(cin, 384, 1)
-        self.branch3x3_2a = BasicConv2d(384, 384, (1, 3), padding=(0, 1))
-        self.branch3x3_2b = BasicConv2d(384, 384, (3, 1), padding=(1, 0))
-        self.branch3x3dbl_1 = BasicConv2d(cin, 448, 1)
-        self.branch3x3dbl_2 = BasicConv2d(448, 384, 3, padding=1)
-        self.branch3x3dbl_3a = BasicConv2d(384, 384, (1, 3), padding=(0, 1))
-        self.branch3x3dbl_3b = BasicConv2d(384, 384, (3, 1), padding=(1, 0))
-        self.branch_pool = BasicConv2d(cin, 192, 1)
-
-    def forward(self, x):
-        b3 = self.branch3x3_1(x)
-        d3 = self.branch3x3dbl_2(self.branch3x3dbl_1(x))
-        pooled = F.max_pool2d(x, 3, stride=1, padding=1) if self.max_pool else avg_pool_3x3(x)
-        return torch.cat([
-            self.branch1x1(x),
-            self.branch3x3_2a(b3), self.branch3x3_2b(b3),
-            self.branch3x3dbl_3a(d3), self.branch3x3dbl_3b(d3),
-            self.branch_pool(pooled),
-        ], 1)
-
-
-# ----------------------------------------------------------------------------------------------
-# The network
 
 class FIDInceptionV3(nn.Module):
     """Images (B, 3, H, W), uint8 or floats in [0, 1] -> (pool3 (B, 2048), logits (B, 1008))."""
 
     def __init__(self):
         super().__init__()
-        self.Conv2d_1a_3x3 = BasicConv2d(3, 32, 3, stride=2)
-        self.Conv2d_2a_3x3 = BasicConv2d(32, 32, 3)
-        self.Conv2d_2b_3x3 = BasicConv2d(32, 64, 3, padding=1)
-        self.Conv2d_3b_1x1 = BasicConv2d(64, 80, 1)
-        self.Conv2d_4a_3x3 = BasicConv2d(80, 192, 3)
-        self.Mixed_5b = InceptionA(192, pool_features=32)
-        self.Mixed_5c = InceptionA(256, pool_features=64)
-        self.Mixed_5d = InceptionA(288, pool_features=64)
-        self.Mixed_6a = InceptionB(288)
-        self.Mixed_6b = InceptionC(768, c7=128)
-        self.Mixed_6c = InceptionC(768, c7=160)
-        self.Mixed_6d = InceptionC(768, c7=160)
-        self.Mixed_6e = InceptionC(768, c7=192)
-        self.Mixed_7a = InceptionD(768)
-        self.Mixed_7b = InceptionE(1280, max_pool=False)
-        self.Mixed_7c = InceptionE(2048, max_pool=True)
+        self.Conv2d_1a_3x3 = BasicConv2d(3, 32, (3, 3), stride=2)
+        self.Conv2d_2a_3x3 = BasicConv2d(32, 32, (3, 3), padding=0)
+        self.Conv2d_2b_3x3 = BasicConv2d(32, 64, (3, 3))
+        self.Conv2d_3b_1x1 = BasicConv2d(64, 80, (1, 1))
+        self.Conv2d_4a_3x3 = BasicConv2d(80, 192, (3, 3), padding=0)
+        cin = 192
+        for name, spec in MIXED.items():
+            self.add_module("Mixed_" + name, Mixed(cin, spec))
+            cin = getattr(self, "Mixed_" + name).out_channels
         self.fc = nn.Linear(2048, 1008)  # 1008 classes: the 2015 graph's ImageNet labels plus padding
 
     def forward(self, x):
-        if x.dtype == torch.uint8:
-            x = x.float() / 255
-        x = F.interpolate(x, size=(INPUT_SIZE, INPUT_SIZE), mode="bilinear", align_corners=False)
-        x = 2 * x - 1
-        x = self.Conv2d_2b_3x3(self.Conv2d_2a_3x3(self.Conv2d_1a_3x3(x)))
-        x = F.max_pool2d(x, 3, stride=2)
-        x = self.Conv2d_4a_3x3(self.Conv2d_3b_1x1(x))
-        x = F.max_pool2d(x, 3, stride=2)
-        for name in ("5b", "5c", "5d", "6a", "6b", "6c", "6d", "6e", "7a", "7b", "7c"):
+        x = x.float() / 255 if x.dtype == torch.uint8 else x
+        x = 2 * F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False) - 1
+        x = F.max_pool2d(self.Conv2d_2b_3x3(self.Conv2d_2a_3x3(self.Conv2d_1a_3x3(x))), 3, stride=2)
+        x = F.max_pool2d(self.Conv2d_4a_3x3(self.Conv2d_3b_1x1(x)), 3, stride=2)
+        for name in MIXED:
             x = getattr(self, "Mixed_" + name)(x)
         pool3 = x.mean(dim=(2, 3))
         return pool3, self.fc(pool3)
 
     @torch.no_grad()
     def fold_batchnorm(self):
-        """Fold each eval-mode batch norm into its conv: one pass less over every activation map
-        (~10% faster on CPU). Weights loaded afterwards undo it; call it again then."""
+        """Fold each eval-mode batch norm into its conv: a pass less over every activation map, ~10% faster on CPU."""
         for m in self.modules():
             if isinstance(m, BasicConv2d):
                 scale = m.bn.weight * torch.rsqrt(m.bn.running_var + m.bn.eps)
@@ -233,66 +135,43 @@ class FIDInceptionV3(nn.Module):
                 m.folded_bias = m.bn.bias - m.bn.running_mean * scale
         return self
 
-    def load_state_dict(self, state_dict, strict=True, assign=False):
-        for m in self.modules():  # a fold of the old weights must not outlive them
-            if isinstance(m, BasicConv2d):
-                m.folded_weight = m.folded_bias = None
-        return super().load_state_dict(state_dict, strict=strict, assign=assign)
-
-
-def weights_path(weights=None, download=True):
-    """The weights file: `weights` if given, else the torch hub cache, else downloaded into it."""
-    if weights:
-        if not os.path.isfile(weights):
-            raise FileNotFoundError(f"--inception-weights {weights} does not exist.")
-        return weights
-    cached = os.path.join(torch.hub.get_dir(), "checkpoints", WEIGHTS_NAME)
-    if os.path.isfile(cached):
-        return cached
-    hint = (f"FID Inception weights not found: download {WEIGHTS_URL} to {cached} "
-            "(or pass its path with --inception-weights).")
-    if not download:
-        raise FileNotFoundError(hint)
-    os.makedirs(os.path.dirname(cached), exist_ok=True)
-    from data import download_file  # the one downloader: progress bar, .part file, resumable
-
-    try:
-        return download_file(WEIGHTS_URL, cached)
-    except FileNotFoundError as e:
-        raise FileNotFoundError(f"FID Inception weights not found and {e}") from None
-
 
 def load_inception(weights=None, device="cpu", download=True):
-    """The FID network with the standard weights, in eval mode on `device`.
-
-    Raises FileNotFoundError (weights missing, with where to put them) or ValueError (unusable file).
-    """
-    path = weights_path(weights, download)
+    """The FID network in eval mode on `device`, its weights from `weights` or the torch hub cache (downloaded there
+    if missing). FileNotFoundError says where to put them; ValueError, what is wrong with the file."""
+    if weights and not os.path.isfile(weights):
+        raise FileNotFoundError(f"--inception-weights {weights} does not exist.")
+    path = weights or os.path.join(torch.hub.get_dir(), "checkpoints", WEIGHTS_NAME)
+    if not os.path.isfile(path) and not download:
+        raise FileNotFoundError(f"FID Inception weights not found: download {WEIGHTS_URL} to {path} (or pass its "
+                                "path with --inception-weights).")
+    if not os.path.isfile(path):
+        try:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            data.download_file(WEIGHTS_URL, path)
+        except FileNotFoundError as e:
+            raise FileNotFoundError(f"FID Inception weights not found and {e}") from None
     try:
         state = data.read_checkpoint(path, "the FID Inception weights")
     except ValueError as e:
         raise ValueError(f"{e}: delete it and download {WEIGHTS_URL} again.") from None
-    model = FIDInceptionV3()
     if not isinstance(state, dict):
         raise ValueError(f"{path} holds a {type(state).__name__}, not the FID Inception state_dict.")
+    model = FIDInceptionV3()
     load_state_dict_strict(model, state, f"{path} ({WEIGHTS_NAME}?)")
     return model.eval().to(device, memory_format=torch.channels_last).fold_batchnorm()
 
 
 # ----------------------------------------------------------------------------------------------
-# Features
+# Features and metrics
 
-def _as_nchw(batch):
-    """uint8 NHWC (as in .npz files) or float/uint8 NCHW, numpy or torch -> torch NCHW, 3 channels."""
+def _as_nchw(batch):  # uint8 NHWC (as in .npz files) or float/uint8 NCHW, numpy or torch -> torch NCHW, 3 channels
     x = torch.from_numpy(np.ascontiguousarray(batch)) if isinstance(batch, np.ndarray) else batch
-    if x.dim() == 3:  # grayscale (N, H, W)
-        x = x.unsqueeze(-1)
+    x = x.unsqueeze(-1) if x.dim() == 3 else x  # grayscale (N, H, W)
     if x.dim() != 4:
         raise ValueError(f"images must be a 4-d batch (N, H, W, C) or (N, C, H, W); got shape {tuple(x.shape)}.")
-    if x.shape[1] not in (1, 3) and x.shape[-1] in (1, 3):
-        x = x.permute(0, 3, 1, 2)
-    if x.shape[1] == 1:
-        x = x.expand(-1, 3, -1, -1)
+    x = x.permute(0, 3, 1, 2) if x.shape[1] not in (1, 3) and x.shape[-1] in (1, 3) else x
+    x = x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
     if x.shape[1] != 3:
         raise ValueError(f"images must have 1 or 3 channels; got shape {tuple(batch.shape)}.")
     if x.is_floating_point() and (x.min() < 0 or x.max() > 1):  # a [-1, 1] batch would pass silently
@@ -303,25 +182,19 @@ def _as_nchw(batch):
 
 @torch.inference_mode()
 def extract(model, images, batch_size=50, device=None, progress=True):
-    """pool3 features (N, 2048) and IS logits (N, 1008), both float32 numpy.
-
-    `images`: a uint8 NHWC array (or NCHW, or floats in [0, 1]), or an iterable of such batches.
-    The logits are fc(pool3) without the bias, as the ADM evaluator feeds its softmax.
-    """
+    """pool3 features (N, 2048) and IS logits (N, 1008), float32 numpy, of a uint8 NHWC array (or NCHW, or floats in
+    [0, 1]) or an iterable of such batches. The logits lack fc's bias, as the ADM evaluator's softmax takes them."""
     device = torch.device(device) if device is not None else next(model.parameters()).device
-    if isinstance(images, (np.ndarray, torch.Tensor)):
-        total = len(images)
-        batches = (images[i:i + batch_size] for i in range(0, total, batch_size))
-    else:
-        total, batches = getattr(images, "__len__", lambda: None)(), images
+    total = getattr(images, "__len__", lambda: None)()  # in images, for the progress bar
+    array = isinstance(images, (np.ndarray, torch.Tensor))
+    batches = (images[i:i + batch_size] for i in range(0, total, batch_size)) if array else images
     pool3, logits = [], []
     with tqdm(total=total, unit="img", desc="inception", disable=not progress, leave=False) as bar:
         for batch in batches:
-            x = _as_nchw(batch).to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
-            p, _ = model(x)
+            p, _ = model(_as_nchw(batch).to(device, non_blocking=True).contiguous(memory_format=torch.channels_last))
             pool3.append(p.float().cpu())
             logits.append((p @ model.fc.weight.t()).float().cpu())
-            bar.update(len(x))
+            bar.update(len(p))
     if not pool3:
         raise ValueError("no images to extract features from.")
     return torch.cat(pool3).numpy(), torch.cat(logits).numpy()
@@ -329,269 +202,193 @@ def extract(model, images, batch_size=50, device=None, progress=True):
 
 def stats(pool3, chunk=8192):
     """Mean and covariance (unbiased, as numpy's cov) in float64, without a float64 copy of all rows."""
-    n = len(pool3)
-    if n < 2:
-        raise ValueError(f"statistics need at least 2 images, got {n}.")
-    mu = sum(pool3[i:i + chunk].astype(np.float64).sum(0) for i in range(0, n, chunk)) / n
-    sigma = np.zeros((pool3.shape[1],) * 2)
-    for i in range(0, n, chunk):
-        centred = pool3[i:i + chunk].astype(np.float64) - mu
-        sigma += centred.T @ centred
-    return mu, sigma / (n - 1)
-
-
-def _check_covariance(name, sigma):
-    """ValueError unless sigma is a covariance: finite, symmetric, no eigenvalue below -PSD_TOLERANCE * trace."""
-    scale = sigma.abs().max()  # NaN or inf if any entry is
-    if not torch.isfinite(scale):
-        raise ValueError(f"{name} holds NaN or infinite values.")
-    if (sigma - sigma.T).abs().max() > PSD_TOLERANCE * scale:
-        raise ValueError(f"{name} is not symmetric, so it is not a covariance matrix.")
-    # Cholesky of the shifted matrix: a direct method, which cannot fail to converge, at a tenth of an eigh.
-    shifted = sigma.clone()
-    shifted.diagonal().add_(PSD_TOLERANCE * sigma.diagonal().clamp_min(0).sum() + torch.finfo(sigma.dtype).tiny)
-    if torch.linalg.cholesky_ex(shifted).info != 0:
-        raise ValueError(f"{name} has negative eigenvalues beyond round-off, so it is not a covariance matrix.")
-
-
-def _trace_sqrt_product(s1, s2):
-    """tr((S1 S2)^(1/2)) of PSD S1, S2. S1 S2 is similar to A S2 A with A = S1^(1/2), symmetric PSD: the
-    trace is the sum of the square roots of eigvalsh(A S2 A), round-off negatives clipped to 0."""
-    # MKL's eigh can fail to converge on the exactly-zero rows of low-rank covariances. A PSD matrix is zero
-    # in the row and column of a zero diagonal entry, and tr sqrt(S1 S2) = tr sqrt(S2 S1): so decompose the
-    # side of smaller support, restricted to it, and keep only its range (w > 0) in A S2 A.
-    if (s2.diagonal() > 0).sum() < (s1.diagonal() > 0).sum():
-        s1, s2 = s2, s1
-    support = s1.diagonal() > 0
-    s1, s2 = s1[support][:, support], s2[support][:, support]
-
-    def via(eigh, eigvalsh):
-        w, v = eigh(s1)
-        root, v = w[w > 0].sqrt(), v[:, w > 0]
-        inner = root[:, None] * (v.T @ s2 @ v) * root
-        return eigvalsh((inner + inner.T) / 2).clamp_min(0).sqrt().sum()
-
-    numpy_solvers = (lambda m: [torch.from_numpy(a) for a in np.linalg.eigh(m.numpy())],  # another LAPACK build
-                     lambda m: torch.from_numpy(np.linalg.eigvalsh(m.numpy())))
-    for solvers in ((torch.linalg.eigh, torch.linalg.eigvalsh), numpy_solvers):
-        try:
-            return via(*solvers)
-        except (RuntimeError, np.linalg.LinAlgError):  # torch.linalg.LinAlgError is a RuntimeError
-            pass
-    return torch.linalg.eigvals(s1 @ s2).real.clamp_min(0).sqrt().sum()  # last resort: slower, less exact
+    if len(pool3) < 2:
+        raise ValueError(f"statistics need at least 2 images, got {len(pool3)}.")
+    chunks = [pool3[i:i + chunk] for i in range(0, len(pool3), chunk)]
+    mu = sum(c.astype(np.float64).sum(0) for c in chunks) / len(pool3)
+    return mu, sum(c.T @ c for c in (c.astype(np.float64) - mu for c in chunks)) / (len(pool3) - 1)
 
 
 def frechet_distance(mu1, sigma1, mu2, sigma2):
-    """|mu1 - mu2|^2 + tr(S1) + tr(S2) - 2 tr((S1 S2)^(1/2)) of two Gaussians' statistics.
-
-    Exact for PSD inputs, where sqrtm of the product needs an eps fudge (pytorch-fid) or drops an
-    imaginary part (ADM). Raises ValueError for statistics that are no mean and covariance.
-    """
-    mu1, mu2, sigma1, sigma2 = (torch.as_tensor(np.asarray(a), dtype=torch.float64) for a in (mu1, mu2, sigma1, sigma2))
-    if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape or sigma1.shape != mu1.shape * 2:
+    """|mu1 - mu2|^2 + tr(S1) + tr(S2) - 2 tr((S1 S2)^(1/2)), exact for PSD inputs (where sqrtm of the product needs
+    an eps fudge, pytorch-fid, or drops an imaginary part, ADM); ValueError for what is no mean and covariance."""
+    mu1, mu2, s1, s2 = (torch.as_tensor(np.asarray(a), dtype=torch.float64) for a in (mu1, mu2, sigma1, sigma2))
+    if mu1.shape != mu2.shape or s1.shape != s2.shape or s1.shape != mu1.shape * 2:
         raise ValueError(f"statistics do not match: mu {tuple(mu1.shape)} vs {tuple(mu2.shape)}, "
-                         f"sigma {tuple(sigma1.shape)} vs {tuple(sigma2.shape)}.")
+                         f"sigma {tuple(s1.shape)} vs {tuple(s2.shape)}.")
     if not (torch.isfinite(mu1).all() and torch.isfinite(mu2).all()):
         raise ValueError("a mean (mu) holds NaN or infinite values.")
-    # One thread: the eigensolvers gain little from more and lose several-fold when the cores are
-    # shared (measured 1.7 s vs 8 s for a 2048 eigh on a busy 2-core machine).
+    distance = (mu1 - mu2) @ (mu1 - mu2) + s1.trace() + s2.trace()
+    # One thread: the eigensolvers gain little from more and lose several-fold on shared cores (1.7 s vs 8 s for a
+    # 2048 eigh on a busy 2-core machine).
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        _check_covariance("sigma of the first set", sigma1)
-        _check_covariance("sigma of the second set", sigma2)
-        trace_sqrt = _trace_sqrt_product(sigma1, sigma2)
+        for name, s in (("sigma of the first set", s1), ("sigma of the second set", s2)):
+            scale = s.abs().max()  # NaN or inf if any entry is
+            if not torch.isfinite(scale):
+                raise ValueError(f"{name} holds NaN or infinite values.")
+            if (s - s.T).abs().max() > PSD_TOLERANCE * scale:
+                raise ValueError(f"{name} is not symmetric, so it is not a covariance matrix.")
+            # Cholesky of the matrix shifted by the tolerance: direct, it cannot fail to converge as an eigh can.
+            shifted = s.clone()
+            shifted.diagonal().add_(PSD_TOLERANCE * s.diagonal().clamp_min(0).sum() + torch.finfo(s.dtype).tiny)
+            if torch.linalg.cholesky_ex(shifted).info != 0:
+                raise ValueError(f"{name} has negative eigenvalues beyond round-off, so it is not a covariance matrix.")
+        # S1 S2 is similar to A S2 A, A = S1^(1/2): tr sqrt(S1 S2) is the sum of the roots of eigvalsh(A S2 A). MKL's
+        # eigh may not converge on the zero rows of low-rank covariances; a PSD matrix is zero in the row and column of
+        # a zero diagonal entry and tr sqrt(S1 S2) = tr sqrt(S2 S1), so decompose the side of smaller support,
+        # restricted to it, keeping only its range (w > 0). If that still fails: numpy's LAPACK, then eigvals(S1 S2).
+        if (s2.diagonal() > 0).sum() < (s1.diagonal() > 0).sum():
+            s1, s2 = s2, s1
+        support = s1.diagonal() > 0
+        s1, s2 = s1[support][:, support], s2[support][:, support]
+        numpy_solvers = (lambda m: [torch.from_numpy(a) for a in np.linalg.eigh(m.numpy())],
+                         lambda m: torch.from_numpy(np.linalg.eigvalsh(m.numpy())))
+        for eigh, eigvalsh in ((torch.linalg.eigh, torch.linalg.eigvalsh), numpy_solvers):
+            try:
+                w, v = eigh(s1)
+                root, v = w[w > 0].sqrt(), v[:, w > 0]
+                inner = root[:, None] * (v.T @ s2 @ v) * root
+                return float(distance - 2 * eigvalsh((inner + inner.T) / 2).clamp_min(0).sqrt().sum())
+            except (RuntimeError, np.linalg.LinAlgError):  # torch.linalg.LinAlgError is a RuntimeError
+                pass
+        return float(distance - 2 * torch.linalg.eigvals(s1 @ s2).real.clamp_min(0).sqrt().sum())
     finally:
         torch.set_num_threads(threads)
-    diff = mu1 - mu2
-    return float(diff @ diff + sigma1.trace() + sigma2.trace() - 2 * trace_sqrt)
 
 
-def inception_score(logits, splits=IS_SPLITS):
-    """exp(E_x KL(p(y|x) || p(y))), averaged over `splits` consecutive chunks (the ADM evaluator's way)."""
+def inception_score(logits, splits=10):
+    """exp(E_x KL(p(y|x) || p(y))), averaged over `splits` consecutive chunks (ADM: 50k samples, 10 splits)."""
     logp = torch.log_softmax(torch.as_tensor(np.asarray(logits), dtype=torch.float64), dim=1)
-    size = math.ceil(len(logp) / splits)
     scores = []
-    for part in logp.split(size):
-        # log of the marginal through logsumexp: stays finite where every p(y|x) underflows
-        log_marginal = torch.logsumexp(part, 0) - math.log(len(part))
-        kl = (part.exp() * (part - log_marginal)).sum(1).mean()
-        scores.append(kl.exp().item())
+    for part in logp.split(math.ceil(len(logp) / splits)):
+        log_marginal = torch.logsumexp(part, 0) - math.log(len(part))  # finite where every p(y|x) underflows
+        scores.append((part.exp() * (part - log_marginal)).sum(1).mean().exp().item())
     return float(np.mean(scores))
 
 
-def _sq_dists(a, b):
-    return ((a * a).sum(1, keepdim=True) + (b * b).sum(1) - 2 * a @ b.t()).clamp_min_(0)
-
-
-def precision_recall(real, fake, k=PR_NEIGHBOURS, block_size=4096, device="cpu"):
-    """Improved precision and recall (Kynkaanniemi et al. 2019) of pool3 features.
-
-    Precision: share of fake points inside the real manifold (the union of balls around each real
-    point reaching its k-th nearest real neighbour); recall: the same with the roles swapped.
-    Distances are computed in blocks, so 50k x 50k never sits in memory.
-    """
-    real = torch.as_tensor(np.asarray(real), dtype=torch.float32, device=device)
-    fake = torch.as_tensor(np.asarray(fake), dtype=torch.float32, device=device)
+def precision_recall(real, fake, k=3, block_size=4096, device="cpu"):
+    """Improved precision and recall (Kynkaanniemi et al. 2019): the share of fake points inside the real manifold
+    (balls around each real point reaching its k-th nearest real neighbour), and the same with roles swapped."""
+    real, fake = (torch.as_tensor(np.asarray(a), dtype=torch.float32, device=device) for a in (real, fake))
     if min(len(real), len(fake)) <= k:
         raise ValueError(f"precision/recall with k={k} need more than {k} images on each side.")
 
-    def radii(x):  # squared distance to the k-th neighbour, the point itself being the 0-th
-        out = []
-        for i in range(0, len(x), block_size):
-            best = None
-            for j in range(0, len(x), block_size):
-                d = _sq_dists(x[i:i + block_size], x[j:j + block_size])
-                best = d if best is None else torch.cat([best, d], 1)
-                best = best.topk(min(k + 1, best.shape[1]), dim=1, largest=False).values
-            out.append(best[:, k])
-        return torch.cat(out)
+    def distances(a, b):  # squared, block by block, so that 50k x 50k never sits in memory
+        for i in range(0, len(a), block_size):
+            for j in range(0, len(b), block_size):
+                x, y = a[i:i + block_size], b[j:j + block_size]
+                yield i, j, ((x * x).sum(1, keepdim=True) + (y * y).sum(1) - 2 * x @ y.t()).clamp_min_(0)
 
-    def covered(query, ref, ref_radii):
-        hits = []
-        for i in range(0, len(query), block_size):
-            hit = torch.zeros(len(query[i:i + block_size]), dtype=torch.bool, device=device)
-            for j in range(0, len(ref), block_size):
-                d = _sq_dists(query[i:i + block_size], ref[j:j + block_size])
-                hit |= (d <= ref_radii[j:j + block_size]).any(1)
-            hits.append(hit)
-        return torch.cat(hits).float().mean().item()
+    def covered(query, ref):  # the share of query points within some ref point's distance to its k-th neighbour
+        nearest = {}  # per block of ref: the k + 1 smallest distances so far, the point itself being the 0-th
+        for i, _, d in distances(ref, ref):
+            d = torch.cat([nearest[i], d], 1) if i in nearest else d
+            nearest[i] = d.topk(min(k + 1, d.shape[1]), dim=1, largest=False).values
+        radii = torch.cat([n[:, k] for n in nearest.values()])
+        hit = torch.zeros(len(query), dtype=torch.bool, device=device)
+        for i, j, d in distances(query, ref):
+            hit[i:i + block_size] |= (d <= radii[j:j + block_size]).any(1)
+        return hit.float().mean().item()
 
-    return covered(fake, real, radii(real)), covered(real, fake, radii(fake))
+    return covered(fake, real), covered(real, fake)
 
 
 # ----------------------------------------------------------------------------------------------
-# Image sets: .npz files, folders, data.py datasets, and their statistics on disk
+# The two sides of a comparison: images (in memory, .npz, folder, data.py dataset) or their saved statistics
 
 class Side:
-    """What is known about one image set: stats always, features/logits when images were seen."""
+    """One image set: its statistics; its pool3 features and IS when its images were seen."""
 
-    def __init__(self, name, mu, sigma, num_images, pool3=None, logits=None, score=None, image_size=None):
+    def __init__(self, name, mu, sigma, num_images=None, pool3=None, inception_score=None, image_size=None):
         self.name, self.mu, self.sigma, self.num_images = name, mu, sigma, num_images
-        self.pool3, self.image_size = pool3, image_size
-        self.inception_score = score if logits is None else inception_score(logits)
+        self.pool3, self.inception_score, self.image_size = pool3, inception_score, image_size
 
-    @classmethod
-    def from_features(cls, name, pool3, logits=None, image_size=None):
-        mu, sigma = stats(pool3)
-        return cls(name, mu, sigma, len(pool3), pool3, logits, image_size=image_size)
-
-    def save(self, path):
-        """mu, sigma (float64), num_images, a subset of pool3 rows and the IS, written atomically."""
-        arrays = {"mu": self.mu, "sigma": self.sigma}
-        if self.num_images is not None:
-            arrays["num_images"] = np.int64(self.num_images)
-        if self.pool3 is not None:
-            keep = np.unique(np.linspace(0, len(self.pool3) - 1, MAX_STORED_FEATURES).round().astype(np.int64))
-            arrays["pool3"] = self.pool3[keep].astype(np.float32)
-        if self.inception_score is not None:
-            arrays["inception_score"] = np.float64(self.inception_score)
-        atomic_write(path, lambda f: np.savez(f, **arrays))
+    def save(self, path):  # pool3 rows evenly spaced, up to 10k: enough for precision/recall (as ADM's ref batches)
+        keep = None if self.pool3 is None else np.linspace(0, len(self.pool3) - 1, 10_000).round().astype(np.int64)
+        arrays = dict(mu=self.mu, sigma=self.sigma, num_images=self.num_images, inception_score=self.inception_score,
+                      pool3=None if keep is None else self.pool3[np.unique(keep)].astype(np.float32))
+        data.atomic_write(path, lambda f: np.savez(f, **{k: v for k, v in arrays.items() if v is not None}))
 
 
-def _npz_side(path, get_model, batch_size, device):
-    try:
-        npz = np.load(path)
-        keys = set(npz.files)
-    except Exception as e:
-        raise ValueError(f"{path} is not a readable .npz file ({type(e).__name__}).") from None
-    name = os.path.basename(path)
-    if "arr_0" in keys:
-        images = npz["arr_0"]
-        if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] not in (1, 3):
-            raise ValueError(f"{path}: arr_0 must hold uint8 images (N, H, W, 3); got {images.dtype} {images.shape}.")
-        pool3, logits = extract(get_model(), images, batch_size, device)
-        side = Side.from_features(name, pool3, logits, image_size=images.shape[1])
-        if {"mu", "sigma"} <= keys:  # an ADM reference batch: its stats cover more than its images
-            side.mu, side.sigma = npz["mu"].astype(np.float64), npz["sigma"].astype(np.float64)
-        return side
-    if {"mu", "sigma"} <= keys:
-        return Side(name, npz["mu"].astype(np.float64), npz["sigma"].astype(np.float64),
-                    int(npz["num_images"]) if "num_images" in keys else None,
-                    npz["pool3"] if "pool3" in keys else None,
-                    score=float(npz["inception_score"]) if "inception_score" in keys else None)
-    raise ValueError(f"{path} has neither images (arr_0) nor statistics (mu, sigma); it holds {sorted(keys)}.")
+def cache_dir(name="", data_path=None):  # another --data-path may hold other data under the same name
+    tag = hashlib.sha1(os.path.abspath(data_path).encode()).hexdigest()[:8] + "-" if data_path else ""
+    root = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "mirai", "fid")
+    return os.path.join(root, tag + name) if name else root
 
 
-class _Batches:
-    """Batches made on demand that know how many images they hold (for the progress bar)."""
-
-    def __init__(self, count, make):
-        self.count, self.make = count, make
+class _Lazy:  # images read on demand, batch by batch; its length (in images) is for extract's progress bar
+    def __init__(self, count, read, batch_size):
+        self.count, self.read, self.batch_size = count, read, batch_size
 
     def __len__(self):
         return self.count
 
     def __iter__(self):
-        return self.make()
-
-
-def _folder_side(path, get_model, batch_size, device):
-    files = sorted(os.path.join(root, f) for root, _, names in os.walk(path) for f in names
-                   if f.lower().endswith(IMAGE_EXTENSIONS))
-    if not files:
-        raise ValueError(f"folder {path} holds no images ({', '.join(IMAGE_EXTENSIONS)}).")
-    from PIL import Image
-
-    def read(f):
-        with Image.open(f) as img:
-            return np.asarray(img.convert("RGB"))
-
-    first = read(files[0])
-
-    def batches():
-        for i in range(0, len(files), batch_size):
-            arrays = [read(f) for f in files[i:i + batch_size]]
-            for f, a in zip(files[i:i + batch_size], arrays):
-                if a.shape != first.shape:
-                    raise ValueError(f"{f} is {a.shape[1]}x{a.shape[0]} but {files[0]} is {first.shape[1]}x"
-                                     f"{first.shape[0]}: a folder of samples must hold images of one size.")
-            yield np.stack(arrays)
-
-    pool3, logits = extract(get_model(), _Batches(len(files), batches), batch_size, device)
-    return Side.from_features(os.path.basename(os.path.normpath(path)), pool3, logits, image_size=first.shape[0])
-
-
-def cache_dir():
-    return os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "mirai", "fid")
-
-
-def _cache_path(name, data_path):
-    tag = hashlib.sha1(os.path.abspath(data_path).encode()).hexdigest()[:8] + "-" if data_path else ""
-    return os.path.join(cache_dir(), tag + name)
-
-
-def _dataset_side(name, get_model, batch_size, device, image_size=None, data_path=None):
-    """Statistics of every image of a data.py dataset (ADM centre crop), computed once and cached."""
-    source = data.open_dataset(name, data_path=data_path)
-    size = image_size or min(source.image(0).size)
-    path = _cache_path(f"{name}-{size}px.npz", data_path)
-    if os.path.isfile(path):
-        side = _npz_side(path, get_model, batch_size, device)
-        side.name, side.image_size = name, size
-        return side
-
-    def batches():
-        for i in range(0, len(source), batch_size):
-            yield np.stack([data.make_view(source.image(j), size, "none", 0)
-                            for j in range(i, min(i + batch_size, len(source)))])
-
-    pool3, logits = extract(get_model(), _Batches(len(source), batches), batch_size, device)
-    side = Side.from_features(name, pool3, logits, image_size=size)
-    side.save(path)
-    return side
+        for i in range(0, self.count, self.batch_size):
+            yield np.stack([self.read(j) for j in range(i, min(i + self.batch_size, self.count))])
 
 
 def load_side(source, get_model, batch_size=50, device="cpu", image_size=None, data_path=None):
-    """An .npz (images or stats), a folder of images, or a dataset name data.py knows -> Side."""
-    source = str(source)
-    if os.path.isfile(source):
-        return _npz_side(source, get_model, batch_size, device)
-    if os.path.isdir(source):
-        return _folder_side(source, get_model, batch_size, device)
-    if source.endswith(".npz") or os.sep in source:
-        raise FileNotFoundError(f"{source} does not exist.")
-    return _dataset_side(source, get_model, batch_size, device, image_size, data_path)
+    """Images (uint8 NHWC), an .npz (images or statistics), a folder of images, or a dataset name -> Side; a dataset's
+    statistics (of every image, ADM centre crop) are computed once and cached."""
+    cache = given = None
+    source = str(source) if isinstance(source, (str, os.PathLike)) else source
+    if isinstance(source, (np.ndarray, torch.Tensor)):
+        name, images, size = "samples", source, _as_nchw(source[:1]).shape[2]
+    elif os.path.isfile(source):
+        try:
+            npz = np.load(source)
+            keys = set(npz.files)
+        except Exception as e:
+            raise ValueError(f"{source} is not a readable .npz file ({type(e).__name__}).") from None
+        if "arr_0" not in keys and not {"mu", "sigma"} <= keys:
+            raise ValueError(f"{source} has neither images (arr_0) nor statistics (mu, sigma); it holds "
+                             f"{sorted(keys)}.")
+        if {"mu", "sigma"} <= keys:  # beside images, as in an ADM reference batch, they cover more than the images
+            given = npz["mu"].astype(np.float64), npz["sigma"].astype(np.float64)
+        if "arr_0" not in keys:
+            get = lambda key, kind: kind(npz[key]) if key in keys else None  # noqa: E731
+            return Side(os.path.basename(source), *given, get("num_images", int), get("pool3", np.asarray),
+                        get("inception_score", float))
+        name, images = os.path.basename(source), npz["arr_0"]
+        if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] not in (1, 3):
+            raise ValueError(f"{source}: arr_0 must hold uint8 images (N, H, W, 3); got {images.dtype} {images.shape}.")
+        size = images.shape[1]
+    elif os.path.isdir(source):
+        files = sorted(os.path.join(root, f) for root, _, names in os.walk(source) for f in names
+                       if f.lower().endswith(data.IMAGE_EXTENSIONS))
+        if not files:
+            raise ValueError(f"folder {source} holds no images ({', '.join(data.IMAGE_EXTENSIONS)}).")
+        from PIL import Image
+
+        def read(i):
+            with Image.open(files[i]) as img:
+                a = np.asarray(img.convert("RGB"))
+            if i and a.shape != first.shape:
+                raise ValueError(f"{files[i]} is {a.shape[1]}x{a.shape[0]} but {files[0]} is {first.shape[1]}x"
+                                 f"{first.shape[0]}: a folder of samples must hold images of one size.")
+            return a
+
+        first = read(0)
+        name, images, size = os.path.basename(os.path.normpath(source)), _Lazy(len(files), read, batch_size), len(first)
+    else:
+        if source.endswith(".npz") or os.sep in source:
+            raise FileNotFoundError(f"{source} does not exist.")
+        dataset = data.open_dataset(source, data_path=data_path)
+        name, size = source, image_size or min(dataset.image(0).size)
+        cache = cache_dir(f"{source}-{size}px.npz", data_path)
+        if os.path.isfile(cache):
+            side = load_side(cache, get_model)
+            side.name, side.image_size = source, size
+            return side
+        images = _Lazy(len(dataset), lambda i: data.make_view(dataset.image(i), size, "none", 0), batch_size)
+    pool3, logits = extract(get_model(), images, batch_size, device)
+    side = Side(name, *(given or stats(pool3)), len(pool3), pool3, inception_score(logits), size)
+    if cache:
+        side.save(cache)
+    return side
 
 
 def compare(samples, reference, device="cpu"):
@@ -607,16 +404,11 @@ _references = {}  # reference Sides already loaded in this process, for training
 
 
 def evaluate(samples, reference, model=None, weights=None, batch_size=50, device=None, data_path=None):
-    """Metrics of uint8 NHWC `samples` against `reference` (.npz, folder or dataset name).
-
-    Returns {"fid", "is", "precision", "recall", "num_samples", "num_reference"}; None where the
-    reference gives statistics only. The reference is loaded once per process. Runs on `model`'s
-    device, or loads the network (FileNotFoundError if its weights are nowhere) onto `device`.
-    """
+    """compare()'s metrics of uint8 NHWC `samples` against `reference` (.npz, folder or dataset name, loaded once per
+    process). Runs on `model`'s device, or loads the network (FileNotFoundError without weights) onto `device`."""
     model = model or load_inception(weights, device or "cpu")
     device = next(model.parameters()).device
-    pool3, logits = extract(model, samples, batch_size, device)
-    side = Side.from_features("samples", pool3, logits, image_size=_as_nchw(samples[:1]).shape[2])
+    side = load_side(samples, lambda: model, batch_size, device)
     key = (str(reference), side.image_size, data_path)
     if key not in _references:
         _references[key] = load_side(reference, lambda: model, batch_size, device, side.image_size, data_path)
@@ -624,10 +416,9 @@ def evaluate(samples, reference, model=None, weights=None, batch_size=50, device
 
 
 # ----------------------------------------------------------------------------------------------
-# An offline metric: a small classifier trained on the dataset's own training split. Where the
-# Inception weights cannot be had (and on MNIST-like data, which Inception features fit poorly), the
-# Frechet distance of its features to the test split's, and the share of samples it assigns their
-# conditioning class, tell a better generator from a worse one.
+# The offline metric: a small classifier trained on the dataset's own training split. Where the Inception weights
+# cannot be had (and on MNIST-like data, which Inception features fit poorly), the Frechet distance of its features to
+# the test split's, and the share of samples it assigns their class, still tell a better generator from a worse.
 
 CLASSIFIER_WIDTHS = (32, 64, 128, 128)  # conv blocks, a 2x2 max pool between each; the last is the feature size
 CLASSIFIER_EPOCHS, CLASSIFIER_BATCH, CLASSIFIER_LR = 3, 128, 3e-3
@@ -635,8 +426,8 @@ CLASSIFIER_META = ("num_classes", "widths", "dataset", "image_size", "test_accur
 
 
 class SmallClassifier(nn.Module):
-    """Images (B, 3, S, S) in [-1, 1] -> (features (B, widths[-1]), logits). The features, means of the last
-    block's ReLUs, are rarely exactly zero; ref_mu and ref_sigma are their statistics on the test split."""
+    """Images (B, 3, S, S) in [-1, 1] -> (features, logits). Features, the means of the last block's ReLUs, are rarely
+    exactly zero; ref_mu and ref_sigma are their statistics on the test split."""
 
     def __init__(self, num_classes, widths=CLASSIFIER_WIDTHS, dataset=None, image_size=32):
         super().__init__()
@@ -655,8 +446,7 @@ class SmallClassifier(nn.Module):
         return features, self.head(features)
 
 
-def _classifier_input(batch, size):
-    """What _as_nchw takes (uint8 NHWC, any size, 1 or 3 channels) -> floats NCHW in [-1, 1], size x size."""
+def _classifier_input(batch, size):  # what _as_nchw takes, any size -> floats NCHW in [-1, 1], size x size
     x = _as_nchw(batch)
     x = x.float() / 255 if x.dtype == torch.uint8 else x.float()
     if x.shape[-2:] != (size, size):
@@ -673,8 +463,7 @@ def classify(classifier, images, batch_size=250):
     return torch.cat([f for f, _ in out]).float().cpu().numpy(), torch.cat([y.argmax(1) for _, y in out]).cpu().numpy()
 
 
-def _views(source, size, indices=None, progress=True):
-    """Images of a data.py dataset as the generator trains on them (uint8 NHWC), and their labels."""
+def _views(source, size, indices=None, progress=True):  # images as the generator trains on them, and their labels
     indices = range(len(source)) if indices is None else indices
     images = [data.make_view(source.image(i), size, "none", 0)
               for i in tqdm(indices, "reading images", disable=not progress, leave=False)]
@@ -686,8 +475,8 @@ def _base_name(dataset):  # the classifier learns from the training split, which
 
 
 def train_classifier(dataset, data_path=None, device="cpu", image_size=32, seed=0, progress=True):
-    """Adam with a one-cycle schedule on the training split; accuracy and reference statistics from the
-    test split. The same seed gives the same network (on one device and thread count)."""
+    """Adam with a one-cycle schedule on the training split; accuracy and reference statistics from the test split.
+    The same seed gives the same network (on one device and thread count)."""
     train, test = (data.open_dataset(dataset, data_path, split) for split in ("train", "test"))
     images, labels = (torch.from_numpy(a) for a in _views(train, image_size, progress=progress))
     steps = CLASSIFIER_EPOCHS * math.ceil(len(images) / CLASSIFIER_BATCH)
@@ -697,15 +486,13 @@ def train_classifier(dataset, data_path=None, device="cpu", image_size=32, seed=
                               image_size=image_size).to(device, memory_format=torch.channels_last)
         opt = torch.optim.Adam(net.parameters(), lr=CLASSIFIER_LR)
         schedule = torch.optim.lr_scheduler.OneCycleLR(opt, CLASSIFIER_LR, total_steps=steps)
-        with tqdm(total=steps, desc=f"training the {net.dataset} classifier", disable=not progress) as bar:
-            for _ in range(CLASSIFIER_EPOCHS):
-                for idx in torch.randperm(len(images)).split(CLASSIFIER_BATCH):
-                    logits = net(_classifier_input(images[idx], image_size).to(device))[1]
-                    F.cross_entropy(logits, labels[idx].to(device)).backward()
-                    opt.step()
-                    opt.zero_grad()
-                    schedule.step()
-                    bar.update()
+        batches = (i for _ in range(CLASSIFIER_EPOCHS) for i in torch.randperm(len(images)).split(CLASSIFIER_BATCH))
+        for idx in tqdm(batches, f"training the {net.dataset} classifier", total=steps, disable=not progress):
+            logits = net(_classifier_input(images[idx], image_size).to(device))[1]
+            F.cross_entropy(logits, labels[idx].to(device)).backward()
+            opt.step()
+            opt.zero_grad()
+            schedule.step()
     test_images, test_labels = _views(test, image_size, progress=progress)
     features, predicted = classify(net.eval(), test_images)
     net.test_accuracy, net.num_test = float((predicted == test_labels).mean()), len(test_images)
@@ -715,10 +502,9 @@ def train_classifier(dataset, data_path=None, device="cpu", image_size=32, seed=
 
 def load_classifier(dataset, data_path=None, device="cpu", image_size=32, seed=0, train_if_missing=True,
                     progress=True):
-    """The dataset's SmallClassifier in eval mode on `device`, from the cache or trained (minutes on a CPU)
-    and cached; it carries .dataset, .image_size, .test_accuracy and the reference .ref_mu, .ref_sigma."""
-    seed_tag = f"-seed{seed}" if seed else ""
-    path = _cache_path(f"{_base_name(dataset)}-{image_size}px-classifier{seed_tag}.pt", data_path)
+    """The dataset's SmallClassifier in eval mode on `device`, from the cache or trained (minutes on a CPU) and cached;
+    it carries .dataset, .image_size, .test_accuracy, .num_test and the reference .ref_mu, .ref_sigma."""
+    path = cache_dir(f"{_base_name(dataset)}-{image_size}px-classifier{f'-seed{seed}' if seed else ''}.pt", data_path)
     if not os.path.isfile(path):
         if not train_if_missing:
             raise FileNotFoundError(f"no classifier for {dataset} at {path}; train it with "
@@ -726,7 +512,7 @@ def load_classifier(dataset, data_path=None, device="cpu", image_size=32, seed=0
         start = time.time()
         net = train_classifier(dataset, data_path, device, image_size, seed, progress)
         ckpt = {"state_dict": net.state_dict(), **{k: getattr(net, k) for k in CLASSIFIER_META}}
-        atomic_write(path, lambda f: torch.save(ckpt, f))
+        data.atomic_write(path, lambda f: torch.save(ckpt, f))
         print(f"classifier of {net.dataset} at {image_size}px: test accuracy {net.test_accuracy:.4f}, trained in "
               f"{time.time() - start:.0f} s, saved to {path}", file=sys.stderr)
     try:
@@ -741,36 +527,36 @@ def load_classifier(dataset, data_path=None, device="cpu", image_size=32, seed=0
 
 def classifier_metrics(images_uint8_nhwc, labels, dataset, data_path=None, classifier=None, device="cpu",
                        image_size=32):
-    """{"fd_classifier": Frechet distance of the classifier's features to those of the test split,
-    "class_agreement": share of the images classified as their `labels`, None without labels}."""
-    classifier = classifier or load_classifier(dataset, data_path, device, image_size)
+    """{"fd_classifier": Frechet distance of the classifier's features to the test split's, "class_agreement": share
+    of the images classified as their `labels`, None without labels}."""
+    classifier, n = classifier or load_classifier(dataset, data_path, device, image_size), len(images_uint8_nhwc)
     if classifier.dataset != _base_name(dataset):
         raise ValueError(f"the classifier was trained on {classifier.dataset}, not on {_base_name(dataset)}.")
-    if len(images_uint8_nhwc) < 2 or (labels is not None and len(labels) != len(images_uint8_nhwc)):
-        raise ValueError(f"the classifier metric needs 2 images or more and one label per image, got "
-                         f"{len(images_uint8_nhwc)} images and {'no' if labels is None else len(labels)} labels.")
+    if n < 2 or (labels is not None and len(labels) != n):
+        raise ValueError(f"the classifier metric needs 2 images or more and one label per image, got {n} images and "
+                         f"{'no' if labels is None else len(labels)} labels.")
     features, predicted = classify(classifier, images_uint8_nhwc)
     return {"fd_classifier": frechet_distance(*stats(features), classifier.ref_mu.cpu(), classifier.ref_sigma.cpu()),
             "class_agreement": None if labels is None else float((predicted == np.asarray(labels)).mean())}
 
 
 def classifier_floors(classifier, data_path=None, sizes=(2000, 10000), vq=None, progress=True):
-    """The best numbers to expect, [(what, n, metrics)]: n random training images against the test split
-    ("real") and, given a VQ tokenizer (encode, decode_code), their reconstructions ("recon")."""
+    """The best numbers to expect, [(what, n, metrics)]: n random training images against the test split ("real")
+    and, given a VQ tokenizer (encode, decode_code), their reconstructions ("recon")."""
     train = data.open_dataset(classifier.dataset, data_path, "train")
     sizes = sorted({min(n, len(train)) for n in sizes})
     order = np.random.default_rng(0).permutation(len(train))[:sizes[-1]]  # nested subsets
     images, labels = _views(train, classifier.image_size, order, progress)
     kinds = [("real", images)]
     if vq is not None:
-        device = next(vq.parameters()).device
-        with torch.inference_mode():
-            recon = torch.cat([vq.decode_code(vq.encode(_classifier_input(b, classifier.image_size).to(device))).cpu()
-                               for b in tqdm(np.array_split(images, math.ceil(len(images) / 100)), "reconstructing",
-                                             disable=not progress, leave=False)])
         from tokenizer import to_uint8  # tokenizer.py imports fid.py for rFID: not at the top
 
-        kinds.append(("recon", to_uint8(recon)))  # as samples are made
+        device = next(vq.parameters()).device
+        batches = np.array_split(images, math.ceil(len(images) / 100))
+        with torch.inference_mode():
+            recon = [vq.decode_code(vq.encode(_classifier_input(b, classifier.image_size).to(device))).cpu()
+                     for b in tqdm(batches, "reconstructing", disable=not progress, leave=False)]
+        kinds.append(("recon", to_uint8(torch.cat(recon))))  # as samples are made
     return [(kind, n, classifier_metrics(x[:n], labels[:n], classifier.dataset, classifier=classifier))
             for kind, x in kinds for n in sizes]
 
@@ -778,20 +564,13 @@ def classifier_floors(classifier, data_path=None, sizes=(2000, 10000), vq=None, 
 # ----------------------------------------------------------------------------------------------
 # CLI
 
-def format_table(metrics, samples, reference):
-    def show(v, fmt):
-        return "n/a" if v is None else format(v, fmt)
-
-    rows = [("samples", f"{samples.name} ({show(samples.num_images, 'd')} images)"),
-            ("reference", f"{reference.name} ({show(reference.num_images, 'd')} images)"),
-            ("FID", show(metrics["fid"], ".4f")), ("IS", show(metrics["is"], ".4f")),
-            ("precision", show(metrics["precision"], ".4f")), ("recall", show(metrics["recall"], ".4f"))]
-    return "\n".join(f"{k:<10} {v}" for k, v in rows)
+def _show(value, fmt=".4f"):
+    return "n/a" if value is None else format(value, fmt)
 
 
 def classifier_report(args, device):
-    """What --classifier prints: SAMPLES (an .npz, labels beside arr_0) against the test split of the
-    dataset REFERENCE names, or with --floors the floors of the dataset SAMPLES names."""
+    """--classifier: SAMPLES (an .npz, labels beside arr_0) against the test split of the dataset REFERENCE, or with
+    --floors, the floors of the dataset SAMPLES."""
     if args.save_stats:
         raise ValueError("--save-stats stores Inception statistics; it does not go with --classifier.")
     dataset = args.samples if args.floors else args.reference
@@ -815,61 +594,43 @@ def classifier_report(args, device):
         return json.dumps({"classifier": head, "test_accuracy": clf.test_accuracy, "num_reference": clf.num_test,
                            "rows": [{"images": k, **m} for k, m in rows]})
     return "\n".join([head] + [f"{k:<32} fd_classifier {m['fd_classifier']:.4f}  class_agreement "
-                               f"{'n/a' if m['class_agreement'] is None else format(m['class_agreement'], '.4f')}"
-                               for k, m in rows])
+                               f"{_show(m['class_agreement'])}" for k, m in rows])
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="FID, IS, precision and recall of generated images "
-                                            "(pytorch-fid's Inception).")
-    p.add_argument("samples", help=".npz of images (arr_0, uint8 NHWC) or of stats (mu, sigma), a folder of images, "
-                                   "or a dataset name (cifar10-train, ...)")
-    p.add_argument("reference", nargs="?",
-                   help="the same kinds as SAMPLES; dataset statistics are cached in " + cache_dir())
-    p.add_argument("--save-stats", metavar="PATH",
-                   help="write the statistics of SAMPLES to this .npz (refuses to overwrite)")
+    p = argparse.ArgumentParser(description="FID, IS, precision and recall of generated images (pytorch-fid's "
+                                            "Inception), or an offline metric from a small classifier.")
+    p.add_argument("samples", help=".npz of images (arr_0, uint8 NHWC) or stats (mu, sigma), a folder, or a dataset")
+    p.add_argument("reference", nargs="?", help="the same kinds as SAMPLES; dataset stats are cached in " + cache_dir())
+    p.add_argument("--save-stats", metavar="PATH", help="write the statistics of SAMPLES to this new .npz")
     p.add_argument("--batch-size", type=data.POSITIVE_INT, default=50)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--inception-weights", metavar="PATH",
-                   help=f"{WEIGHTS_NAME} (default: torch hub cache, downloaded if missing)")
+                   help=WEIGHTS_NAME + " (default: the torch hub cache, downloaded there if missing)")
     p.add_argument("--image-size", type=data.POSITIVE_INT,
-                   help="crop size for a dataset reference (default: the size of the samples; 32 with --classifier)")
+                   help="crop size for a dataset (default: the samples' size; 32 with --classifier)")
     p.add_argument("--data-path", help="data folder for a dataset name (data.py's data_path)")
     p.add_argument("--json", action="store_true", help="print the metrics as one JSON object")
-    p.add_argument("--classifier", action="store_true",
-                   help="offline metric: Frechet distance in the features of a small classifier trained (minutes, then "
-                        "cached) on the dataset REFERENCE names, against its test split, and share of samples "
-                        "classified as their labels")
-    p.add_argument("--floors", action="store_true", help="with --classifier: the classifier's test accuracy and the "
-                   "metric of 2000 and 10000 training images of the dataset SAMPLES names (and their reconstructions)")
+    p.add_argument("--classifier", action="store_true", help="offline: FD in the features of a small classifier of "
+                   "the dataset REFERENCE to its test split, and the share of samples classified as their labels")
+    p.add_argument("--floors", action="store_true", help="with --classifier: the best numbers to expect, from 2000 "
+                   "and 10000 training images of the dataset SAMPLES (and their reconstructions, with --vq-ckpt)")
     p.add_argument("--vq-ckpt", metavar="PATH", help="with --floors: the tokenizer whose reconstructions to score")
     args = p.parse_args(argv)
     if args.reference is None and args.save_stats is None and not args.floors:
         raise SystemExit("give a REFERENCE to compare with, or --save-stats PATH to store the statistics of SAMPLES.")
     if args.save_stats and os.path.exists(args.save_stats):
         raise SystemExit(f"--save-stats {args.save_stats} already exists; remove it or choose another path.")
-    if args.batch_size < 1:
-        raise SystemExit(f"--batch-size must be a positive integer, got {args.batch_size}.")
     try:
         device = torch.device(args.device)
         if device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError("CUDA is not available")
     except (RuntimeError, ValueError) as e:
         raise SystemExit(f"--device {args.device} is not usable here ({e}).")
-    if args.classifier or args.floors:
-        try:
-            return print(classifier_report(args, device))
-        except (FileNotFoundError, ValueError) as e:
-            raise SystemExit(str(e))
-
-    model = None
-
-    def get_model():  # stats-only comparisons never need the weights
-        nonlocal model
-        model = model or load_inception(args.inception_weights, device)
-        return model
-
     try:
+        if args.classifier or args.floors:
+            return print(classifier_report(args, device))
+        get_model = functools.cache(lambda: load_inception(args.inception_weights, device))  # stats alone need none
         samples = load_side(args.samples, get_model, args.batch_size, device, args.image_size, args.data_path)
         if args.save_stats:
             samples.save(args.save_stats)
@@ -881,7 +642,10 @@ def main(argv=None):
         metrics = compare(samples, reference, device)
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(str(e))
-    print(json.dumps(metrics) if args.json else format_table(metrics, samples, reference))
+    sides = (("samples", samples), ("reference", reference))
+    rows = [(k, f"{s.name} ({_show(s.num_images, 'd')} images)") for k, s in sides]
+    rows += [(k, _show(metrics[k.lower()])) for k in ("FID", "IS", "precision", "recall")]
+    print(json.dumps(metrics) if args.json else "\n".join(f"{k:<10} {v}" for k, v in rows))
 
 
 if __name__ == "__main__":
