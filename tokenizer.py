@@ -26,7 +26,6 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import data
-import fid
 from data import (NONNEG, NONNEG_INT, POSITIVE, POSITIVE_INT, Logger, add_options, arg_type, atomic_write, barrier,
                   cleanup_distributed, option, read_checkpoint, save_atomic, save_grid, setup_distributed)
 from model import load_state_dict_strict
@@ -358,6 +357,9 @@ class RFID:
     """rFID: the Fréchet distance of a model's reconstructions of held-out images to the images themselves."""
 
     def __init__(self, s, device):
+        import fid  # here, not at the top: the tokenizer's model and extraction never need it (3 import levels)
+
+        self.fid = fid
         self.inception, self.device = fid.load_inception(s.inception_weights, device, download=False), device
         source = data.open_dataset(s.dataset, s.data_path, split="test", download=False)
         held_out = data.ViewDataset(source, s.image_size)
@@ -365,10 +367,10 @@ class RFID:
         self.real = self.stats(self.images)
 
     def stats(self, images):
-        return fid.stats(fid.extract(self.inception, to_uint8(images), device=self.device, progress=False)[0])
+        return self.fid.stats(self.fid.extract(self.inception, to_uint8(images), device=self.device, progress=False)[0])
 
     def __call__(self, model):
-        return fid.frechet_distance(*self.stats(reconstruct(model, self.images, self.device)), *self.real)
+        return self.fid.frechet_distance(*self.stats(reconstruct(model, self.images, self.device)), *self.real)
 
 
 @contextlib.contextmanager
