@@ -84,6 +84,17 @@ def one_line(error):
     return lines[-1] if "Traceback" in str(error) else lines[0]
 
 
+def run_command(work, *args):
+    """An entry point's work, its refusals as one line: functions raise, main prints "error: <sentence>" and
+    exits 1 (MIRAI_DEBUG=1 shows the traceback instead)."""
+    try:
+        return work(*args)
+    except (ValueError, OSError, RuntimeError, FloatingPointError) as e:
+        if os.environ.get("MIRAI_DEBUG"):
+            raise
+        raise SystemExit(f"error: {one_line(e)}") from None
+
+
 def folder_name(text):
     """A run's folder name: one path component, so it stays inside its results folder."""
     if not text or text in (".", "..") or "/" in text or "\\" in text or os.sep in text:
@@ -240,7 +251,8 @@ MNIST_LIKE = {  # url, MD5 of the four files in IDX_FILES' order (train images, 
 DATASETS = {
     "cifar10": "CIFAR-10, 32x32 RGB, 10 classes; --data-path holds cifar-10-python.tar.gz or cifar-10-batches-py/ "
                "(downloaded there when missing)",
-    "mnist": "MNIST digits, 28x28 gray; IDX .gz files in --data-path or /usr/share/datasets/mnist/ (downloaded when missing)",
+    "mnist": "MNIST digits, 28x28 gray; IDX .gz files in --data-path or /usr/share/datasets/mnist/ "
+             "(downloaded when missing)",
     "fashion-mnist": "Fashion-MNIST, 28x28 gray; IDX .gz files in --data-path or /usr/share/datasets/fashion-mnist/ "
                      "(apt install dataset-fashion-mnist)",
     "folder": "any image folder with one sub-folder per class (ImageNet train/ layout) at --data-path, or "
@@ -280,7 +292,8 @@ def download_file(url, dest, md5=None):
         raise FileNotFoundError(f"could not download {url} ({getattr(e, 'reason', e)}); {manual}.") from None
     if md5 is not None and (got := file_md5(part)) != md5:
         os.remove(part)
-        raise ValueError(f"the download of {url} has MD5 {got}, expected {md5}, so it was deleted; run again or {manual}.")
+        raise ValueError(f"the download of {url} has MD5 {got}, expected {md5}, so it was deleted; "
+                         f"run again or {manual}.")
     os.replace(part, dest)
     return dest
 
@@ -437,8 +450,8 @@ def _open_idx(name, data_path, split, download_ok):
                  for f in files]
         return None if None in paths else paths
 
-    paths = next((p for folder in ([data_path, os.path.join(data_path, name)] if data_path else []) if (p := find(folder))),
-                 None)
+    folders = [data_path, os.path.join(data_path, name)] if data_path else []
+    paths = next((p for folder in folders if (p := find(folder))), None)
     count = None
     if paths is None:  # Debian recompressed the files, so their MD5s differ: the headers and counts vouch instead
         paths, count = find(os.path.join(SYSTEM_DATASETS, name)), IDX_COUNTS[split]
@@ -468,7 +481,8 @@ def open_dataset(name, data_path=None, split="train", download=True):
         if not data_path or not os.path.isdir(data_path):
             raise FileNotFoundError(f"dataset 'folder' needs --data-path to be a folder with one sub-folder of images "
                                     f"per class; got {data_path!r}")
-        return FolderSource(os.path.join(data_path, split) if os.path.isdir(os.path.join(data_path, split)) else data_path)
+        sub = os.path.join(data_path, split)
+        return FolderSource(sub if os.path.isdir(sub) else data_path)
     split = "test" if split == "val" else split  # the small datasets have no separate val split
     if split not in IDX_FILES:
         raise ValueError(f"unknown split {split!r} for {name}; expected train or test")
@@ -612,7 +626,7 @@ class CodeDataset(torch.utils.data.Dataset):
 
 
 if __name__ == "__main__":
-    p = argparse.ArgumentParser(description="Fetch a dataset, say what it holds, and optionally save a PNG of its views.")
+    p = argparse.ArgumentParser(description="Fetch a dataset, say what it holds, optionally save a PNG of its views.")
     p.add_argument("dataset", help="; ".join(f"{k}: {v}" for k, v in DATASETS.items()) + "; append -train / -test "
                                    "to pick the split (e.g. cifar10-test)")
     p.add_argument("--data-path", default=None)
@@ -633,6 +647,7 @@ if __name__ == "__main__":
         if os.path.exists(args.preview) and not args.force:
             raise SystemExit(f"error: --preview {args.preview} exists; pass --force to replace it")
         n = num_views(args.views)
-        views = [make_view(ds.image(i), args.image_size, args.views, v) for i in range(min(8, len(ds))) for v in range(n)]
+        views = [make_view(ds.image(i), args.image_size, args.views, v)
+                 for i in range(min(8, len(ds))) for v in range(n)]
         save_grid(views, args.preview, nrow=n, padding=0)
         print(f"wrote {args.preview}")

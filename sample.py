@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from model import GPT_PRESETS, load_gpt
 from data import (FINITE, NONNEG_INT, POSITIVE, POSITIVE_INT, arg_type, atomic_write, barrier, cleanup_distributed,
-                  one_line, read_checkpoint, save_grid, setup_distributed)
+                  read_checkpoint, run_command, save_grid, setup_distributed)
 from tokenizer import VQ_PRESETS, load_vq, sample_images
 
 SETTINGS_FILE = "sample_settings.json"  # in --sample-dir: what made its PNGs, so a resume cannot mix runs
@@ -260,23 +260,21 @@ def load_models(args, device):
     return gpt.eval(), vq.eval()
 
 
-def main(argv=None):
-    args = build_parser().parse_args(argv)
+def sample(args):
+    check_args(args)
+    rank, world, device = setup_distributed()
     try:
-        check_args(args)
-        rank, world, device = setup_distributed()
-        try:
-            gpt, vq = load_models(args, device)
-            if args.num_fid_samples:
-                make_fid_samples(args, gpt, vq, rank, world, device)
-            elif rank == 0:  # a grid is one process's work, even under torchrun
-                make_grid(args, gpt, vq, device)
-        finally:
-            cleanup_distributed(world)
-    except (ValueError, OSError, RuntimeError) as e:
-        if os.environ.get("MIRAI_DEBUG"):
-            raise
-        raise SystemExit(f"error: {one_line(e)}") from None
+        gpt, vq = load_models(args, device)
+        if args.num_fid_samples:
+            make_fid_samples(args, gpt, vq, rank, world, device)
+        elif rank == 0:  # a grid is one process's work, even under torchrun
+            make_grid(args, gpt, vq, device)
+    finally:
+        cleanup_distributed(world)
+
+
+def main(argv=None):
+    run_command(sample, build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

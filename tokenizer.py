@@ -641,14 +641,9 @@ def main(argv=None):
     add_options(sub.add_parser("train", help="train a VQ tokenizer"), TrainSettings)
     add_options(sub.add_parser("extract", help="encode a dataset into a code dataset"), ExtractSettings)
     args = vars(p.parse_args(argv))
-    try:
-        if args.pop("command") == "train":
-            return train(TrainSettings(**args))
-        return extract(ExtractSettings(**args))
-    except (ValueError, OSError, RuntimeError, FloatingPointError) as e:
-        if os.environ.get("MIRAI_DEBUG"):
-            raise
-        raise SystemExit(f"error: {data.one_line(e)}") from None
+    if args.pop("command") == "train":
+        return data.run_command(lambda: train(TrainSettings(**args)))
+    return data.run_command(lambda: extract(ExtractSettings(**args)))
 
 
 if __name__ == "__main__":

@@ -30,7 +30,8 @@ from tqdm import tqdm
 
 import foresight as FS
 from data import (FINITE, NONNEG, NONNEG_INT, POSITIVE, POSITIVE_INT, PROBABILITY, CodeDataset, EpochSampler, Logger,
-                  cleanup_distributed, folder_name, one_line, read_checkpoint, save_atomic, save_grid, setup_distributed)
+                  cleanup_distributed, folder_name, one_line, read_checkpoint, run_command, save_atomic, save_grid,
+                  setup_distributed)
 from model import GPT, GPT_PRESETS, gpt_config, load_gpt, make_adamw
 from tokenizer import load_vq, sample_images
 
@@ -635,12 +636,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if (args.code_path is None) == (args.dataset is None):
         parser.error("give either --code-path (a code dataset) or --dataset (the whole pipeline), not both")
-    try:
-        return pipeline(args, argv) if args.dataset else train(args)
-    except (ValueError, OSError, RuntimeError, FloatingPointError) as e:
-        if os.environ.get("MIRAI_DEBUG"):
-            raise
-        raise SystemExit(f"error: {one_line(e)}") from None
+    return run_command(pipeline, args, argv) if args.dataset else run_command(train, args)
 
 
 if __name__ == "__main__":
