@@ -1289,85 +1289,58 @@ def test_llamagen_checkpoint_needs_and_takes_gpt_model(ckpts, tmp_path):
 
 
 def fill_by_recipe(model, seed=2015, he=False):
-    """The fixtures' fill_recipe: one generator walks the state_dict in order.
-
-    he=False: shared/reference/fid_inception_random.pt; he=True: testdata/fid_inception_oracle.pt,
-    whose weights keep the output dependent on the input (the first fixture's barely is).
-    """
+    """The fixtures' fill_recipe, one generator walking the state_dict in order: he=False gives
+    shared/reference/fid_inception_random.pt's network, he=True testdata/fid_inception_oracle.pt's, whose output
+    stays dependent on the input (the first one's barely is)."""
     g = torch.Generator().manual_seed(seed)
-    state = {}
-    for name, t in model.state_dict().items():
-        if name.endswith("num_batches_tracked"):
-            state[name] = t
-            continue
-        r = torch.randn(t.shape, generator=g)
-        if name.endswith("running_var"):
-            r = 1 + 0.1 * r.abs()
-        elif t.dim() > 1:  # conv / linear weight
-            r = r * ((2.0 if he else 1.0) / t[0].numel()) ** 0.5
-        elif he and name.endswith("bn.weight"):
-            r = 1 + 0.1 * r
-        else:
-            r = 0.1 * r
-        state[name] = r
+    state = model.state_dict()
+    for name, t in state.items():
+        if not name.endswith("num_batches_tracked"):
+            r = torch.randn(t.shape, generator=g)
+            state[name] = (1 + 0.1 * r.abs() if name.endswith("running_var") else
+                           r * ((2.0 if he else 1.0) / t[0].numel()) ** 0.5 if t.dim() > 1 else  # conv / linear
+                           1 + 0.1 * r if he and name.endswith("bn.weight") else 0.1 * r)
     model.load_state_dict(state, strict=True)
     return model
 
 
 @pytest.fixture(scope="module")
-def fixture():
-    return torch.load(os.path.join(TESTDATA, "fid_inception_random.pt"), weights_only=True)
+def random_weights(tmp_path_factory):
+    """The random fixture's network: a weights file in the real file's layout, and the network loaded from it."""
+    path = str(tmp_path_factory.mktemp("weights") / fid.WEIGHTS_NAME)
+    torch.save(fill_by_recipe(fid.FIDInceptionV3()).state_dict(), path)
+    return path, fid.load_inception(path)
 
 
-@pytest.fixture(scope="module")
-def random_weights(tmp_path_factory, fixture):
-    """A weights file in the real file's layout, holding the fixture's random network."""
-    model = fill_by_recipe(fid.FIDInceptionV3())
-    path = tmp_path_factory.mktemp("weights") / fid.WEIGHTS_NAME
-    torch.save(model.state_dict(), path)
-    return str(path)
-
-
-@pytest.fixture(scope="module")
-def model(random_weights):
-    return fid.load_inception(random_weights)
-
-
-def test_fid_inception_matches_pytorch_fid(fixture, model):
+def test_fid_inception_matches_pytorch_fid(random_weights):
+    # the random fixture, and the oracle made with pytorch-fid 0.3.0 (its made_by, fill_recipe) on weights that let
+    # it see what the first cannot: pooling kinds, resize corners, input scaling
+    ref = torch.load(TESTDATA / "fid_inception_random.pt", weights_only=True)
+    oracle = torch.load(TESTDATA / "fid_inception_oracle.pt", weights_only=True)
     keys = [(k, tuple(v.shape)) for k, v in fid.FIDInceptionV3().state_dict().items()]
-    assert keys == [(k, tuple(s)) for k, s in fixture["state_dict_keys"]]
-    # float [0, 1] NCHW input through the whole extraction path (channels_last, folded batch norm)
-    pool3, logits = fid.extract(model, fixture["images"], batch_size=3, progress=False)
-    ref_pool3, ref_logits = fixture["pool3"].numpy(), fixture["logits"].numpy()
-    assert np.abs(pool3 - ref_pool3).max() <= 1e-4 * np.abs(ref_pool3).max()
-    # extract gives the IS logits (no bias); the fixture holds fc(pool3) with it
-    with_bias = logits + model.fc.bias.detach().numpy()
-    assert np.abs(with_bias - ref_logits).max() <= 1e-4 * np.abs(ref_logits).max()
-    assert np.abs(logits - ref_logits).max() > 1e-3  # the bias really was left out
-    with pytest.raises(ValueError, match=r"\[0, 1\]"):
-        fid.extract(model, fixture["images"] * 2 - 1, progress=False)
-
-
-def test_fid_inception_matches_pytorch_fid_on_input_dependent_weights():
-    # Made with pytorch-fid 0.3.0 (see the file's made_by / fill_recipe); it catches the details the
-    # random fixture cannot see: pooling kinds, resize corners, input scaling.
-    oracle = torch.load(os.path.join(TESTDATA, "fid_inception_oracle.pt"), weights_only=True)
-    model = fill_by_recipe(fid.FIDInceptionV3(), seed=oracle["seed"], he=True).eval()
-    model = model.to(memory_format=torch.channels_last).fold_batchnorm()
-    pool3, logits = fid.extract(model, oracle["images_uint8_nhwc"].numpy(), batch_size=4, progress=False)
-    ref_pool3, ref_logits = oracle["pool3"].numpy(), oracle["logits"].numpy()
-    assert np.abs(pool3 - ref_pool3).max() <= 1e-4 * np.abs(ref_pool3).max()
-    with_bias = logits + model.fc.bias.detach().numpy()
-    assert np.abs(with_bias - ref_logits).max() <= 1e-4 * np.abs(ref_logits).max()
-    # the unfolded (plain batch-norm) path agrees with the folded one
-    model.load_state_dict(model.state_dict())
-    assert model.Mixed_7c.branch_pool.folded_weight is None
-    plain, _ = fid.extract(model, oracle["images_uint8_nhwc"][3:].numpy(), progress=False)
+    assert keys == [(k, tuple(s)) for k, s in ref["state_dict_keys"]]
+    he = fill_by_recipe(fid.FIDInceptionV3(), seed=oracle["seed"], he=True).eval()
+    he = he.to(memory_format=torch.channels_last).fold_batchnorm()
+    # float [0, 1] NCHW and uint8 NHWC input through the whole extraction path (channels_last, folded batch norm)
+    for net, images, fixture, batch in ((random_weights[1], ref["images"], ref, 3),
+                                        (he, oracle["images_uint8_nhwc"].numpy(), oracle, 4)):
+        pool3, logits = fid.extract(net, images, batch_size=batch, progress=False)
+        ref_pool3, ref_logits = fixture["pool3"].numpy(), fixture["logits"].numpy()
+        assert np.abs(pool3 - ref_pool3).max() <= 1e-4 * np.abs(ref_pool3).max()
+        # extract gives the IS logits (no bias); the fixtures hold fc(pool3) with it
+        with_bias = logits + net.fc.bias.detach().numpy()
+        assert np.abs(with_bias - ref_logits).max() <= 1e-4 * np.abs(ref_logits).max()
+        assert np.abs(logits - ref_logits).max() > 1e-3  # the bias really was left out
+    # the oracle's network unfolded: the plain batch-norm path agrees with the folded one
+    he.load_state_dict(he.state_dict())
+    assert he.Mixed_7c.branch_pool.folded_weight is None
+    plain, _ = fid.extract(he, oracle["images_uint8_nhwc"][3:].numpy(), progress=False)
     assert np.abs(plain - pool3[3:]).max() <= 1e-5 * np.abs(ref_pool3).max()
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        fid.extract(random_weights[1], ref["images"] * 2 - 1, progress=False)
 
 
-def numpy_sqrtm_fid(mu1, s1, mu2, s2):
-    # The usual formula: tr sqrtm(S1 S2) = sum of sqrt of the (real, >= 0) eigenvalues of S1 S2.
+def numpy_sqrtm_fid(mu1, s1, mu2, s2):  # the usual formula: tr sqrtm(S1 S2) = sum of roots of S1 S2's eigenvalues
     eig = np.linalg.eigvals(s1 @ s2)
     return float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * np.sqrt(np.clip(eig.real, 0, None)).sum())
 
@@ -1394,21 +1367,18 @@ def test_frechet_distance_matches_numpy_sqrtm(case):
 
 
 def test_fid_of_a_set_with_itself_is_zero_and_grows_with_a_shift():
-    rng = np.random.default_rng(0)
-    x = rng.standard_normal((400, 16)).astype(np.float32) * np.linspace(0.1, 3, 16).astype(np.float32)
+    x = np.random.default_rng(0).standard_normal((400, 16)).astype(np.float32)
+    x *= np.linspace(0.1, 3, 16, dtype=np.float32)
     mu, sigma = fid.stats(x, chunk=64)
     x64 = x.astype(np.float64)
     assert np.allclose(mu, x64.mean(0)) and np.allclose(sigma, np.cov(x64, rowvar=False))
     assert abs(fid.frechet_distance(mu, sigma, mu, sigma)) < 1e-9
     shift = np.full(16, 0.25)
-    small = fid.frechet_distance(mu, sigma, mu + shift, sigma)
-    big = fid.frechet_distance(mu, sigma, mu + 4 * shift, sigma)
-    assert small == pytest.approx(shift @ shift, rel=1e-6) and big == pytest.approx(16 * shift @ shift, rel=1e-6)
-    with pytest.raises(ValueError, match="do not match"):
-        fid.frechet_distance(mu, sigma, mu[:8], sigma[:8, :8])
+    for k in (1, 4):  # the squared distance of the means
+        assert fid.frechet_distance(mu, sigma, mu + k * shift, sigma) == pytest.approx(k * k * shift @ shift, rel=1e-6)
 
 
-def test_inception_score():
+def test_inception_score_and_precision_recall_on_known_answers():
     assert fid.inception_score(np.zeros((100, 1008))) == pytest.approx(1.0)
     confident = np.zeros((100, 1008))
     confident[np.arange(100), np.arange(100) % 10] = 50.0  # each split of 10 sees the 10 classes once
@@ -1419,8 +1389,6 @@ def test_inception_score():
     assert fid.inception_score(halves) == pytest.approx(1.0, abs=1e-6)
     assert fid.inception_score(halves, splits=1) == pytest.approx(2.0, rel=1e-6)
 
-
-def test_precision_recall():
     rng = np.random.default_rng(0)
     real = rng.standard_normal((60, 8)).astype(np.float32)
     assert fid.precision_recall(real, real.copy()) == (1.0, 1.0)
@@ -1433,32 +1401,21 @@ def test_precision_recall():
         fid.precision_recall(real[:3], fake)
 
 
-def write_png_folder(folder, images):
-    folder.mkdir()
-    for i, img in enumerate(images):
-        Image.fromarray(img).save(folder / f"{i:03d}.png")
-
-
-def test_cli_and_evaluate(tmp_path, random_weights, model, capsys):
-    rng = np.random.default_rng(0)
-    samples = rng.integers(0, 256, (4, 16, 16, 3), dtype=np.uint8)
-    reference = rng.integers(0, 256, (5, 16, 16, 3), dtype=np.uint8)
-    write_png_folder(tmp_path / "samples", samples)
+def test_fid_cli_and_evaluate_and_cached_dataset_reference(tmp_path, random_weights, capsys, monkeypatch):
+    weights, model = random_weights
+    reference = np.random.default_rng(0).integers(0, 256, (5, 16, 16, 3), dtype=np.uint8)
+    samples = str(make_image_folder(tmp_path / "samples", classes=1, per_class=4))
     np.savez(tmp_path / "ref.npz", arr_0=reference)
     stats_path = tmp_path / "samples_stats.npz"
-
-    fid.main([str(tmp_path / "samples"), str(tmp_path / "ref.npz"), "--inception-weights", random_weights,
-              "--batch-size", "3", "--device", "cpu", "--save-stats", str(stats_path), "--json"])
+    fid.main([samples, str(tmp_path / "ref.npz"), "--inception-weights", weights, "--batch-size", "3",
+              "--device", "cpu", "--save-stats", str(stats_path), "--json"])
     metrics = json.loads(capsys.readouterr().out)
     assert metrics["fid"] > 0 and metrics["is"] >= 1.0 - 1e-9
     assert 0 <= metrics["precision"] <= 1 and 0 <= metrics["recall"] <= 1
     assert (metrics["num_samples"], metrics["num_reference"]) == (4, 5)
-
     saved = np.load(stats_path)
     assert saved["mu"].dtype == np.float64 and saved["sigma"].shape == (2048, 2048)
     assert saved["pool3"].shape == (4, 2048)
-    with pytest.raises(SystemExit, match="already exists"):
-        fid.main([str(tmp_path / "samples"), "--save-stats", str(stats_path)])
 
     # the Python API with the roles swapped: FID is symmetric, precision and recall trade places
     swapped = fid.evaluate(reference, str(stats_path), model=model, batch_size=4)
@@ -1477,75 +1434,51 @@ def test_cli_and_evaluate(tmp_path, random_weights, model, capsys):
     assert np.array_equal(np.load(tmp_path / "b_again.npz")["mu"], np.ones(8))
 
     np.savez(tmp_path / "float.npz", arr_0=reference.astype(np.float32))
-    with pytest.raises(SystemExit, match="arr_0 must hold uint8"):
-        fid.main([str(tmp_path / "float.npz"), str(stats_path), "--inception-weights", random_weights])
-    with pytest.raises(SystemExit, match="does not exist"):
-        fid.main([str(tmp_path / "missing.npz"), str(stats_path)])
+    for argv, match in (([samples, "--save-stats", str(stats_path)], "already exists"),
+                        ([str(tmp_path / "missing.npz"), str(stats_path)], "does not exist"),
+                        ([str(tmp_path / "float.npz"), str(stats_path), "--inception-weights", weights],
+                         "arr_0 must hold uint8")):
+        refused(capsys, fid.main, argv, match)
 
-
-def test_dataset_reference_is_cached(tmp_path, model, monkeypatch):
-    images = np.random.default_rng(1).integers(0, 256, (4, 12, 12, 3), dtype=np.uint8)
-
-    class Source:  # stands in for data.py's SourceDataset
-        def __len__(self):
-            return len(images)
-
-        def image(self, i):
-            return Image.fromarray(images[i])
-
-    monkeypatch.setattr(fid.data, "open_dataset", lambda name, data_path=None, **kw: Source())
-    monkeypatch.setattr(fid.data, "make_view", lambda img, size, views, v: np.asarray(img.resize((size, size))))
+    # a dataset as the reference: its statistics are computed once, then read from the cache
+    monkeypatch.setattr(fid.data, "open_dataset", lambda name, data_path=None, **kw:
+                        data.ArraySource("toy", reference, np.zeros(5), ["x"]))
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     first = fid.load_side("toy-train", lambda: model, batch_size=4, image_size=12)
-    cached = os.path.join(fid.cache_dir(), "toy-train-12px.npz")
-    assert os.path.isfile(cached) and first.num_images == 4
-
-    def no_network():
-        raise AssertionError("the cached statistics should have been used")
-
-    again = fid.load_side("toy-train", no_network, image_size=12)
+    assert os.path.isfile(os.path.join(fid.cache_dir(), "toy-train-12px.npz")) and first.num_images == 5
+    again = fid.load_side("toy-train", lambda: pytest.fail("the cached statistics should have been used"),
+                          image_size=12)
     assert np.allclose(again.mu, first.mu) and np.allclose(again.pool3, first.pool3)
     assert again.inception_score == pytest.approx(first.inception_score)
 
 
-def test_weights_errors_are_one_sentence(tmp_path, monkeypatch):
-    garbage = tmp_path / "garbage.pth"
-    garbage.write_bytes(b"not a checkpoint at all" * 10)
-    with pytest.raises(ValueError, match="corrupt"):
-        fid.load_inception(str(garbage))
-
-    good = tmp_path / "small.pth"
-    torch.save({"fc.weight": torch.zeros(1008, 2048)}, good)
-    truncated = tmp_path / "truncated.pth"
-    truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
-    with pytest.raises(ValueError, match="truncated"):
-        fid.load_inception(str(truncated))
-    with pytest.raises(ValueError, match="does not fit the model: missing keys"):
-        fid.load_inception(str(good))
-
+def test_weights_errors_are_one_sentence(tmp_path, monkeypatch, capsys):
+    (tmp_path / "garbage.pth").write_bytes(b"not a checkpoint at all" * 10)
+    torch.save({"fc.weight": torch.zeros(1008, 2048)}, tmp_path / "small.pth")
+    whole = (tmp_path / "small.pth").read_bytes()
+    (tmp_path / "truncated.pth").write_bytes(whole[: len(whole) // 2])
+    for name, error, match in (("garbage", ValueError, "corrupt"), ("truncated", ValueError, "truncated"),
+                               ("small", ValueError, "does not fit the model: missing keys"),
+                               ("nowhere", FileNotFoundError, "does not exist")):
+        with pytest.raises(error, match=match):
+            fid.load_inception(str(tmp_path / f"{name}.pth"))
     np.savez(tmp_path / "s.npz", arr_0=np.zeros((4, 8, 8, 3), np.uint8))
-    with pytest.raises(SystemExit) as e:
-        fid.main([str(tmp_path / "s.npz"), str(tmp_path / "s.npz"), "--inception-weights", str(truncated)])
-    assert "truncated" in str(e.value) and "\n" not in str(e.value)
+    argv = [str(tmp_path / "s.npz")] * 2 + ["--inception-weights", str(tmp_path / "truncated.pth")]
+    refused(capsys, fid.main, argv, "truncated")
 
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
     with pytest.raises(FileNotFoundError) as e:
         fid.load_inception(download=False)
-    message = str(e.value)
-    assert fid.WEIGHTS_URL in message and os.path.join(str(tmp_path / "hub"), "checkpoints") in message
-    with pytest.raises(FileNotFoundError, match="does not exist"):
-        fid.load_inception(str(tmp_path / "nowhere.pth"))
+    assert fid.WEIGHTS_URL in str(e.value) and os.path.join(str(tmp_path / "hub"), "checkpoints") in str(e.value)
 
 
 # ====================================================================================================
 # fid.py: the Frechet distance on degenerate statistics, on any LAPACK; the offline classifier metric
 
-# ----------------------------------------------------------------------------- Frechet distance
 
-
-@pytest.fixture(scope="module")
-def degenerate():
-    """2048-d statistics as MKL's eigh fails on them: exactly-zero rows and columns, low rank."""
+def test_frechet_distance_of_degenerate_covariances_in_both_orders_on_failing_eigensolvers_and_cli(
+        tmp_path, capsys, monkeypatch):
+    # 2048-d statistics as MKL's eigh fails on them: exactly-zero rows and columns, low rank
     rng = np.random.default_rng(0)
     d = 2048
     sparse = np.zeros((64, d), np.float32)  # 64 samples, 50 non-zero feature columns
@@ -1554,48 +1487,38 @@ def degenerate():
     rank3[:, rng.choice(d, 3, replace=False)] = rng.standard_normal((64, 3)) * 3
     dense = rng.standard_normal((300, d)).astype(np.float32) * np.linspace(0.2, 1.5, d).astype(np.float32) + 0.1
     stats = {name: fid.stats(x) for name, x in (("sparse", sparse), ("rank3", rank3), ("dense", dense))}
-    refs = {(a, b): numpy_sqrtm_fid(*stats[a], *stats[b]) for a, b in (("sparse", "dense"), ("rank3", "dense"))}
-    return stats, refs
-
-
-def test_frechet_distance_of_degenerate_covariances_matches_numpy_in_both_orders(degenerate):
-    stats, refs = degenerate
-    for (a, b), ref in refs.items():
-        for first, second in ((a, b), (b, a)):
-            ours = fid.frechet_distance(*stats[first], *stats[second])
-            assert abs(ours - ref) <= 1e-6 * abs(ref), (first, second)
-    for name in ("sparse", "rank3"):  # a set with itself
-        mu, sigma = stats[name]
+    refs = {low: numpy_sqrtm_fid(*stats[low], *stats["dense"]) for low in ("sparse", "rank3")}
+    for low, ref in refs.items():
+        for first, second in ((low, "dense"), ("dense", low)):
+            assert abs(fid.frechet_distance(*stats[first], *stats[second]) - ref) <= 1e-6 * abs(ref), (first, second)
+        mu, sigma = stats[low]  # a set with itself
         assert abs(fid.frechet_distance(mu, sigma, mu, sigma)) <= 1e-9 * np.trace(sigma)
 
+    for name in ("sparse", "dense"):
+        fid.Side(name, *stats[name], num_images=64).save(str(tmp_path / f"{name}.npz"))
+    fid.main([str(tmp_path / "sparse.npz"), str(tmp_path / "dense.npz"), "--json",
+              "--inception-weights", str(tmp_path / "absent.pth")])  # statistics alone need no network
+    assert json.loads(capsys.readouterr().out)["fid"] == pytest.approx(refs["sparse"], rel=1e-6)
+    np.savez(tmp_path / "bad.npz", mu=np.zeros(d), sigma=-np.eye(d))
+    refused(capsys, fid.main, [str(tmp_path / "bad.npz"), str(tmp_path / "dense.npz")], "not a covariance")
 
-def test_frechet_distance_falls_back_when_eigensolvers_fail(degenerate, monkeypatch):
-    stats, refs = degenerate
-    ref = refs[("sparse", "dense")]
-
-    def fail(*args, **kwargs):
-        raise torch.linalg.LinAlgError("failed to converge: too many repeated eigenvalues")
-
-    monkeypatch.setattr(torch.linalg, "eigh", fail)  # torch's LAPACK fails: numpy's takes over
-    assert fid.frechet_distance(*stats["dense"], *stats["sparse"]) == pytest.approx(ref, rel=1e-6)
-
-    def fail_np(*args, **kwargs):
-        raise np.linalg.LinAlgError("Eigenvalues did not converge")
-
-    monkeypatch.setattr(np.linalg, "eigh", fail_np)  # both fail: the eigenvalues of the product
-    assert fid.frechet_distance(*stats["dense"], *stats["sparse"]) == pytest.approx(ref, rel=1e-6)
+    for module in (torch.linalg, np.linalg):  # torch's LAPACK fails: numpy's takes over; both: eigvals(S1 S2)
+        def eigh(*args, _error=module.LinAlgError, **kwargs):
+            raise _error("failed to converge: too many repeated eigenvalues")
+        monkeypatch.setattr(module, "eigh", eigh)
+        assert fid.frechet_distance(*stats["dense"], *stats["sparse"]) == pytest.approx(refs["sparse"], rel=1e-6)
 
 
 def test_frechet_distance_refuses_what_is_no_covariance():
     rng = np.random.default_rng(0)
     x = rng.standard_normal((50, 8))
     mu, sigma = x.mean(0), np.cov(x, rowvar=False)
-    nan_sigma = sigma.copy()
+    nan_sigma, skew = sigma.copy(), sigma.copy()
     nan_sigma[2, 3] = np.nan
-    skew = sigma.copy()
     skew[0, 1] += 1.0
     for bad_mu, bad_sigma, words in ((mu, nan_sigma, "NaN"), (mu, -np.eye(8), "negative eigenvalues"),
-                                     (mu, skew, "not symmetric"), (mu * np.inf, sigma, "NaN or infinite")):
+                                     (mu, skew, "not symmetric"), (mu * np.inf, sigma, "NaN or infinite"),
+                                     (mu[:4], sigma[:4, :4], "do not match")):
         with pytest.raises(ValueError, match=words) as e:
             fid.frechet_distance(mu, sigma, bad_mu, bad_sigma)
         assert "\n" not in str(e.value)
@@ -1604,59 +1527,33 @@ def test_frechet_distance_refuses_what_is_no_covariance():
     assert fid.frechet_distance(mu, sigma, mu, low_rank.astype(np.float32)) > 0
 
 
-def test_fid_cli_on_degenerate_statistics(degenerate, tmp_path, capsys):
-    stats, refs = degenerate
-    for name in ("sparse", "dense"):
-        fid.Side(name, *stats[name], num_images=64).save(str(tmp_path / f"{name}.npz"))
-    fid.main([str(tmp_path / "sparse.npz"), str(tmp_path / "dense.npz"), "--json",
-              "--inception-weights", str(tmp_path / "absent.pth")])  # statistics alone need no network
-    assert json.loads(capsys.readouterr().out)["fid"] == pytest.approx(refs[("sparse", "dense")], rel=1e-6)
-    np.savez(tmp_path / "bad.npz", mu=np.zeros(2048), sigma=-np.eye(2048))
-    with pytest.raises(SystemExit, match="not a covariance") as e:
-        fid.main([str(tmp_path / "bad.npz"), str(tmp_path / "dense.npz")])
-    assert "\n" not in str(e.value)
-
-
-# ----------------------------------------------------------------------------- classifier metric
-
-
-def toy_images(rng, labels):
-    """28x28 gray: class 0 bright at the top, class 1 at the bottom, on noise."""
-    rows = np.arange(28)[None, :, None] // 14 == np.asarray(labels)[:, None, None]
-    x = rng.integers(0, 60, (len(labels), 28, 28)) + rows * rng.integers(120, 190, (len(labels), 1, 1))
-    return x.astype(np.uint8)
+def toy_source(rng, n):
+    """n 28x28 gray pictures of two classes: class 0 bright at the top, class 1 at the bottom, on noise."""
+    labels = rng.integers(0, 2, n)
+    rows = np.arange(28)[None, :, None] // 14 == labels[:, None, None]
+    x = rng.integers(0, 60, (n, 28, 28)) + rows * rng.integers(120, 190, (n, 1, 1))
+    return data.ArraySource("toy", x.astype(np.uint8), labels, ["top", "bottom"])
 
 
 def toy_views(source):
     return np.stack([data.make_view(source.image(i), 32, "none", 0) for i in range(len(source))])
 
 
-@pytest.fixture
-def toy(tmp_path_factory, monkeypatch):
-    """A two-class dataset "toy" (train 256, test 128 images) that data.open_dataset serves; its
-    classifier is cached in one folder for all tests (trained once)."""
-    rng = np.random.default_rng(0)
-    splits = {}
-    for split, n in (("train", 256), ("test", 128)):
-        labels = rng.integers(0, 2, n)
-        splits[split] = data.ArraySource("toy", toy_images(rng, labels), labels, ["top", "bottom"])
+def test_classifier_trains_deterministically_is_cached_and_scores_samples_and_floors(tmp_path, monkeypatch, capsys):
+    rng = np.random.default_rng(0)  # a dataset "toy" that data.open_dataset serves: train 256, test 128 images
+    splits = {split: toy_source(rng, n) for split, n in (("train", 256), ("test", 128))}
     monkeypatch.setattr(data, "open_dataset", lambda name, data_path=None, split="train", download=True:
                         splits["test" if name.endswith("-test") else split])
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.getbasetemp() / "toy-cache"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     monkeypatch.setattr(fid, "CLASSIFIER_EPOCHS", 2)
     monkeypatch.setattr(fid, "CLASSIFIER_BATCH", 32)
-    return splits
-
-
-def test_classifier_trains_deterministically_and_is_cached(toy, tmp_path, monkeypatch):
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))  # an empty cache
     net = fid.load_classifier("toy", progress=False)
     assert net.test_accuracy >= 0.95 and (net.dataset, net.image_size, net.num_test) == ("toy", 32, 128)
     assert not net.training
     assert os.listdir(fid.cache_dir()) == ["toy-32px-classifier.pt"]  # written atomically: no temporary left
     twin = fid.train_classifier("toy", progress=False)  # the same seed, the same network
     assert all(torch.equal(v, twin.state_dict()[k]) for k, v in net.state_dict().items())
-
+    # from here on (the CLI too) the cached classifier serves
     monkeypatch.setattr(fid, "train_classifier", lambda *a, **k: pytest.fail("the cached classifier was not used"))
     again = fid.load_classifier("toy-test", train_if_missing=False)
     assert all(torch.equal(v, again.state_dict()[k]) for k, v in net.state_dict().items())
@@ -1664,22 +1561,18 @@ def test_classifier_trains_deterministically_and_is_cached(toy, tmp_path, monkey
     with pytest.raises(FileNotFoundError, match="--classifier toy --floors"):
         fid.load_classifier("toy", seed=1, train_if_missing=False)
 
-
-def test_classifier_metrics_separate_real_from_noise_and_check_labels(toy):
-    net = fid.load_classifier("toy", progress=False)
-    test, labels = toy_views(toy["test"]), toy["test"].labels
+    # its metrics separate real from noise and check labels
+    test, labels = toy_views(splits["test"]), splits["test"].labels
     itself = fid.classifier_metrics(test, labels, "toy", classifier=net)
     assert abs(itself["fd_classifier"]) < 1e-6 and itself["class_agreement"] >= 0.95
-
     rng = np.random.default_rng(5)
-    fresh_labels = rng.integers(0, 2, 128)
-    fresh = toy_views(data.ArraySource("toy", toy_images(rng, fresh_labels), fresh_labels, ["top", "bottom"]))
+    fresh_source = toy_source(rng, 128)
+    fresh, fresh_labels = toy_views(fresh_source), fresh_source.labels
     real = fid.classifier_metrics(fresh, fresh_labels, "toy", classifier=net)
     noise = fid.classifier_metrics(rng.integers(0, 256, (128, 32, 32, 3), dtype=np.uint8), None, "toy", classifier=net)
     assert noise["fd_classifier"] > 10 * real["fd_classifier"] and noise["class_agreement"] is None
     shuffled = fid.classifier_metrics(fresh, rng.permutation(fresh_labels), "toy", classifier=net)
     assert real["class_agreement"] >= 0.95 and 0.3 <= shuffled["class_agreement"] <= 0.7
-
     # one channel, or another size (resized with antialiasing), is the same picture to the classifier
     gray_features, gray_classes = fid.classify(net, fresh[..., :1])
     assert np.allclose(gray_features, fid.classify(net, fresh)[0], atol=1e-5)
@@ -1688,27 +1581,19 @@ def test_classifier_metrics_separate_real_from_noise_and_check_labels(toy):
     with pytest.raises(ValueError, match="128 images and 3 labels"):
         fid.classifier_metrics(fresh, [0, 1, 0], "toy", classifier=net)
 
-
-def test_classifier_cli_scores_samples_and_prints_floors(toy, tmp_path, capsys):
-    test = toy_views(toy["test"])
-    np.savez(tmp_path / "samples.npz", arr_0=test, labels=toy["test"].labels)
+    # the CLI: samples with their labels, then the floors (a random tokenizer's reconstructions are far off)
+    np.savez(tmp_path / "samples.npz", arr_0=test, labels=labels)
     fid.main([str(tmp_path / "samples.npz"), "toy-test", "--classifier", "--json", "--device", "cpu"])
     out = json.loads(capsys.readouterr().out)
     assert out["test_accuracy"] >= 0.95 and out["num_reference"] == 128
     assert abs(out["rows"][0]["fd_classifier"]) < 1e-6 and out["rows"][0]["class_agreement"] >= 0.95
-
-    torch.manual_seed(0)  # a random tokenizer: its reconstructions are far from the images
-    config = T.VQConfig(codebook_size=32, codebook_embed_dim=4, encoder_ch_mult=(1, 2), decoder_ch_mult=(1, 2),
-                        z_channels=32, ch=32, num_res_blocks=1)
-    torch.save({"model": T.VQModel(config).state_dict(), "config": asdict(config)}, tmp_path / "vq.pt")
+    save_tiny_vq(tmp_path / "vq.pt")
     fid.main(["--classifier", "toy", "--floors", "--vq-ckpt", str(tmp_path / "vq.pt")])
-    real, recon = capsys.readouterr().out.splitlines()[1:]
-    assert real.startswith("real (256 training images)") and recon.startswith("recon (256 training images)")
-    fd = [float(line.split("fd_classifier")[1].split()[0]) for line in (real, recon)]
-    assert float(real.split("class_agreement")[1]) >= 0.95 and fd[1] > fd[0]
-    with pytest.raises(SystemExit, match="not an .npz of images") as e:
-        fid.main([str(tmp_path / "vq.pt"), "toy", "--classifier"])
-    assert "\n" not in str(e.value)
+    real_row, recon_row = capsys.readouterr().out.splitlines()[1:]
+    assert real_row.startswith("real (256 training images)") and recon_row.startswith("recon (256 training images)")
+    fd = [float(row.split("fd_classifier")[1].split()[0]) for row in (real_row, recon_row)]
+    assert float(real_row.split("class_agreement")[1]) >= 0.95 and fd[1] > fd[0]
+    refused(capsys, fid.main, [str(tmp_path / "vq.pt"), "toy", "--classifier"], "not an .npz of images")
 
 
 # ====================================================================================================
