@@ -270,20 +270,24 @@ def gpu_check(args, device):
 
 def import_from(root, names):
     """Import modules of a checkout whose package names (autoregressive, utils, dataset) clash with the
-    other's; what the training scripts import but a model step never uses (timm, wandb, ...) is stubbed."""
+    other's; what the training scripts import but a model step never uses (timm, wandb, ...) is stubbed
+    while they import, and gone from sys.modules afterwards."""
     import sys
     import types
 
-    for name in [m for m in sys.modules if m.split(".")[0] in ("autoregressive", "utils", "dataset")]:
-        del sys.modules[name]
-    for name in ("timm", "timm.data", "torchvision", "torchvision.transforms", "wandb", "dataset", "dataset.build"):
-        stub = sys.modules.setdefault(name, types.ModuleType(name))
-        stub.__getattr__ = lambda attr: None
+    clash = ("autoregressive", "utils", "dataset")
+    stubs = [n for n in ("timm", "timm.data", "torchvision", "torchvision.transforms", "wandb", "dataset.build")
+             if n not in sys.modules]
+    for name in stubs:
+        sys.modules[name] = types.ModuleType(name)
+        sys.modules[name].__getattr__ = lambda attr: None
     sys.path.insert(0, root)
     try:
         return [__import__(n, fromlist=["_"]) for n in names]
     finally:
         sys.path.remove(root)
+        for name in [m for m in sys.modules if m.split(".")[0] in clash] + stubs:
+            sys.modules.pop(name, None)
 
 
 def official_steps(args, device):

@@ -1663,6 +1663,21 @@ def test_gpu_check_runs_its_rows_at_toy_shapes(capsys):
     assert re.search(r"Mirai-E .*tokens/s, \d+\.\d\dx baseline", out)
 
 
+def test_official_checkouts_import_side_by_side_and_leave_nothing_behind(tmp_path):
+    import bench  # --official: LlamaGen and Mirai-Code both hold a package `autoregressive`
+
+    for repo in ("LlamaGen", "Mirai-Code"):
+        pkg = tmp_path / repo / "autoregressive" / "models"
+        pkg.mkdir(parents=True)
+        (pkg.parent / "__init__.py").write_text("")
+        (pkg / "__init__.py").write_text("")
+        (pkg / "gpt.py").write_text(f"from timm.data import IMAGENET_DEFAULT_MEAN\nimport wandb\nWHO = {repo!r}\n")
+    a = bench.import_from(str(tmp_path / "LlamaGen"), ["autoregressive.models.gpt"])[0]
+    b = bench.import_from(str(tmp_path / "Mirai-Code"), ["autoregressive.models.gpt"])[0]
+    assert (a.WHO, b.WHO, a.IMAGENET_DEFAULT_MEAN) == ("LlamaGen", "Mirai-Code", None)
+    assert not {"timm", "wandb", "autoregressive"} & set(sys.modules) and str(tmp_path) not in " ".join(sys.path)
+
+
 # ====================================================================================================
 # The main job end to end: tokenizer -> codes -> each foresight variant -> samples -> statistics
 
