@@ -295,6 +295,10 @@ def official_steps(args, device):
     Mirai-E step, at the bench's shapes, for bench_train_steps and bench_generate to time beside ours."""
     import os
 
+    for repo, path in (("LlamaGen", "autoregressive/models/gpt.py"), ("Mirai-Code", "autoregressive/models/Mirai.py")):
+        if not os.path.isfile(os.path.join(args.official, repo, path)):
+            raise SystemExit(f"error: --official {args.official} holds no {repo} checkout ({repo}/{path} is missing); "
+                             f"clone it there")
     lg_gpt, lg_gen, lg_train, lg_ema = import_from(os.path.join(args.official, "LlamaGen"), [
         "autoregressive.models.gpt", "autoregressive.models.generate", "autoregressive.train.train_c2i", "utils.ema"])
     mi_model, mi_train = import_from(os.path.join(args.official, "Mirai-Code"), [

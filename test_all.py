@@ -1676,6 +1676,8 @@ def test_official_checkouts_import_side_by_side_and_leave_nothing_behind(tmp_pat
     b = bench.import_from(str(tmp_path / "Mirai-Code"), ["autoregressive.models.gpt"])[0]
     assert (a.WHO, b.WHO, a.IMAGENET_DEFAULT_MEAN) == ("LlamaGen", "Mirai-Code", None)
     assert not {"timm", "wandb", "autoregressive"} & set(sys.modules) and str(tmp_path) not in " ".join(sys.path)
+    with pytest.raises(SystemExit, match="holds no LlamaGen checkout"):
+        bench.main(["--official", str(tmp_path / "nowhere"), "--skip", "train,sample,inception,memory"])
 
 
 # ====================================================================================================
