@@ -549,7 +549,7 @@ def classifier_floors(classifier, data_path=None, sizes=(2000, 10000), vq=None, 
     images, labels = _views(train, classifier.image_size, order, progress)
     kinds = [("real", images)]
     if vq is not None:
-        from tokenizer import to_uint8  # tokenizer.py imports fid.py for rFID: not at the top
+        from tokenizer import to_uint8  # here, not at the top: tokenizer.py's rFID imports fid.py
 
         device = next(vq.parameters()).device
         batches = np.array_split(images, math.ceil(len(images) / 100))
@@ -616,32 +616,33 @@ def main(argv=None):
     p.add_argument("--floors", action="store_true", help="with --classifier: the best numbers to expect, from 2000 "
                    "and 10000 training images of the dataset SAMPLES (and their reconstructions, with --vq-ckpt)")
     p.add_argument("--vq-ckpt", metavar="PATH", help="with --floors: the tokenizer whose reconstructions to score")
-    args = p.parse_args(argv)
+    return data.run_command(measure, p.parse_args(argv))
+
+
+def measure(args):
+    """The command line's work: the metrics of SAMPLES against REFERENCE, printed; refusals raise."""
     if args.reference is None and args.save_stats is None and not args.floors:
-        raise SystemExit("give a REFERENCE to compare with, or --save-stats PATH to store the statistics of SAMPLES.")
+        raise ValueError("give a REFERENCE to compare with, or --save-stats PATH to store the statistics of SAMPLES.")
     if args.save_stats and os.path.exists(args.save_stats):
-        raise SystemExit(f"--save-stats {args.save_stats} already exists; remove it or choose another path.")
+        raise ValueError(f"--save-stats {args.save_stats} already exists; remove it or choose another path.")
     try:
         device = torch.device(args.device)
         if device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError("CUDA is not available")
     except (RuntimeError, ValueError) as e:
-        raise SystemExit(f"--device {args.device} is not usable here ({e}).")
-    try:
-        if args.classifier or args.floors:
-            return print(classifier_report(args, device))
-        get_model = functools.cache(lambda: load_inception(args.inception_weights, device))  # stats alone need none
-        samples = load_side(args.samples, get_model, args.batch_size, device, args.image_size, args.data_path)
-        if args.save_stats:
-            samples.save(args.save_stats)
-            print(f"saved statistics of {samples.num_images} images to {args.save_stats}", file=sys.stderr)
-        if args.reference is None:
-            return
-        reference = load_side(args.reference, get_model, args.batch_size, device,
-                              args.image_size or samples.image_size, args.data_path)
-        metrics = compare(samples, reference, device)
-    except (FileNotFoundError, ValueError) as e:
-        raise SystemExit(str(e))
+        raise ValueError(f"--device {args.device} is not usable here ({e}).") from None
+    if args.classifier or args.floors:
+        return print(classifier_report(args, device))
+    get_model = functools.cache(lambda: load_inception(args.inception_weights, device))  # stats alone need none
+    samples = load_side(args.samples, get_model, args.batch_size, device, args.image_size, args.data_path)
+    if args.save_stats:
+        samples.save(args.save_stats)
+        print(f"saved statistics of {samples.num_images} images to {args.save_stats}", file=sys.stderr)
+    if args.reference is None:
+        return
+    reference = load_side(args.reference, get_model, args.batch_size, device,
+                          args.image_size or samples.image_size, args.data_path)
+    metrics = compare(samples, reference, device)
     sides = (("samples", samples), ("reference", reference))
     rows = [(k, f"{s.name} ({_show(s.num_images, 'd')} images)") for k, s in sides]
     rows += [(k, _show(metrics[k.lower()])) for k in ("FID", "IS", "precision", "recall")]
