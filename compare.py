@@ -61,6 +61,26 @@ def summarise(groups, metric):
     return out
 
 
+def paired(groups, base, metrics):
+    """Markdown rows of metric(variant, seed) - metric(base, seed), mean ± std over the seeds both have: runs of
+    one seed share their initial weights and data order, so the difference holds less of the seed's noise."""
+    lines = [f"| variant - {base}, seed by seed | step | " + " | ".join(m.removeprefix("eval_") for m in metrics) + " |",
+             "|---|---|" + "---|" * len(metrics)]
+    ref = {args.get("seed"): rows for _, args, rows in groups[base]}
+    for name in [g for g in groups if g != base]:
+        diffs = {}
+        for _, args, rows in groups[name]:
+            for step, row in rows.items():
+                for m in metrics:
+                    if m in row and m in ref.get(args.get("seed"), {}).get(step, {}):
+                        diffs.setdefault(step, {}).setdefault(m, []).append(row[m] - ref[args.get("seed")][step][m])
+        for step in sorted(diffs):
+            cells = [f"{np.mean(v):+.3f} ± {np.std(v, ddof=1):.3f} (n={len(v)})" if len(v) > 1 else f"{v[0]:+.3f} (n=1)"
+                     if v else "" for v in (diffs[step].get(m, []) for m in metrics)]
+            lines.append(f"| {name} | {step} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def table(groups, metrics):
     lines = ["| variant | step | " + " | ".join(m.removeprefix("eval_") for m in metrics) + " |",
              "|---|---|" + "---|" * len(metrics)]
@@ -136,6 +156,7 @@ def main(argv=None):
     p.add_argument("--metric", default="eval_fd_classifier", help="what the figure shows")
     p.add_argument("--group-by", default="foresight", help="comma-separated training flags that make a variant")
     p.add_argument("--out", default=None, help="the PNG: the figure beside the last sample grids")
+    p.add_argument("--paired", metavar="VARIANT", help="also each variant's difference to VARIANT (e.g. none), seed by seed")
     args = p.parse_args(argv)
     missing = [r for r in args.runs if not os.path.isfile(os.path.join(r, "metrics.jsonl"))]
     if missing:
@@ -147,6 +168,10 @@ def main(argv=None):
     names = sorted({k for runs in groups.values() for _, _, rows in runs for r in rows.values() for k in r} - {"step"},
                    key=lambda k: ("raw_" in k, k.replace("raw_", "") != args.metric, k.replace("raw_", "")))
     print(table(groups, names))
+    if args.paired:
+        if args.paired not in groups:
+            raise SystemExit(f"error: --paired {args.paired} is none of the variants ({', '.join(groups)})")
+        print("\n" + paired(groups, args.paired, names))
     if args.out:
         figure = plot(summarise(groups, args.metric), args.metric)
         panels = [figure] + last_grids(groups, figure.height)

@@ -726,14 +726,17 @@ def test_compare_tabulates_seeds_and_draws_the_curve(tmp_path, capsys):
             (run / "checkpoints").mkdir()
             torch.save({"args": {"foresight": variant, "seed": seed}}, run / "checkpoints" / "last.pt")
             Image.new("RGB", (20, 10), (200, 0, 0)).save(run / "samples" / "0000002.png")
-    compare.main([str(p) for p in sorted(tmp_path.iterdir())] + ["--out", str(tmp_path / "c.png")])
+    compare.main([str(p) for p in sorted(tmp_path.iterdir())] + ["--out", str(tmp_path / "c.png"), "--paired", "none"])
     out = capsys.readouterr().out
+    assert "| implicit | 2 | -5.000 ± 0.000 (n=3) | +0.000 ± 0.000 (n=3) |" in out  # 10 + seed against 15 + seed
     assert "| variant | step | fd_classifier | class_agreement |" in out
     assert "| none | 2 | 16.000 ± 1.000 (n=3) | 0.500 ± 0.000 (n=3) |" in out
     assert "| implicit | 1 | 21.000 ± 1.000 (n=3)" in out
     figure = np.asarray(Image.open(tmp_path / "c.png"))
     assert figure.shape[1] > 520 + 2 * 20 and (figure[..., 0] > 150).any()
     (tmp_path / "none-0" / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": 2.0}) + "\n")  # no evaluation
+    with pytest.raises(SystemExit, match="--paired baseline is none of the variants"):
+        compare.main([str(tmp_path / "implicit-0"), "--paired", "baseline"])
     with pytest.raises(SystemExit, match="none of the runs has evaluation rows"):
         compare.main([str(tmp_path / "none-0")])
     with pytest.raises(SystemExit, match=r"nowhere/gpt-\* is not a run folder \(no metrics.jsonl\)"):
