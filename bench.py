@@ -178,7 +178,7 @@ def bench_generate(args, device, gpt, official=None):
 
     calls = {"cached": lambda: gpt.generate(cond, cfg_scale=args.cfg_scale, generator=g), "uncached": no_cache}
     if official is not None:
-        calls["official"] = official
+        calls["official"] = lambda: official(args.gen_batch)
     times = {k: [] for k in calls}
     for k, f in calls.items():
         timeit(f, device, 1, 1)
@@ -223,9 +223,10 @@ def gpu_check(args, device):
         name = torch.cuda.get_device_name(device)
         peak = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
     tokens = args.batch * args.grid**2
+    extra, official_sample = official_steps(args, device) if args.official else ({}, None)
     for compiled in ([False] if args.no_compile else [False, True]):
         args.compile = compiled
-        t, gpt = bench_train_steps(args, device)
+        t, gpt = bench_train_steps(args, device, {} if compiled else extra)
         mem = bench_train_steps.memory
         for mode, label in (("none", "baseline"), ("explicit", "Mirai-E"), ("implicit", "Mirai-I")):
             note = f"{tokens / t[mode]:,.0f} tokens/s"
@@ -236,6 +237,9 @@ def gpu_check(args, device):
             if mem[mode] is not None:
                 note += f", peak {mem[mode]:.1f} GiB"
             rows.append((f"train step {label}{' (compiled)' if compiled else ''}", t[mode], "s", note))
+        for name in extra if not compiled else ():
+            ours = t["none" if name == "official baseline" else "explicit"]
+            rows.append((f"  {name} (eager)", t[name], "s", f"ours (eager) {ours / t[name]:.2f}x its time"))
     vit = ViTB14(*((48, 2, 4) if args.small else ())).to(device).eval()
     imgs = torch.randn(args.batch, 3, 14 * args.grid, 14 * args.grid, device=device)
     amp = dict(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
@@ -249,6 +253,10 @@ def gpu_check(args, device):
         with torch.autocast(**amp):
             sec = timeit(lambda: gpt.generate(cond, cfg_scale=2.0, generator=g), device, 1, 1 if args.small else 3)
         rows.append((f"sampling, batch {batch}", batch / sec, "images/s", f"CFG 2.0, KV cache, {args.grid**2} tokens"))
+        if official_sample is not None:
+            theirs = timeit(lambda: official_sample(batch), device, 1, 1 if args.small else 3)
+            rows.append((f"  official generate(), batch {batch}", batch / theirs, "images/s",
+                         f"ours {theirs / sec:.2f}x its speed"))
     import fid
 
     inception = fid.FIDInceptionV3().eval().to(device, memory_format=torch.channels_last).fold_batchnorm()
@@ -314,8 +322,11 @@ def official_steps(args, device):
     base = lg_gpt.Transformer(lg_gpt.ModelArgs(**shape)).to(device).train()
     base_opt = lg_train.creat_optimizer(base, 0.05, 1e-4, (0.9, 0.95), quiet)
 
-    def base_step():  # the loop body of LlamaGen's train_c2i.py (fp32 on a CPU)
-        _, loss = base(cond_idx=y, idx=x[:, :-1], targets=x)
+    amp = dict(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")  # as their scripts
+
+    def base_step():  # the loop body of LlamaGen's train_c2i.py
+        with torch.autocast(**amp):
+            _, loss = base(cond_idx=y, idx=x[:, :-1], targets=x)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(base.parameters(), 1.0)
         base_opt.step()
@@ -330,10 +341,11 @@ def official_steps(args, device):
     mirai_opt = mi_train.creat_optimizer(mirai, 0.05, 1e-4, (0.9, 0.95), quiet)
 
     def mirai_step():  # the loop body of Mirai-Code's train_c2i_Mirai_E.py after its warm-up (--use-prev-iter-ema)
-        _, zs, loss = mirai(cond_idx=y, idx=x[:, :-1], targets=x)
-        with torch.no_grad():
-            target = teacher.forward_ema(cond_idx=y, idx=x[:, :-1], targets=None)
-        losses = mi_train.calculate_foresight_loss([target], zs)
+        with torch.autocast(**amp):
+            _, zs, loss = mirai(cond_idx=y, idx=x[:, :-1], targets=x)
+            with torch.no_grad():
+                target = teacher.forward_ema(cond_idx=y, idx=x[:, :-1], targets=None)
+        losses = mi_train.calculate_foresight_loss([target], zs)  # its offsets assume 16x16 tokens: the same work
         loss = loss + sum(2.0 * l for l in losses[:heads])
         loss.backward()
         torch.nn.utils.clip_grad_norm_(mirai.parameters(), 1.0)
@@ -343,10 +355,10 @@ def official_steps(args, device):
         teacher.load_state_dict(ema.state_dict())
 
     base_gen = copy.deepcopy(base).eval()
-    cond = torch.arange(args.gen_batch, device=device) % args.num_classes
 
-    def sample():  # LlamaGen's generate() at our sampling settings: CFG, temperature 1, no top-k / top-p
-        with torch.no_grad():
+    def sample(batch):  # LlamaGen's generate() at our sampling settings: CFG, temperature 1, no top-k / top-p
+        cond = torch.arange(batch, device=device) % args.num_classes
+        with torch.no_grad(), torch.autocast(**amp):
             lg_gen.generate(base_gen, cond, n, cfg_scale=args.cfg_scale, temperature=1.0, top_k=0, top_p=1.0)
 
     return {"official baseline": base_step, "official Mirai-E": mirai_step}, sample
@@ -395,7 +407,7 @@ def main(argv=None):
     gpt = None
     if args.gpu_check:
         rows, skip = gpu_check(args, device), {"train", "sample", "inception", "memory"}
-    extra, official_sample = official_steps(args, device) if args.official else ({}, None)
+    extra, official_sample = official_steps(args, device) if args.official and not args.gpu_check else ({}, None)
     if "train" not in skip:
         t, gpt = bench_train_steps(args, device, extra)
         note = f"batch {args.batch} x {args.grid**2} tokens"
