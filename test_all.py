@@ -37,8 +37,7 @@ TESTDATA = ROOT / "testdata"
 torch.set_num_threads(1)  # tiny ops: a second OpenMP thread costs more than it gives
 
 
-# ====================================================================================================
-# What the sections share: tiny models and their checkpoints, image folders, code datasets, refusals
+# ==== What the sections share: tiny models and their checkpoints, image folders, code datasets, refusals ====
 
 # a VQ small enough for a few CPU steps: 16 px -> 8x8 tokens, GroupNorm(32) still divides every width;
 # the sampling tests' one has 16 codes (8 px images -> 4x4 tokens)
@@ -81,8 +80,7 @@ def make_image_folder(root, classes=2, per_class=8, size=16, seed=0, sizes=None)
         c, i = divmod(k, per_class)
         yy, xx = np.mgrid[0:h, 0:w] / max(w, h)
         (root / f"class{c}").mkdir(parents=True, exist_ok=True)
-        f = rng.uniform(1, 3, size=3)
-        p = rng.uniform(0, 6.28, size=3)
+        f, p = rng.uniform(1, 3, size=3), rng.uniform(0, 6.28, size=3)
         img = np.stack([np.sin(f[j] * (xx if (j + c) % 2 else yy) * 6.28 + p[j]) for j in range(3)], -1)
         Image.fromarray(((img + 1) * 127.5).astype(np.uint8)).save(root / f"class{c}" / f"{i}.png")
     return root
@@ -131,8 +129,14 @@ def refused(capsys, main, argv, match):
     return msg
 
 
-# ====================================================================================================
-# model.py
+def raises(error, match, fn, /, *args, **kw):
+    """fn(*args, **kw) raises `error` with a message that `match` finds; returns the message."""
+    with pytest.raises(error, match=match) as e:
+        fn(*args, **kw)
+    return str(e.value)
+
+
+# ==== model.py ==========================================================================================
 
 
 @pytest.fixture(scope="module")
@@ -147,21 +151,19 @@ def llamagen_tiny():
 
 def test_llamagen_logits_and_greedy_cfg_generation_match_fixture(llamagen_tiny):
     gpt, ref = llamagen_tiny
+    idx, cond = ref["idx"][:, :-1], ref["cond"]
     with torch.no_grad():
-        logits, _, _ = gpt(ref["idx"][:, :-1], ref["cond"])
-        null, _, _ = gpt(ref["idx"][:, :-1], torch.full_like(ref["cond"], gpt.config.num_classes))
+        logits, null = (gpt(idx, c)[0] for c in (cond, torch.full_like(cond, gpt.config.num_classes)))
     assert logits.shape == ref["logits"].shape
     torch.testing.assert_close(logits, ref["logits"], atol=1e-4, rtol=0)
     torch.testing.assert_close(null, ref["logits_null_class"], atol=1e-4, rtol=0)
-    out = gpt.generate(ref["cond"], cfg_scale=2.0, temperature=1.0, top_k=1, top_p=1.0)
-    assert torch.equal(out, ref["generated"])
+    assert torch.equal(gpt.generate(cond, cfg_scale=2.0, temperature=1.0, top_k=1, top_p=1.0), ref["generated"])
 
 
 def test_class_position_has_zero_rotary_table():
-    cfg = M.GPTConfig(dim=64, n_head=4, grid_size=4)
-    rope = torch.view_as_real(M.rotary_table(cfg))  # (positions, pairs, [cos, sin])
-    assert rope.shape == (1 + 16, 8, 2)
-    assert torch.all(rope[0] == 0)
+    # (positions, pairs, [cos, sin])
+    rope = torch.view_as_real(M.rotary_table(M.GPTConfig(dim=64, n_head=4, grid_size=4)))
+    assert rope.shape == (1 + 16, 8, 2) and torch.all(rope[0] == 0)
     # cell (0, 0): identity rotation; cell (0, 1): rows half unrotated, columns half rotated
     assert torch.allclose(rope[1, :, 0], torch.ones(8)) and torch.all(rope[1, :, 1] == 0)
     assert torch.all(rope[2, :4, 1] == 0) and rope[2, 4, 1] > 0
@@ -169,53 +171,39 @@ def test_class_position_has_zero_rotary_table():
     torch.testing.assert_close(rope[1 + 4, 0], torch.tensor([math.cos(1.0), math.sin(1.0)]))
 
 
-@pytest.mark.parametrize("preset,params,tolerance", [("GPT-B", 111e6, 1e6), ("GPT-L", 343e6, 3.43e6),
-                                                      ("GPT-XL", 775e6, 7.75e6)])
-def test_presets_have_llamagen_keys_and_sizes(preset, params, tolerance):
-    with torch.device("meta"):
-        gpt = M.GPT(M.gpt_config(preset, vocab_size=16384, grid_size=16, num_classes=1000))
-    if preset == "GPT-B":
-        assert {k: tuple(v.shape) for k, v in gpt.state_dict().items()} == read_shapes("llamagen_gpt_b_state_dict.txt")
-    assert abs(gpt.num_params() - params) < tolerance
-
-
-def test_swiglu_hidden_size_is_rounded_like_llamagen():
+def test_presets_have_llamagen_keys_and_sizes_and_swiglu_is_rounded_like_llamagen():
+    for preset, params, tolerance in (("GPT-B", 111e6, 1e6), ("GPT-L", 343e6, 3.43e6), ("GPT-XL", 775e6, 7.75e6)):
+        with torch.device("meta"):
+            gpt = M.GPT(M.gpt_config(preset, vocab_size=16384, grid_size=16, num_classes=1000))
+        assert abs(gpt.num_params() - params) < tolerance, preset
+        if preset == "GPT-B":
+            assert {k: tuple(v.shape) for k, v in gpt.state_dict().items()} == read_shapes(
+                "llamagen_gpt_b_state_dict.txt")
     assert [M.ffn_hidden_dim(M.GPTConfig(dim=d)) for d in (768, 1024, 256)] == [2048, 2816, 768]
 
 
-def test_init_zero_head_gives_uniform_first_loss():
+def test_forward_gives_a_uniform_first_loss_the_hidden_state_after_a_block_and_drops_labels_in_train_mode():
     torch.manual_seed(0)
     gpt = M.GPT(M.GPTConfig(dim=32, n_layer=2, n_head=4, vocab_size=50, grid_size=3, num_classes=5))
     idx = torch.randint(0, 50, (4, 9))
     _, loss, _ = gpt(idx[:, :-1], torch.tensor([0, 1, 2, 3]), targets=idx)
     assert abs(loss.item() - torch.log(torch.tensor(50.0)).item()) < 1e-5
-
-
-def test_forward_returns_hidden_after_chosen_block_and_loss():
-    gpt = tiny_gpt()
-    idx = torch.randint(0, 16, (3, 9))
-    cond = torch.tensor([0, 1, 4])
+    gpt, idx, cond = tiny_gpt(), torch.randint(0, 16, (3, 9)), torch.tensor([0, 1, 4])
     logits, loss, hidden = gpt(idx[:, :-1], cond, targets=idx, hidden_layer=1)
     assert logits.shape == (3, 9, 16) and hidden.shape == (3, 9, 32)
     torch.testing.assert_close(loss, torch.nn.functional.cross_entropy(logits.reshape(-1, 16), idx.reshape(-1)))
     # the residual stream after block 1 is what block 1 alone produces from the embeddings
-    h = gpt.layers[0](gpt.embed(idx[:, :-1], cond), gpt.rope[:9])
-    torch.testing.assert_close(hidden, h)
+    torch.testing.assert_close(hidden, gpt.layers[0](gpt.embed(idx[:, :-1], cond), gpt.rope[:9]))
     # a teacher's forward stops there and gives the same hidden state
     none, _, early = gpt(idx[:, :-1], cond, hidden_layer=1, stop_at_hidden=True)
     assert none is None and torch.equal(early, hidden)
-
-
-def test_train_mode_drops_labels_and_eval_mode_is_deterministic():
+    # eval mode is deterministic, train mode drops labels
     gpt = tiny_gpt(token_dropout_p=0.0, resid_dropout_p=0.0, ffn_dropout_p=0.0, class_dropout_prob=0.5)
-    idx = torch.randint(0, 16, (64, 9))
-    cond = torch.randint(0, 5, (64,))
-    a, _, _ = gpt(idx[:, :-1], cond)
-    b, _, _ = gpt(idx[:, :-1], cond)
+    idx, cond = torch.randint(0, 16, (64, 9))[:, :-1], torch.randint(0, 5, (64,))
+    a, b = (gpt(idx, cond)[0] for _ in range(2))
     assert torch.equal(a, b)
     gpt.train()
-    c, _, _ = gpt(idx[:, :-1], cond)
-    null, _, _ = gpt(idx[:, :-1], torch.full_like(cond, 5), drop_labels=False)
+    c, null = gpt(idx, cond)[0], gpt(idx, torch.full_like(cond, 5), drop_labels=False)[0]
     changed = ~torch.isclose(c, a).all(-1).all(-1)
     assert 10 < changed.sum() < 54  # about half the labels became the null class ...
     torch.testing.assert_close(c[changed], null[changed])  # ... and those rows equal null-class rows
@@ -224,36 +212,25 @@ def test_train_mode_drops_labels_and_eval_mode_is_deterministic():
 def reference_generate(gpt, cond, cfg_scale, first_unguided=None):
     """Greedy CFG generation without a cache: a full forward for every token; from token
     first_unguided on (if given), the conditional logits alone."""
-    seq = torch.zeros(cond.shape[0], 0, dtype=torch.long)
-    null = torch.full_like(cond, gpt.config.num_classes)
+    seq, null = torch.zeros(cond.shape[0], 0, dtype=torch.long), torch.full_like(cond, gpt.config.num_classes)
     for t in range(gpt.config.block_size):
         with torch.no_grad():
-            c = gpt(seq, cond)[0][:, -1]
-            u = gpt(seq, null)[0][:, -1]
-        guided = first_unguided is None or t < first_unguided
-        logits = u + (c - u) * cfg_scale if guided else c
+            c, u = gpt(seq, cond)[0][:, -1], gpt(seq, null)[0][:, -1]
+        logits = u + (c - u) * cfg_scale if first_unguided is None or t < first_unguided else c
         seq = torch.cat([seq, logits.argmax(-1, keepdim=True)], dim=1)
     return seq
 
 
-@pytest.mark.parametrize("n_kv_head", [None, 2])
-def test_kv_cache_generation_equals_full_forward(n_kv_head):
-    gpt = tiny_gpt(n_kv_head=n_kv_head)
-    cond = torch.tensor([0, 3, 4])
-    for cfg_scale in (3.0, 1.0):
-        assert torch.equal(gpt.generate(cond, cfg_scale=cfg_scale, top_k=1), reference_generate(gpt, cond, cfg_scale))
-
-
-def test_generation_is_reproducible_with_a_generator():
-    gpt = tiny_gpt()
-    cond = torch.arange(5).repeat(4)
-    a, b, c = (gpt.generate(cond, cfg_scale=2.0, generator=torch.Generator().manual_seed(s)) for s in (1, 1, 2))
+def test_kv_cache_generation_equals_full_forward_and_cfg_interval_stops_guidance_after_the_interval():
+    for n_kv_head in (None, 2):
+        gpt, cond = tiny_gpt(n_kv_head=n_kv_head), torch.tensor([0, 3, 4])
+        for cfg in (3.0, 1.0):
+            assert torch.equal(gpt.generate(cond, cfg_scale=cfg, top_k=1), reference_generate(gpt, cond, cfg)), cfg
+    gpt = tiny_gpt()  # a generator makes sampling reproducible
+    a, b, c = (gpt.generate(torch.arange(5).repeat(4), cfg_scale=2.0, generator=torch.Generator().manual_seed(s))
+               for s in (1, 1, 2))
     assert torch.equal(a, b) and not torch.equal(a, c)
     assert a.shape == (20, 9) and a.min() >= 0 and a.max() < 16
-
-
-def test_cfg_interval_stops_guidance_after_the_interval():
-    gpt = tiny_gpt()
     cond = torch.tensor([0, 1, 2, 3])
     guided = gpt.generate(cond, cfg_scale=4.0, top_k=1)
     assert not torch.equal(guided, gpt.generate(cond, cfg_scale=1.0, top_k=1))
@@ -267,11 +244,10 @@ def test_cfg_interval_stops_guidance_after_the_interval():
 def test_top_k_and_top_p_filtering():
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]])).repeat(2000, 1)
     g = torch.Generator().manual_seed(0)
-    assert set(M.sample_logits(logits, top_k=2, generator=g).tolist()) == {0, 1}
-    assert set(M.sample_logits(logits, top_p=0.7, generator=g).tolist()) == {0, 1}  # 0.5 < 0.7, 0.8 crosses
-    assert set(M.sample_logits(logits, top_p=0.4, generator=g).tolist()) == {0}
-    assert set(M.sample_logits(logits, generator=g).tolist()) == {0, 1, 2, 3}
-    assert torch.all(M.sample_logits(logits, temperature=0.0, generator=g) == 0)
+    # top_p 0.7: 0.5 < 0.7, 0.8 crosses
+    for kw, drawn in ((dict(top_k=2), {0, 1}), (dict(top_p=0.7), {0, 1}), (dict(top_p=0.4), {0}),
+                      ({}, {0, 1, 2, 3}), (dict(temperature=0.0), {0})):
+        assert set(M.sample_logits(logits, generator=g, **kw).tolist()) == drawn, kw
     # the inverse-CDF draw keeps torch.multinomial's distribution: frequencies within 4 sigma of the probabilities
     p = torch.tensor([0.5, 0.3, 0.15, 0.05, 0.0])
     draws = M.sample_logits(torch.log(p).repeat(40_000, 1), generator=g)
@@ -282,55 +258,48 @@ def test_top_k_and_top_p_filtering():
 
 def test_load_gpt_reads_llamagen_and_our_formats_and_explains_mismatches(tmp_path, llamagen_tiny):
     gpt, ref = llamagen_tiny
-    sd = ref["state_dict"]
-    tiny = dict(preset="GPT-T", grid_size=4, dim=64, n_layer=2, n_head=4)
+    sd, tiny = ref["state_dict"], dict(preset="GPT-T", grid_size=4, dim=64, n_layer=2, n_head=4)
     for name, ckpt in [("bare.pt", sd), ("llamagen.pt", {"model": sd}), ("ema_only.pt", {"ema": sd})]:
         torch.save(ckpt, tmp_path / name)
         loaded = M.load_gpt(tmp_path / name, **tiny)
         assert all(torch.equal(loaded.state_dict()[k], v) for k, v in sd.items())
-    ours = {"model": gpt.state_dict(), "ema": {k: v + 1 for k, v in gpt.state_dict().items()},
-            "gpt_config": asdict(gpt.config)}
-    torch.save(ours, tmp_path / "ours.pt")
+    ema = {k: v + 1 for k, v in gpt.state_dict().items()}
+    torch.save({"model": gpt.state_dict(), "ema": ema, "gpt_config": asdict(gpt.config)}, tmp_path / "ours.pt")
     assert torch.equal(M.load_gpt(tmp_path / "ours.pt").output.weight, gpt.output.weight)
     assert torch.equal(M.load_gpt(tmp_path / "ours.pt", use_ema=True).output.weight, gpt.output.weight + 1)
 
-    with pytest.raises(ValueError, match="give --gpt-model"):
-        M.load_gpt(tmp_path / "llamagen.pt")
-    with pytest.raises(ValueError) as e:
-        M.load_gpt(tmp_path / "llamagen.pt", preset="GPT-T", grid_size=4)  # GPT-T is dim 128, not 64
-    msg = str(e.value)
-    assert "shape mismatches" in msg and "tok_embeddings.weight (64, 64) vs model (64, 128)" in msg
+    raises(ValueError, "give --gpt-model", M.load_gpt, tmp_path / "llamagen.pt")
+    # GPT-T is dim 128, not 64
+    msg = raises(ValueError, "shape mismatches", M.load_gpt, tmp_path / "llamagen.pt", preset="GPT-T", grid_size=4)
+    assert "tok_embeddings.weight (64, 64) vs model (64, 128)" in msg
     assert "vocabulary 64, 10 classes" in msg and "\n" not in msg
     sd = dict(sd)
     sd["extra.weight"] = sd.pop("norm.weight")
     torch.save(sd, tmp_path / "d.pt")
-    with pytest.raises(ValueError, match="missing keys: norm.weight; unexpected keys: extra.weight"):
-        M.load_gpt(tmp_path / "d.pt", **tiny)
+    raises(ValueError, "missing keys: norm.weight; unexpected keys: extra.weight", M.load_gpt, tmp_path / "d.pt",
+           **tiny)
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
-    with pytest.raises(ValueError, match="not a readable PyTorch checkpoint"):
-        M.load_gpt(tmp_path / "junk.pt")
-    with pytest.raises(FileNotFoundError, match="does not exist"):
-        M.load_gpt(tmp_path / "nope.pt")
-    with pytest.raises(ValueError, match="GPT-Q.*unknown"):
-        M.gpt_config("GPT-Q")
+    raises(ValueError, "not a readable PyTorch checkpoint", M.load_gpt, tmp_path / "junk.pt")
+    raises(FileNotFoundError, "does not exist", M.load_gpt, tmp_path / "nope.pt")
+    raises(ValueError, "GPT-Q.*unknown", M.gpt_config, "GPT-Q")
 
 
-# ====================================================================================================
-# foresight.py
+# ==== foresight.py ======================================================================================
+
+
+def pair_map(pairs):
+    return dict(zip(pairs[0].tolist(), pairs[1].tolist()))
 
 
 def test_neighbours_are_masked_at_edges_never_wrapped_and_1d_takes_the_next_tokens():
     pairs = FS.neighbour_pairs(3, 3, "2d", num_targets=8)  # explicit: cell 8 is never read
-    s, t = pairs[1]  # (0, +1)
-    assert dict(zip(s.tolist(), t.tolist())) == {0: 1, 1: 2, 3: 4, 4: 5, 6: 7}  # no 2->3, 5->6 wrap, no 7->8
-    s, t = pairs[2]  # (+1, 0)
-    assert dict(zip(s.tolist(), t.tolist())) == {0: 3, 1: 4, 2: 5, 3: 6, 4: 7}
+    assert pair_map(pairs[1]) == {0: 1, 1: 2, 3: 4, 4: 5, 6: 7}  # (0, +1): no 2->3, 5->6 wrap, no 7->8
+    assert pair_map(pairs[2]) == {0: 3, 1: 4, 2: 5, 3: 6, 4: 7}  # (+1, 0)
     assert torch.equal(pairs[0][0], torch.arange(8)) and torch.equal(pairs[0][1], torch.arange(8))
-    s, t = FS.neighbour_pairs(3, 4, "2d", num_targets=9)[3]  # (1, 1) for an encoder: cell 8 is a target
-    assert dict(zip(s.tolist(), t.tolist())) == {0: 4, 1: 5, 3: 7, 4: 8}
+    # (1, 1) for an encoder: cell 8 is a target
+    assert pair_map(FS.neighbour_pairs(3, 4, "2d", num_targets=9)[3]) == {0: 4, 1: 5, 3: 7, 4: 8}
     assert FS.NEIGHBOURS_2D[3:] == ((1, 1), (0, 2), (1, 2), (2, 2), (2, 1), (2, 0))
-    with pytest.raises(ValueError, match="foresight-k 10"):
-        FS.neighbour_pairs(4, 10, "2d")
+    raises(ValueError, "foresight-k 10", FS.neighbour_pairs, 4, 10, "2d")
     # 1D: two steps later, across the row end (that is the 1D sequence's own future)
     s, t = FS.neighbour_pairs(3, 3, "1d", num_targets=8)[2]
     assert s.tolist() == [0, 1, 2, 3, 4, 5] and t.tolist() == [2, 3, 4, 5, 6, 7]
@@ -353,14 +322,12 @@ def direct_cos_loss(fs, hidden, targets, offsets, explicit, grid):
     return torch.stack(losses)
 
 
-def test_explicit_loss_equals_direct_computation():
+def test_explicit_implicit_and_output_level_losses_equal_direct_computation():
     torch.manual_seed(0)
     fs = FS.Foresight("explicit", dim=8, grid=3, k=4, proj_dim=16)
     hidden, targets = torch.randn(2, 9, 8), torch.randn(2, 9, 8)
     torch.testing.assert_close(fs(hidden, targets), direct_cos_loss(fs, hidden, targets, FS.NEIGHBOURS_2D[:4], True, 3))
-
-
-def test_implicit_pairs_student_that_read_cell_with_patch_of_that_cell():
+    # implicit: the student that read a cell is paired with that cell's patch
     torch.manual_seed(0)
     fs = FS.Foresight("implicit", dim=8, grid=3, k=1, proj_dim=16, target_dim=5)
     s, t = fs.pairs(0)
@@ -371,15 +338,13 @@ def test_implicit_pairs_student_that_read_cell_with_patch_of_that_cell():
     feats2 = feats.clone()
     feats2[:, 8] = torch.randn(2, 5)  # the last cell is never read: no student pairs with it
     torch.testing.assert_close(fs(hidden, feats2), fs(hidden, feats))
-
-
-def test_output_level_heads_predict_the_neighbours_next_token():
+    # output level: the heads predict the neighbours' next token
     torch.manual_seed(0)
     fs = FS.Foresight("output", dim=8, grid=3, k=3, proj_dim=16, vocab_size=7)
     assert fs.k == 2  # the (0, 0) target is the model's own next-token head
     hidden, tokens = torch.randn(2, 9, 8), torch.randint(0, 7, (2, 9))
     s, t = fs.pairs(0)  # (0, 1): the position that read cell t predicts token t + 1
-    assert dict(zip(s.tolist(), t.tolist())) == {0: 1, 1: 2, 3: 4, 4: 5, 6: 7}
+    assert pair_map((s, t)) == {0: 1, 1: 2, 3: 4, 4: 5, 6: 7}
     logits = fs.projectors[0](hidden[:, 1:])  # every student, then keep the valid ones
     want = torch.nn.functional.cross_entropy(logits[:, s].reshape(-1, 7), tokens[:, t + 1].reshape(-1))
     torch.testing.assert_close(fs(hidden, tokens)[0], want)
@@ -387,21 +352,16 @@ def test_output_level_heads_predict_the_neighbours_next_token():
 
 def test_coefficient_schedules_and_warmup():
     assert FS.coef_schedule(9, 100, 10) == 0.0 and FS.coef_schedule(10, 100, 10) == 1.0
-    assert FS.coef_schedule(10, 110, 10, "cosine") == 1.0
-    assert abs(FS.coef_schedule(60, 110, 10, "cosine") - 0.5) < 1e-9
-    assert FS.coef_schedule(5, 100, 0, "50:0.5,80:0") == 1.0
-    assert FS.coef_schedule(60, 100, 0, "50:0.5,80:0") == 0.5 and FS.coef_schedule(90, 100, 0, "50:0.5,80:0") == 0.0
+    assert FS.coef_schedule(10, 110, 10, "cosine") == 1.0 and abs(FS.coef_schedule(60, 110, 10, "cosine") - 0.5) < 1e-9
+    assert [FS.coef_schedule(step, 100, 0, "50:0.5,80:0") for step in (5, 60, 90)] == [1.0, 0.5, 0.0]
     assert TR.parse_warmup("15ep", 100, 10_000) == 1500 and TR.parse_warmup("10%", 100, 2000) == 200
     assert TR.parse_warmup("250", 100, 2000) == 250
-    with pytest.raises(argparse.ArgumentTypeError, match="15ep"):
-        TR.warmup_text("soon")
-    with pytest.raises(ValueError, match="foresight-schedule"):
-        FS.parse_schedule("linear")
+    raises(argparse.ArgumentTypeError, "15ep", TR.warmup_text, "soon")
+    raises(ValueError, "foresight-schedule", FS.parse_schedule, "linear")
 
 
-def test_ema_teacher_is_the_ema_weights_up_to_depth_and_gets_no_gradient():
-    student = tiny_gpt(seed=1).train()
-    ema = tiny_gpt(seed=2).requires_grad_(False)
+def test_ema_teacher_is_the_ema_weights_without_gradient_and_image_teacher_normalises_and_checks_its_grid():
+    student, ema = tiny_gpt(seed=1).train(), tiny_gpt(seed=2).requires_grad_(False)
     TR.update_ema(ema, student, 0.0)
     assert all(torch.equal(a, b) for a, b in zip(ema.parameters(), student.parameters()))
     before = [p.clone() for p in ema.parameters()]
@@ -413,17 +373,14 @@ def test_ema_teacher_is_the_ema_weights_up_to_depth_and_gets_no_gradient():
         torch.testing.assert_close(e, 0.9 * b + 0.1 * s)
     idx, cond = torch.randint(0, 16, (2, 8)), torch.tensor([1, 2])
     t = FS.ema_targets(ema, idx, cond, 1)
-    h = ema.layers[0](ema.embed(idx, cond, drop_labels=False), ema.rope[:9])
-    assert torch.equal(t, h) and not t.requires_grad
+    assert torch.equal(t, ema.layers[0](ema.embed(idx, cond, drop_labels=False), ema.rope[:9])) and not t.requires_grad
     fs = FS.Foresight("explicit", dim=32, grid=3, k=3, proj_dim=16)
     _, loss, hidden = student(idx, cond, targets=torch.randint(0, 16, (2, 9)), hidden_layer=1)
     (loss + fs(hidden, t).sum()).backward()
-    assert all(p.grad is None for p in ema.parameters())
+    assert all(p.grad is None for p in ema.parameters()) and ema.training is False
     assert student.layers[0].attention.wqkv.weight.grad is not None and fs.projectors[0][0].weight.grad is not None
-    assert ema.training is False
 
-
-def test_image_teacher_resizes_and_normalises_and_refuses_a_grid_mismatch():
+    # the image teacher resizes and normalises, and refuses a grid mismatch
     class Fake(torch.nn.Module):  # stands in for DINOv2: 14x14 patches, mean-pooled pixels as "features"
         def forward_features(self, x):
             return {"x_norm_patchtokens": torch.nn.functional.avg_pool2d(x, 14).flatten(2).transpose(1, 2)}
@@ -433,17 +390,15 @@ def test_image_teacher_resizes_and_normalises_and_refuses_a_grid_mismatch():
     img = torch.zeros(1, 3, 16, 16, dtype=torch.uint8)
     img[:, :, :8, 8:] = 255  # top-right quarter white: patch (0, 1)
     feats = teacher(img)
-    assert feats.shape == (1, 4, 3)
     white = (1 - torch.tensor(FS.IMAGENET_MEAN)) / torch.tensor(FS.IMAGENET_STD)
-    assert torch.allclose(feats[0, 1], white, atol=0.05) and feats[0, 1].sum() > feats[0, 0].sum() + 5
-    with pytest.raises(ValueError, match="teacher gives 4 patches"):
-        FS.ImageEncoderTeacher(Fake(), grid=3, feature_dim=3, input_size=28, kind="dinov2")(img)
-    with pytest.raises(ValueError, match="foresight-encoder"):
-        FS.dinov2_teacher("dinov3_vitb16", 16)
+    assert feats.shape == (1, 4, 3) and torch.allclose(feats[0, 1], white, atol=0.05)
+    assert feats[0, 1].sum() > feats[0, 0].sum() + 5
+    raises(ValueError, "teacher gives 4 patches",
+           lambda: FS.ImageEncoderTeacher(Fake(), grid=3, feature_dim=3, input_size=28, kind="dinov2")(img))
+    raises(ValueError, "foresight-encoder", FS.dinov2_teacher, "dinov3_vitb16", 16)
 
 
-# ====================================================================================================
-# train.py
+# ==== train.py ==========================================================================================
 
 
 @pytest.fixture(scope="module")
@@ -468,8 +423,8 @@ def state(exp, step):
     return torch.load(exp / "checkpoints" / f"{step:07d}.pt", weights_only=True)
 
 
-def assert_same_weights(a, b, keys=("model", "ema", "foresight"), exact=True):
-    for key in keys:
+def assert_same_weights(a, b, exact=True):
+    for key in ("model", "ema", "foresight"):
         for k in a[key]:
             if exact:
                 assert torch.equal(a[key][k], b[key][k]), (key, k)
@@ -484,9 +439,8 @@ def assert_same_weights(a, b, keys=("model", "ema", "foresight"), exact=True):
 ])
 def test_each_variant_reduces_the_loss(tmp_path, codes_dir, variant):
     exp = run_train(tmp_path, codes_dir, "--max-steps", "40", "--lr", "2e-3", *variant)
-    rows = metrics(exp)
+    rows, ckpt = metrics(exp), state(exp, 40)
     assert rows[-1]["loss"] < rows[0]["loss"] - 0.5
-    ckpt = state(exp, 40)
     assert set(ckpt) >= {"model", "ema", "optimizer", "steps", "epoch", "args", "gpt_config", "rng"}
     assert ckpt["steps"] == 40 and ckpt["epoch"] == 40 // 6 and ckpt["step_in_epoch"] == 40 % 6
     # what LlamaGen reads: a bare GPT state_dict under "model"
@@ -501,9 +455,9 @@ def test_warmup_keeps_the_foresight_heads_untouched(tmp_path, codes_dir):
     ckpt = state(exp, 6)
     assert all("foresight" not in r for r in metrics(exp))
     n_gpt = len(list(FS.Student(M.GPT(M.GPTConfig(**ckpt["gpt_config"]))).parameters()))
-    stepped = set(ckpt["optimizer"]["state"])
     n_all = sum(len(g["params"]) for g in ckpt["optimizer"]["param_groups"])
-    assert len(stepped) == n_gpt and n_all == n_gpt + 3 * 6  # the 3 heads' 6 tensors each were never stepped
+    # the 3 heads' 6 tensors each were never stepped
+    assert len(set(ckpt["optimizer"]["state"])) == n_gpt and n_all == n_gpt + 3 * 6
 
 
 def test_resume_is_bit_identical_and_a_resume_that_would_change_the_run_is_refused(tmp_path, codes_dir, capsys):
@@ -532,26 +486,6 @@ def test_resume_is_bit_identical_and_a_resume_that_would_change_the_run_is_refus
         assert torch.equal(sa["exp_avg_sq"], sb["exp_avg_sq"])
 
 
-def torchrun(*argv, nodes=1, per_node=2):
-    """Gloo processes on a free port: `nodes` torchrun launchers (as on separate machines, each with local
-    ranks from 0) of `per_node` processes each; their output is shown when they fail."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port, launchers = s.getsockname()[1], []
-    for node in range(nodes):  # output to files: a full pipe of one launcher would stall them all
-        log = tempfile.TemporaryFile("w+")
-        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nnodes={nodes}", f"--node_rank={node}",
-               f"--nproc_per_node={per_node}", "--master_addr=127.0.0.1", f"--master_port={port}", *argv]
-        launchers.append((subprocess.Popen(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=log,
-                                           stderr=subprocess.STDOUT), log))
-    for p, log in launchers:
-        p.wait(timeout=300)
-        log.seek(0)
-        assert p.returncode == 0, f"torchrun exited {p.returncode}:\n{log.read()[-6000:]}"
-
-
 # dropout off: then how the batch of a step is split cannot change its update
 SPLIT = ["--max-steps", "3", "--ckpt-every", "3", "--lr", "1e-3", "--dropout-p", "0", "--token-dropout-p", "0",
          "--class-dropout-prob", "0", "--foresight", "explicit", "--foresight-warmup", "1", "--ema-decay", "0.5"]
@@ -565,12 +499,27 @@ def one_process(tmp_path_factory, codes_dir):
 @pytest.mark.parametrize("nodes,per_node,accum", [(1, 2, 1), (2, 1, 1), (1, 1, 2)])
 def test_ddp_and_gradient_accumulation_give_the_one_process_update(tmp_path, codes_dir, one_process, nodes,
                                                                     per_node, accum):
-    # DDP with two gloo processes; (2, 1): two "machines" of one process each, so local rank 0 twice and
-    # global ranks 0 and 1; (1, 1, 2): one process, two accumulated half batches
+    # DDP with two gloo processes; (2, 1): two torchrun launchers as on two "machines" of one process each, so
+    # local rank 0 twice and global ranks 0 and 1; (1, 1, 2): one process, two accumulated half batches
     if accum > 1:
         a = state(run_train(tmp_path, codes_dir, *SPLIT, "--grad-accum", str(accum)), 3)
     else:
-        torchrun(str(ROOT / "train.py"), *train_argv(tmp_path, codes_dir, *SPLIT), nodes=nodes, per_node=per_node)
+        import socket
+
+        with socket.socket() as s:  # a free port
+            s.bind(("127.0.0.1", 0))
+            port, launchers = s.getsockname()[1], []
+        for node in range(nodes):  # output to files: a full pipe of one launcher would stall them all
+            log = tempfile.TemporaryFile("w+")
+            cmd = [sys.executable, "-m", "torch.distributed.run", f"--nnodes={nodes}", f"--node_rank={node}",
+                   f"--nproc_per_node={per_node}", "--master_addr=127.0.0.1", f"--master_port={port}",
+                   str(ROOT / "train.py"), *train_argv(tmp_path, codes_dir, *SPLIT)]
+            launchers.append((subprocess.Popen(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=log,
+                                               stderr=subprocess.STDOUT), log))
+        for p, log in launchers:
+            p.wait(timeout=300)
+            log.seek(0)
+            assert p.returncode == 0, f"torchrun exited {p.returncode}:\n{log.read()[-6000:]}"
         a = state(tmp_path / "run", 3)
         assert len(a["rng"]) == 2
     assert_same_weights(a, one_process, exact=False)
@@ -599,8 +548,8 @@ def test_bad_flags_fail_with_one_sentence(tmp_path, codes_dir, capsys):
         (["--gpt-ckpt", str(small / "checkpoints" / "last.pt")], r"holds a GPT-S model .* not --gpt-model GPT-T"),
         (["--resume", str(tmp_path / "tensor.pt")], r"tensor.pt is not a checkpoint of train.py"),
     ]:
-        msg = refused(capsys, TR.main, train_argv(tmp_path, codes_dir, "--max-steps", "1", *extra), match)
-        assert msg.startswith("error: ")
+        assert refused(capsys, TR.main, train_argv(tmp_path, codes_dir, "--max-steps", "1", *extra), match).startswith(
+            "error: ")
     assert not (tmp_path / "run").exists()
 
 
@@ -624,39 +573,33 @@ def test_counts_and_choices_are_refused_when_parsed(tmp_path, codes_dir, capsys,
     assert not (tmp_path / "r").exists() and not (tmp_path / "outside").exists() and not os.path.exists("samples.png")
 
 
-@pytest.mark.parametrize("where,value,match", [
-    ("codes", 32, r"code 32 at index \(5, 1, 3\), outside 0..31"),
-    ("codes", -1, r"code -1 at index \(5, 1, 3\)"),
-    ("labels", 3, r"label 3 at index \(5,\), outside 0..2"),
-])
+@pytest.mark.parametrize("where,value,match", [("codes", 32, r"code 32 at index \(5, 1, 3\), outside 0..31"),
+                                               ("codes", -1, r"code -1 at index \(5, 1, 3\)"),
+                                               ("labels", 3, r"label 3 at index \(5,\), outside 0..2")])
 def test_codes_out_of_range_are_refused_before_training(tmp_path, capsys, where, value, match):
     root = write_code_dataset(tmp_path / "bad")
     array = np.load(root / f"{where}.npy")
     array[(5, 1, 3) if where == "codes" else 5] = value
     np.save(root / f"{where}.npy", array)
-    msg = refused(capsys, TR.main, ["--code-path", str(root), "--results-dir", str(tmp_path / "r"), "--max-steps", "1"],
-                  match)
-    assert f"{where}.npy" in msg and not (tmp_path / "r").exists()
+    argv = ["--code-path", str(root), "--results-dir", str(tmp_path / "r"), "--max-steps", "1"]
+    assert f"{where}.npy" in refused(capsys, TR.main, argv, match) and not (tmp_path / "r").exists()
 
 
-def test_atomic_writes_leave_ordinary_files(tmp_path):
+def test_atomic_writes_leave_ordinary_files_and_the_range_check_reads_in_chunks(tmp_path):
     data.save_grid(np.zeros((4, 8, 8, 3), np.uint8), tmp_path / "grid.png")
-    with open(tmp_path / "plain", "w"):
-        pass
+    (tmp_path / "plain").write_bytes(b"")
     assert (tmp_path / "grid.png").stat().st_mode & 0o777 == (tmp_path / "plain").stat().st_mode & 0o777
     assert sorted(os.listdir(tmp_path)) == ["grid.png", "plain"]  # no temporary file left
-
-
-def test_range_check_reads_in_chunks(tmp_path):
     codes = np.lib.format.open_memmap(tmp_path / "c.npy", mode="w+", dtype=np.int16, shape=(1000, 2, 16))
     codes[:] = 7
     codes[999, 1, 15] = 99
-    with pytest.raises(ValueError, match=r"code 99 at index \(999, 1, 15\)"):
-        data.check_range(codes, 32, "c.npy", "code", "the vocabulary", rows=64)
+    raises(ValueError, r"code 99 at index \(999, 1, 15\)", data.check_range, codes, 32, "c.npy", "code",
+           "the vocabulary", rows=64)
     data.check_range(codes, 100, "c.npy", "code", "the vocabulary", rows=64)
 
 
-def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, codes_dir, monkeypatch, capsys):
+def test_a_nan_loss_or_a_full_disk_stops_the_run_and_keeps_only_good_checkpoints(tmp_path, codes_dir, monkeypatch,
+                                                                                  capsys):
     real, calls = FS.step_losses, [0]
 
     def poisoned(*a, **k):
@@ -664,15 +607,14 @@ def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, c
         loss, ntp, fs_losses = real(*a, **k)
         return (loss * float("nan"), ntp * float("nan"), fs_losses) if calls[0] > 3 else (loss, ntp, fs_losses)
 
-    monkeypatch.setattr(FS, "step_losses", poisoned)
-    msg = refused(capsys, TR.main, train_argv(tmp_path, codes_dir, "--max-steps", "6", "--log-every", "1",
-                                              "--ckpt-every", "2", name="r"),
-                  r"the loss became nan before step 4.*last good checkpoint is .*last\.pt")
+    with monkeypatch.context() as patch:
+        patch.setattr(FS, "step_losses", poisoned)
+        msg = refused(capsys, TR.main, train_argv(tmp_path, codes_dir, "--max-steps", "6", "--log-every", "1",
+                                                  "--ckpt-every", "2", name="r"),
+                      r"the loss became nan before step 4.*last good checkpoint is .*last\.pt")
     ckpts = sorted(os.listdir(tmp_path / "r" / "checkpoints"))
     assert ckpts == ["0000002.pt", "last.pt"] and state(tmp_path / "r", 2)["steps"] == 2, (ckpts, msg)
 
-
-def test_a_full_disk_is_named_and_leaves_no_partial_checkpoint(tmp_path, codes_dir, capsys, monkeypatch):
     def full_disk(obj, f, *a, **k):
         f.write(b"half a checkpoint")
         raise RuntimeError("[enforce fail at inline_container.cc:603] . unexpected pos 64 vs 0\nmore detail")
@@ -715,55 +657,46 @@ def test_training_logs_the_offline_quality_metric_without_changing_the_run(tmp_p
 def test_compare_tabulates_seeds_and_draws_the_curve(tmp_path, capsys):
     import compare
 
-    for variant, base in (("none", 30.0), ("implicit", 20.0)):
-        for seed in range(3):
-            run = tmp_path / f"{variant}-{seed}"
-            (run / "samples").mkdir(parents=True)
-            rows = [r for s in (1, 2) for r in [{"step": s, "loss": 2.0},
-                                                {"step": s, "eval_fd_classifier": base / s + seed,
-                                                 "eval_class_agreement": 0.5}]]
-            (run / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-            (run / "checkpoints").mkdir()
-            torch.save({"args": {"foresight": variant, "seed": seed}}, run / "checkpoints" / "last.pt")
-            Image.new("RGB", (20, 10), (200, 0, 0)).save(run / "samples" / "0000002.png")
+    for variant, base, seed in ((v, b, s) for v, b in (("none", 30.0), ("implicit", 20.0)) for s in range(3)):
+        run = tmp_path / f"{variant}-{seed}"
+        (run / "samples").mkdir(parents=True)
+        (run / "checkpoints").mkdir()
+        rows = [r for s in (1, 2) for r in [{"step": s, "loss": 2.0}, {"step": s, "eval_class_agreement": 0.5,
+                                                                          "eval_fd_classifier": base / s + seed}]]
+        (run / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+        torch.save({"args": {"foresight": variant, "seed": seed}}, run / "checkpoints" / "last.pt")
+        Image.new("RGB", (20, 10), (200, 0, 0)).save(run / "samples" / "0000002.png")
     compare.main([str(p) for p in sorted(tmp_path.iterdir())] + ["--out", str(tmp_path / "c.png"), "--paired", "none"])
     out = capsys.readouterr().out
-    assert "| implicit | 2 | -5.000 ± 0.000 (n=3) | +0.000 ± 0.000 (n=3) |" in out  # 10 + seed against 15 + seed
-    assert "| variant | step | fd_classifier | class_agreement |" in out
-    assert "| none | 2 | 16.000 ± 1.000 (n=3) | 0.500 ± 0.000 (n=3) |" in out
-    assert "| implicit | 1 | 21.000 ± 1.000 (n=3)" in out
+    for row in ("| implicit | 2 | -5.000 ± 0.000 (n=3) | +0.000 ± 0.000 (n=3) |",  # 10 + seed against 15 + seed
+                "| variant | step | fd_classifier | class_agreement |", "| implicit | 1 | 21.000 ± 1.000 (n=3)",
+                "| none | 2 | 16.000 ± 1.000 (n=3) | 0.500 ± 0.000 (n=3) |"):
+        assert row in out, row
     figure = np.asarray(Image.open(tmp_path / "c.png"))
     assert figure.shape[1] > 520 + 2 * 20 and (figure[..., 0] > 150).any()
     (tmp_path / "none-0" / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": 2.0}) + "\n")  # no evaluation
-    with pytest.raises(SystemExit, match="--paired baseline is none of the variants"):
-        compare.main([str(tmp_path / "implicit-0"), "--paired", "baseline"])
-    with pytest.raises(SystemExit, match="none of the runs has evaluation rows"):
-        compare.main([str(tmp_path / "none-0")])
-    with pytest.raises(SystemExit, match=r"nowhere/gpt-\* is not a run folder \(no metrics.jsonl\)"):
-        compare.main([str(tmp_path / "nowhere" / "gpt-*")])
+    for argv, match in (
+            ([tmp_path / "implicit-0", "--paired", "baseline"], "--paired baseline is none of the variants"),
+            ([tmp_path / "none-0"], "none of the runs has evaluation rows"),
+            ([tmp_path / "nowhere" / "gpt-*"], r"nowhere/gpt-\* is not a run folder \(no metrics.jsonl\)")):
+        raises(SystemExit, match, compare.main, [str(a) for a in argv])
 
 
-# ====================================================================================================
-# data.py
+# ==== data.py ===========================================================================================
 
 
-def write_cifar(root, per_batch=2, seed=0):
-    """cifar-10-python.tar.gz in the official layout; returns (tarball, {batch: (data, labels)})."""
-    rng = np.random.default_rng(seed)
-    folder = os.path.join(root, data.CIFAR_DIR)
+def write_cifar(root):
+    """cifar-10-python.tar.gz in the official layout, two images a batch; returns (tarball, {batch: (data, labels)})."""
+    rng, folder, batches = np.random.default_rng(0), os.path.join(root, data.CIFAR_DIR), {}
     os.makedirs(folder)
-    batches = {}
     for name in data.CIFAR_BATCHES["train"] + data.CIFAR_BATCHES["test"]:
-        d = rng.integers(0, 256, (per_batch, 3072), dtype=np.uint8)
-        labels = rng.integers(0, 10, per_batch).tolist()
-        batches[name] = (d, labels)
+        d, labels = batches[name] = rng.integers(0, 256, (2, 3072), dtype=np.uint8), rng.integers(0, 10, 2).tolist()
         with open(os.path.join(folder, name), "wb") as f:
-            pickle.dump({"batch_label": name, "labels": labels, "data": d,
-                         "filenames": [f"{k}.png" for k in range(per_batch)]}, f, protocol=2)
-    tarball = os.path.join(root, data.CIFAR_FILE)
-    with tarfile.open(tarball, "w:gz") as tar:
+            pickle.dump({"batch_label": name, "labels": labels, "data": d, "filenames": ["0.png", "1.png"]}, f,
+                        protocol=2)
+    with tarfile.open(os.path.join(root, data.CIFAR_FILE), "w:gz") as tar:
         tar.add(folder, arcname=data.CIFAR_DIR)
-    return tarball, batches
+    return os.path.join(root, data.CIFAR_FILE), batches
 
 
 def write_idx(folder, split, images, labels, image_magic=2051):
@@ -781,7 +714,8 @@ def no_system(tmp_path, monkeypatch):
     monkeypatch.setattr(data, "SYSTEM_DATASETS", str(tmp_path / "system"))
 
 
-def test_cifar_tarball_and_folder_load_pixels_and_labels(tmp_path):
+def test_cifar_loads_pixels_and_labels_and_its_download_checks_md5_restarts_a_stale_part_and_reports_offline(
+        tmp_path, monkeypatch):
     tarball, batches = write_cifar(str(tmp_path))
     for path in (str(tmp_path), tarball, os.path.join(str(tmp_path), data.CIFAR_DIR)):
         train = data.open_dataset("cifar10", path)
@@ -795,56 +729,42 @@ def test_cifar_tarball_and_folder_load_pixels_and_labels(tmp_path):
     d, labels = batches["test_batch"]
     assert len(test) == 2 and [test.label(0), test.label(1)] == labels
     assert np.array_equal(np.asarray(test.image(1))[:, :, 2], d[1, 2048:].reshape(32, 32))
-
-
-def test_download_checks_md5_restarts_a_stale_part_and_reports_offline(tmp_path, monkeypatch):
-    tarball, batches = write_cifar(str(tmp_path / "src"))
+    # the download: a corrupted one (MD5 mismatch) is deleted, never kept as the dataset
     monkeypatch.setattr(data, "CIFAR_URL", "file://" + tarball)
-    # a corrupted download (MD5 mismatch) is deleted, never kept as the dataset
     monkeypatch.setattr(data, "CIFAR_MD5", "0" * 32)
-    dest = tmp_path / "dl"
-    with pytest.raises(ValueError, match="MD5"):
-        data.open_dataset("cifar10", str(dest))
-    assert os.listdir(dest) == []
+    raises(ValueError, "MD5", data.open_dataset, "cifar10", str(tmp_path / "dl"))
+    assert os.listdir(tmp_path / "dl") == []
     # the right MD5: downloaded, renamed from .part, and readable
     monkeypatch.setattr(data, "CIFAR_MD5", hashlib.md5(open(tarball, "rb").read()).hexdigest())
-    ds = data.open_dataset("cifar10-test", str(dest))
-    assert sorted(os.listdir(dest)) == [data.CIFAR_FILE] and ds.label(0) == batches["test_batch"][1][0]
+    ds = data.open_dataset("cifar10-test", str(tmp_path / "dl"))
+    assert sorted(os.listdir(tmp_path / "dl")) == [data.CIFAR_FILE] and ds.label(0) == batches["test_batch"][1][0]
 
-    src = tmp_path / "src.bin"
-    src.write_bytes(b"abc")
-    assert data.file_md5(str(src)) == "900150983cd24fb0d6963f7d28e17f72"
+    (tmp_path / "src.bin").write_bytes(b"abc")
+    assert data.file_md5(str(tmp_path / "src.bin")) == "900150983cd24fb0d6963f7d28e17f72"
     dest = str(tmp_path / "dest.bin")
     with open(dest + ".part", "wb") as f:
         f.write(b"junk that is not a prefix")
     # file:// cannot resume (no 206), so the stale .part is rewritten rather than appended to
-    data.download_file("file://" + str(src), dest, "900150983cd24fb0d6963f7d28e17f72")
+    data.download_file("file://" + str(tmp_path / "src.bin"), dest, "900150983cd24fb0d6963f7d28e17f72")
     assert open(dest, "rb").read() == b"abc" and not os.path.exists(dest + ".part")
-    with pytest.raises(FileNotFoundError, match="by hand") as e:
-        data.download_file("file://" + str(tmp_path / "nowhere.tar.gz"), str(tmp_path / "x"))
-    assert "\n" not in str(e.value) and not os.path.exists(tmp_path / "x")
+    msg = raises(FileNotFoundError, "by hand", data.download_file, "file://" + str(tmp_path / "nowhere.tar.gz"),
+                 str(tmp_path / "x"))
+    assert "\n" not in msg and not os.path.exists(tmp_path / "x")
 
 
 def test_idx_files_load_and_bad_headers_are_refused(tmp_path, no_system):
-    rng = np.random.default_rng(2)
-    images = rng.integers(0, 256, (5, 28, 28), dtype=np.uint8)
-    labels = np.array([3, 1, 4, 1, 5])
+    images, labels = np.random.default_rng(2).integers(0, 256, (5, 28, 28), dtype=np.uint8), np.array([3, 1, 4, 1, 5])
     write_idx(str(tmp_path / "fashion-mnist"), "test", images, labels)
     ds = data.open_dataset("fashion-mnist-test", str(tmp_path))  # found in data_path/<name>/
-    assert len(ds) == 5 and ds.num_classes == 10
+    assert len(ds) == 5 and ds.num_classes == 10 and [ds.label(i) for i in range(5)] == labels.tolist()
     img = ds.image(2)
     assert img.mode == "RGB" and img.size == (28, 28)
     assert all(np.array_equal(np.asarray(img)[:, :, c], images[2]) for c in range(3))
-    assert [ds.label(i) for i in range(5)] == labels.tolist()
-
     write_idx(str(tmp_path / "bad"), "train", images, labels, image_magic=2049)
-    with pytest.raises(ValueError, match="magic number 2049, expected 2051"):
-        data.open_dataset("mnist", str(tmp_path / "bad"))
-    lbl = os.path.join(tmp_path, "fashion-mnist", data.IDX_FILES["test"][1])
-    with gzip.open(lbl, "wb") as f:  # truncated: header says 5, body has 3
-        f.write(struct.pack(">ii", 2049, 5) + bytes(3))
-    with pytest.raises(ValueError, match="truncated"):
-        data.open_dataset("fashion-mnist", str(tmp_path), split="test")
+    raises(ValueError, "magic number 2049, expected 2051", data.open_dataset, "mnist", str(tmp_path / "bad"))
+    with gzip.open(os.path.join(tmp_path, "fashion-mnist", data.IDX_FILES["test"][1]), "wb") as f:
+        f.write(struct.pack(">ii", 2049, 5) + bytes(3))  # truncated: header says 5, body has 3
+    raises(ValueError, "truncated", data.open_dataset, "fashion-mnist", str(tmp_path), split="test")
 
 
 @pytest.mark.skipif(not os.path.isdir("/usr/share/datasets/fashion-mnist"),
@@ -859,7 +779,7 @@ def test_debian_fashion_mnist_copy():
 SIZES = ((40, 30), (25, 50), (64, 64), (33, 33))
 
 
-def test_image_folder(tmp_path):
+def test_image_folder_and_view_dataset(tmp_path):
     make_image_folder(tmp_path / "train", per_class=2, sizes=SIZES)
     files = sorted((tmp_path / "train").glob("*/*.png"))
     for path in (tmp_path, tmp_path / "train"):  # root with train/, or the folder itself
@@ -868,21 +788,28 @@ def test_image_folder(tmp_path):
         for i, p in enumerate(files):
             assert ds.label(i) == int(p.parent.name[-1])
             assert np.array_equal(np.asarray(ds.image(i)), np.asarray(Image.open(p).convert("RGB")))
-    assert data.open_dataset("folder", str(tmp_path)).image(3).size == (33, 33)
+    src = data.open_dataset("folder", str(tmp_path))
+    assert src.image(3).size == (33, 33)
+    # its views as a dataset
+    all_views = data.ViewDataset(src, 16, "flip")
+    x, label, i, v = all_views[3]
+    assert len(all_views) == 8 and (i, v, label) == (1, 1, src.label(1)) and x.dtype == torch.float32
+    assert x.shape == (3, 16, 16) and -1 <= x.min() and x.max() <= 1
+    want = torch.from_numpy(data.make_view(src.image(1), 16, "flip", 1)).permute(2, 0, 1)
+    assert torch.allclose((x + 1) * 127.5, want.float(), atol=1e-4)
+    crops = data.ViewDataset(src, 16, "tencrop")
+    assert len(crops) == 40 and [crops[k][2:] for k in (0, 9, 10, 39)] == [(0, 0), (0, 9), (1, 0), (3, 9)]
 
 
 def test_missing_datasets_say_how_to_get_them(tmp_path, no_system):
     for name, hint in [("cifar10", "cifar-10-python.tar.gz"), ("mnist", "t10k-images-idx3-ubyte.gz"),
                        ("fashion-mnist", "fashion-mnist")]:
-        with pytest.raises(FileNotFoundError, match="not found") as e:
-            data.open_dataset(name + "-test", str(tmp_path / "empty"), download=False)
-        assert hint in str(e.value) and "\n" not in str(e.value)
-    with pytest.raises(FileNotFoundError, match="--data-path"):
-        data.open_dataset("folder", None)
-    with pytest.raises(FileNotFoundError, match="no class sub-folders"):
-        data.open_dataset("folder", str(tmp_path))
-    with pytest.raises(ValueError, match="known: cifar10, mnist"):
-        data.open_dataset("svhn")
+        msg = raises(FileNotFoundError, "not found", data.open_dataset, name + "-test", str(tmp_path / "empty"),
+                     download=False)
+        assert hint in msg and "\n" not in msg
+    raises(FileNotFoundError, "--data-path", data.open_dataset, "folder", None)
+    raises(FileNotFoundError, "no class sub-folders", data.open_dataset, "folder", str(tmp_path))
+    raises(ValueError, "known: cifar10, mnist", data.open_dataset, "svhn")
     r = subprocess.run([sys.executable, "data.py", "mnist", "--data-path", str(tmp_path / "e"), "--no-download"],
                        capture_output=True, text=True, cwd=os.path.dirname(os.path.abspath(data.__file__)),
                        env={**os.environ, "PYTHONPATH": ""})
@@ -893,7 +820,7 @@ def random_image(w, h, seed=3):
     return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8))
 
 
-def test_views_are_reproducible_and_well_formed():
+def test_views_are_reproducible_and_well_formed_and_adm_crop_halves_with_box_and_pads_small_images():
     img = random_image(50, 41)
     for views, n in (("none", 1), ("flip", 2), ("tencrop", 10)):
         assert data.num_views(views) == n
@@ -907,35 +834,16 @@ def test_views_are_reproducible_and_well_formed():
     assert np.array_equal(data.make_view(img, 32, "flip", 0), none)
     # ten-crop: the mirrored top-left is the mirror of the top-right (torchvision's order)
     assert np.array_equal(data.make_view(img, 32, "tencrop", 5), data.make_view(img, 32, "tencrop", 1)[:, ::-1])
-    with pytest.raises(ValueError, match="views must be one of"):
-        data.make_view(img, 32, "fivecrop", 0)
-    with pytest.raises(ValueError, match="out of range"):
-        data.make_view(img, 32, "flip", 2)
-
-
-def test_adm_crop_halves_with_box_and_small_images_are_padded():
-    img = random_image(64, 80)
-    a = np.asarray(img).astype(np.float64)
+    raises(ValueError, "views must be one of", data.make_view, img, 32, "fivecrop", 0)
+    raises(ValueError, "out of range", data.make_view, img, 32, "flip", 2)
     # 64x80 -> BOX halving to 32x40 (2x2 means), no further resize, then the middle 32 rows
-    box = a.reshape(40, 2, 32, 2, 3).mean((1, 3))
+    img = random_image(64, 80)
+    box = np.asarray(img).astype(np.float64).reshape(40, 2, 32, 2, 3).mean((1, 3))
     assert np.abs(data.make_view(img, 32, "none", 0).astype(np.float64) - box[4:36]).max() <= 1
     digit = Image.fromarray(np.random.default_rng(4).integers(1, 256, (28, 28), dtype=np.uint8))
     v = data.make_view(digit.convert("RGB"), 32, "none", 0)
     assert np.array_equal(v[2:30, 2:30, 0], np.asarray(digit)) and v[:2].max() == 0
     assert data.make_view(digit.convert("RGB"), 64, "none", 0).shape == (64, 64, 3)  # resized
-
-
-def test_view_dataset(tmp_path):
-    src = data.open_dataset("folder", str(make_image_folder(tmp_path, per_class=2, sizes=SIZES)))
-    all_views = data.ViewDataset(src, 16, "flip")
-    assert len(all_views) == 8
-    x, label, i, v = all_views[3]
-    assert (i, v, label) == (1, 1, src.label(1)) and x.dtype == torch.float32
-    assert x.shape == (3, 16, 16) and -1 <= x.min() and x.max() <= 1
-    want = torch.from_numpy(data.make_view(src.image(1), 16, "flip", 1)).permute(2, 0, 1)
-    assert torch.allclose((x + 1) * 127.5, want.float(), atol=1e-4)
-    crops = data.ViewDataset(src, 16, "tencrop")
-    assert len(crops) == 40 and [crops[k][2:] for k in (0, 9, 10, 39)] == [(0, 0), (0, 9), (1, 0), (3, 9)]
 
 
 def test_code_dataset_reads_codes_and_remakes_the_crop_from_matching_images(tmp_path):
@@ -944,8 +852,8 @@ def test_code_dataset_reads_codes_and_remakes_the_crop_from_matching_images(tmp_
     write_code_dataset(tmp_path / "codes", grid=2, vocab=100, classes=2, codes=codes, labels=[0, 0, 1, 1],
                        data_path=str(tmp_path / "imgs"))
     ds = data.CodeDataset(str(tmp_path / "codes"))
-    assert len(ds) == 8 and ds.meta["grid"] == [2, 2]
     c, label, view = ds[5]
+    assert len(ds) == 8 and ds.meta["grid"] == [2, 2]
     assert c.dtype == torch.int64 and c.tolist() == codes[2, 1].tolist()
     assert label.item() == 1 and view.item() == 1 and label.dtype == torch.int64
     clone = pickle.loads(pickle.dumps(ds))  # as a spawned DataLoader worker gets it
@@ -959,33 +867,25 @@ def test_code_dataset_reads_codes_and_remakes_the_crop_from_matching_images(tmp_
         assert img.dtype == torch.uint8 and img.shape == (3, 16, 16)
         assert np.array_equal(img.permute(1, 2, 0).numpy(), data.make_view(src.image(3), 16, "flip", view.item()))
     make_image_folder(tmp_path / "other", classes=3, per_class=1)
-    with pytest.raises(ValueError, match="do not match"):
-        data.CodeDataset(str(tmp_path / "codes"), with_images=True, data_path=str(tmp_path / "other"))
-
-
-def test_code_dataset_names_missing_and_broken_files_with_how_to_remake_them(tmp_path):
-    with pytest.raises(FileNotFoundError, match="codes.npy, labels.npy, meta.json"):
-        data.CodeDataset(str(tmp_path))
-
-    def truncate(path):
-        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
-
+    raises(ValueError, "do not match", data.CodeDataset, str(tmp_path / "codes"), with_images=True,
+           data_path=str(tmp_path / "other"))
+    # missing and broken files are named, with how to remake them
+    raises(FileNotFoundError, "codes.npy, labels.npy, meta.json", data.CodeDataset, str(tmp_path))
     for k, (file, breaks, match) in enumerate([
         ("meta.json", lambda p: p.write_text('{"grid": [4, 4], "vocab_size": '),
          r"meta.json is not a valid .*tokenizer.py extract"),
-        ("codes.npy", truncate, r"codes.npy cannot be read .*truncated.*tokenizer.py extract"),
+        ("codes.npy", lambda p: p.write_bytes(p.read_bytes()[: p.stat().st_size // 2]),
+         r"codes.npy cannot be read .*truncated.*tokenizer.py extract"),
         ("codes.npy", lambda p: np.save(p, np.zeros((48, 2, 9), dtype=np.int16)), r"\(48, 2, 16\)"),
         ("labels.npy", lambda p: np.save(p, np.zeros(47, dtype=np.int64)),
          r"labels.npy holds int64 \(47,\), but meta.json says .* \(48,\)"),
     ]):
         root = write_code_dataset(tmp_path / str(k), n=48)
         breaks(root / file)
-        with pytest.raises(ValueError, match=match):
-            data.CodeDataset(str(root))
+        raises(ValueError, match, data.CodeDataset, str(root))
 
 
-# ====================================================================================================
-# tokenizer.py
+# ==== tokenizer.py ======================================================================================
 
 
 @pytest.fixture(scope="module")
@@ -996,23 +896,19 @@ def vq_fixture():
     return vq.eval(), ref
 
 
-def test_vq_fixture_parity(vq_fixture):
+def test_vq_fixture_parity_and_vq16_preset_has_llamagen_keys_and_shapes(vq_fixture):
     vq, ref = vq_fixture
     codes = vq.encode(ref["images"])
     assert codes.dtype == torch.long and torch.equal(codes, ref["codes"])
     with torch.no_grad():
         quant = vq.quantize(vq.quant_conv(vq.encoder(ref["images"])))[0]
     torch.testing.assert_close(quant, ref["quant"], atol=1e-4, rtol=0)
-    torch.testing.assert_close(vq.decode_code(ref["codes"]), ref["decoded"], atol=1e-4, rtol=0)
-    # the flat (B, N) form the GPT produces decodes to the same images
-    torch.testing.assert_close(vq.decode_code(ref["codes"].flatten(1)), ref["decoded"], atol=1e-4, rtol=0)
+    # the (B, H, W) codes and the flat (B, N) form the GPT produces decode to the same images
+    for codes in (ref["codes"], ref["codes"].flatten(1)):
+        torch.testing.assert_close(vq.decode_code(codes), ref["decoded"], atol=1e-4, rtol=0)
     assert vq.encoder_features(ref["images"]).shape == (2, ref["config"]["z_channels"], 8, 8)
     assert vq.grid_size(32) == 8
-    with pytest.raises(ValueError, match="multiple of"):
-        vq.grid_size(30)
-
-
-def test_vq16_preset_has_llamagen_keys_and_shapes():
+    raises(ValueError, "multiple of", vq.grid_size, 30)
     with torch.device("meta"):  # no memory, no init cost
         vq = T.VQModel(T.get_config("VQ-16"))
         assert T.VQModel(T.get_config("VQ-8")).grid_size(256) == 32
@@ -1023,28 +919,21 @@ def test_vq16_preset_has_llamagen_keys_and_shapes():
 
 def test_load_vq_reads_llamagen_and_our_formats_and_explains_mismatches(tmp_path, vq_fixture):
     vq, ref = vq_fixture
-    cfg = T.VQConfig(**ref["config"])
-    sd = ref["state_dict"]
-    torch.save({"model": sd}, tmp_path / "llamagen.pt")
-    torch.save(sd, tmp_path / "bare.pt")
-    torch.save({"model": sd, "config": asdict(cfg), "steps": 3}, tmp_path / "ours.pt")
+    cfg, sd = T.VQConfig(**ref["config"]), ref["state_dict"]
+    broken = {**{k: v for k, v in sd.items() if k != "encoder.conv_in.bias"}, "extra.weight": torch.zeros(1)}
+    for name, ckpt in (("llamagen.pt", {"model": sd}), ("bare.pt", sd), ("broken.pt", {"model": broken}),
+                       ("ours.pt", {"model": sd, "config": asdict(cfg), "steps": 3})):
+        torch.save(ckpt, tmp_path / name)
     for path, preset in (("llamagen.pt", cfg), ("bare.pt", cfg), ("ours.pt", None)):
         loaded = T.load_vq(str(tmp_path / path), preset=preset)
         assert not loaded.training and torch.equal(loaded.encode(ref["images"]), ref["codes"])
-
-    with pytest.raises(ValueError, match="stores no config"):
-        T.load_vq(str(tmp_path / "llamagen.pt"))
-    shapes = r"shape mismatches.*quant_conv.weight \(8, 32, 1, 1\) vs model \(8, 64, 1, 1\)"
-    with pytest.raises(ValueError, match=shapes):
-        T.load_vq(str(tmp_path / "llamagen.pt"), preset="VQ-S")
-    broken = dict(sd)
-    broken.pop("encoder.conv_in.bias")
-    broken["extra.weight"] = torch.zeros(1)
-    torch.save({"model": broken}, tmp_path / "broken.pt")
-    with pytest.raises(ValueError, match=r"missing keys: encoder.conv_in.bias; unexpected keys: extra.weight"):
-        T.load_vq(str(tmp_path / "broken.pt"), preset=cfg)
-    with pytest.raises(FileNotFoundError, match="does not exist"):
-        T.load_vq(str(tmp_path / "nope.pt"))
+    for path, preset, error, match in (
+            ("llamagen.pt", None, ValueError, "stores no config"),
+            ("llamagen.pt", "VQ-S", ValueError, r"shape mismatches.*quant_conv.weight \(8, 32, 1, 1\) vs model "
+                                                r"\(8, 64, 1, 1\)"),
+            ("broken.pt", cfg, ValueError, r"missing keys: encoder.conv_in.bias; unexpected keys: extra.weight"),
+            ("nope.pt", None, FileNotFoundError, "does not exist")):
+        raises(error, match, T.load_vq, str(tmp_path / path), preset=preset)
 
 
 def vq_train(monkeypatch, folder, out, flags):
@@ -1055,30 +944,25 @@ def vq_train(monkeypatch, folder, out, flags):
 
 
 def test_training_reduces_reconstruction_loss_and_resumes(tmp_path, monkeypatch):
-    folder = make_image_folder(tmp_path / "images")
-    out = tmp_path / "run"
+    folder, out = make_image_folder(tmp_path / "images"), tmp_path / "run"
     flags = ("--global-batch-size 8 --lr 2e-3 --log-every 10 --sample-every 60 --ckpt-every 30 --disc-start 50 "
              "--disc-weight 0.05 --grid-images 4 --l1-weight 0.1 --steps")
     last = vq_train(monkeypatch, folder, out, flags + " 60")
-    assert Path(last) == out / "checkpoints" / "0000060.pt"
     rows = metrics(out)
-    assert [m["step"] for m in rows] == [10, 20, 30, 40, 50, 60]
     before_gan = rows[4]
+    assert Path(last) == out / "checkpoints" / "0000060.pt" and [m["step"] for m in rows] == [10, 20, 30, 40, 50, 60]
     assert before_gan["rec"] < 0.5 * rows[0]["rec"] and before_gan["psnr"] > rows[0]["psnr"] + 3
     assert "d_loss" in rows[-1] and "d_loss" not in before_gan  # the GAN switched on at step 50
     assert rows[-1]["rec"] < rows[0]["rec"] and 0 < rows[-1]["usage"] <= 1
-    assert (out / "samples" / "recon_0000060.png").is_file()
-    assert T.load_vq(last).config == TINY_VQ
-
-    with pytest.raises(SystemExit, match="already holds checkpoints; pass --resume auto"):
-        vq_train(monkeypatch, folder, out, flags + " 65")
+    assert (out / "samples" / "recon_0000060.png").is_file() and T.load_vq(last).config == TINY_VQ
+    raises(SystemExit, "already holds checkpoints; pass --resume auto", vq_train, monkeypatch, folder, out,
+           flags + " 65")
     last = vq_train(monkeypatch, folder, out, flags + " 65 --resume auto")
-    assert Path(last) == out / "checkpoints" / "0000065.pt"
-    assert "resuming from" in (out / "log.txt").read_text()
+    assert Path(last) == out / "checkpoints" / "0000065.pt" and "resuming from" in (out / "log.txt").read_text()
     assert metrics(out)[-1]["step"] == 65 and torch.load(last, weights_only=True)["steps"] == 65
 
 
-def test_tokenizer_resume_is_bit_identical(tmp_path, monkeypatch):
+def test_tokenizer_resume_is_bit_identical_and_rfid_is_reported_when_inception_weights_exist(tmp_path, monkeypatch):
     folder = make_image_folder(tmp_path / "images", per_class=10)
     flags = "--global-batch-size 4 --views flip --disc-start -1 --rfid-images 0 --log-every 2 --ckpt-every 3 --steps"
     full = vq_train(monkeypatch, folder, tmp_path / "full", flags + " 8")
@@ -1086,10 +970,8 @@ def test_tokenizer_resume_is_bit_identical(tmp_path, monkeypatch):
     half = vq_train(monkeypatch, folder, tmp_path / "half", flags + " 8 --resume auto")
     a, b = (torch.load(p, weights_only=True)["model"] for p in (full, half))
     assert all(torch.equal(a[k], b[k]) for k in a)
-
-
-def test_tokenizer_training_reports_rfid_when_inception_weights_exist(tmp_path, monkeypatch):
-    folder = make_image_folder(tmp_path / "images", per_class=4)
+    # rFID: without Inception weights one notice, with them a number
+    folder = make_image_folder(tmp_path / "images4", per_class=4)
     flags = "--global-batch-size 4 --steps 2 --log-every 2 --ckpt-every 2 --disc-start -1 --rfid-images 6"
     vq_train(monkeypatch, folder, tmp_path / "without", flags)  # no weights here: one notice, training goes on
     assert "rFID skipped: FID Inception weights not found" in (tmp_path / "without" / "log.txt").read_text()
@@ -1100,18 +982,16 @@ def test_tokenizer_training_reports_rfid_when_inception_weights_exist(tmp_path, 
 
 
 def test_extract_writes_what_code_dataset_reads(tmp_path):
-    folder = make_image_folder(tmp_path / "images", per_class=5)
+    folder, out = make_image_folder(tmp_path / "images", per_class=5), tmp_path / "codes"
     vq = save_tiny_vq(tmp_path / "vq.pt")
-    out = tmp_path / "codes"
     argv = (f"extract --vq-ckpt {tmp_path / 'vq.pt'} --dataset folder --data-path {folder} --image-size 16 "
             f"--views flip --code-path {out} --batch-size 3").split()
     T.main(argv)
     meta = json.loads((out / "meta.json").read_text())
-    assert meta["grid"] == [8, 8] and meta["vocab_size"] == 32 and meta["num_views"] == 2
-    assert meta["num_images"] == 10 and meta["num_classes"] == 2 and meta["views"] == "flip"
+    assert (meta["grid"], meta["vocab_size"], meta["num_views"], meta["num_images"], meta["num_classes"],
+            meta["views"]) == ([8, 8], 32, 2, 10, 2, "flip")
     assert T.VQConfig(**meta["tokenizer_config"]) == TINY_VQ
     assert np.load(out / "codes.npy", mmap_mode="r").dtype == np.int16
-
     ds = data.CodeDataset(str(out), with_images=True)
     assert len(ds) == 20
     for k in range(len(ds)):
@@ -1120,9 +1000,7 @@ def test_extract_writes_what_code_dataset_reads(tmp_path):
         assert label.item() == k // 2 // 5 and view.item() == k % 2  # classes are sorted, 5 images each
     # a flipped crop gives other codes than the plain one (the views are not duplicates)
     assert not torch.equal(ds[0][0], ds[1][0])
-
-    with pytest.raises(SystemExit, match="already holds codes.npy; pass --overwrite"):
-        T.main(argv)
+    raises(SystemExit, "already holds codes.npy; pass --overwrite", T.main, argv)
     before = (out / "meta.json").stat().st_mtime_ns
     T.main(argv + ["--overwrite", "--views", "none"])
     assert json.loads((out / "meta.json").read_text())["num_views"] == 1
@@ -1131,36 +1009,31 @@ def test_extract_writes_what_code_dataset_reads(tmp_path):
 
 
 def test_a_wrong_checkpoint_or_an_unreadable_image_ends_with_one_sentence_and_no_codes(tmp_path, capsys):
-    folder = make_image_folder(tmp_path / "images", per_class=3)
+    folder, codes = make_image_folder(tmp_path / "images", per_class=3), tmp_path / "codes"
     (tmp_path / "notes.txt").write_text("not a checkpoint")
     torch.save({"model": {"tok_embeddings.weight": torch.zeros(4, 4)}, "config": {"n_layer": 2}}, tmp_path / "gpt.pt")
     torch.save({"model": T.VQModel(TINY_VQ).state_dict()}, tmp_path / "bare.pt")
     save_tiny_vq(tmp_path / "vq.pt")
-    codes = tmp_path / "codes"
+    extract = f"extract --dataset folder --data-path {folder} --image-size 16 --code-path {codes} --vq-ckpt "
     for name, extra, message in [("notes.txt", "", "not a readable PyTorch checkpoint"),
-                                 ("gpt.pt", "", "not a VQ tokenizer's"),
-                                 ("bare.pt", "", "stores no config"),
+                                 ("gpt.pt", "", "not a VQ tokenizer's"), ("bare.pt", "", "stores no config"),
                                  ("bare.pt", " --vq-model VQ-S", "does not fit the model"),
                                  ("missing.pt", "", "does not exist")]:
-        msg = refused(capsys, T.main, f"extract --vq-ckpt {tmp_path / name} --dataset folder --data-path {folder} "
-                      f"--image-size 16 --code-path {codes}{extra}".split(), message)
-        assert msg.startswith("error: --vq-ckpt")
+        assert refused(capsys, T.main, f"{extract}{tmp_path / name}{extra}".split(), message).startswith(
+            "error: --vq-ckpt")
     assert not codes.exists()  # nothing was written
     train = f"train --dataset folder --data-path {folder} --image-size 16 --results-dir "
     refused(capsys, T.main, f"{train}{tmp_path / 'run'} --resume {tmp_path / 'bare.pt'}".split(),
             "is not a checkpoint of `tokenizer.py train`")
-
     png = folder / "class1" / "1.png"
     png.write_bytes(png.read_bytes()[:60])
-    refused(capsys, T.main, f"extract --vq-ckpt {tmp_path / 'vq.pt'} --dataset folder --data-path {folder} "
-            f"--image-size 16 --code-path {codes} --batch-size 2".split(), r"cannot read the image .*1\.png")
+    refused(capsys, T.main, f"{extract}{tmp_path / 'vq.pt'} --batch-size 2".split(), r"cannot read the image .*1\.png")
     assert not (codes / "codes.npy").exists() and not (codes / "meta.json").exists()
     refused(capsys, T.main, f"{train}{tmp_path / 'vq'} --global-batch-size 2 --steps 4 --num-workers 1".split(),
             r"^error: .*cannot read the image .*1\.png")
 
 
-# ====================================================================================================
-# sample.py
+# ==== sample.py =========================================================================================
 
 
 @pytest.fixture(scope="module")
@@ -1185,7 +1058,6 @@ def test_grid_png_is_reproducible_and_holds_the_given_classes_samples(ckpts, tmp
     assert a.shape == (2 + 2 * 10, 2 + 3 * 10, 3) and a.dtype == np.uint8
     assert np.array_equal(a, b) and not np.array_equal(a, c)
     assert a[2:10, 2:10].std() > 0 and np.all(a[:2] == 0)  # a picture inside, black padding around
-
     S.main(["--gpt-ckpt", ckpts["gpt"], "--num-samples", "3", "--nrow", "3", "--batch-size", "3",
             "--classes", "4,0,2", "--cfg-scale", "1.5", "--top-k", "8", "--out", str(tmp_path / "g.png")])
     images = T.sample_images(M.load_gpt(ckpts["gpt"]), T.load_vq(ckpts["vq"]), [4, 0, 2], cfg_scale=1.5, top_k=8,
@@ -1210,11 +1082,9 @@ def test_fid_npz_shape_resume_and_sharding(ckpts, tmp_path, monkeypatch):
     d = tmp_path / "fid"
     S.main(fid_args(ckpts, d))
     arr, labels = fid_samples(d)
-    assert arr.shape == (7, 8, 8, 3) and arr.dtype == np.uint8
-    assert labels.tolist() == [0, 1, 2, 3, 4, 0, 1]
+    assert arr.shape == (7, 8, 8, 3) and arr.dtype == np.uint8 and labels.tolist() == [0, 1, 2, 3, 4, 0, 1]
     assert sorted(p.name for p in d.glob("*.png")) == [f"{i:06d}.png" for i in range(7)]
     assert np.array_equal(read_png(d / "000005.png"), arr[5])
-
     # resumption: deleted PNGs come back identical, the others are left alone
     (d / "000001.png").unlink()
     (d / "000006.png").unlink()
@@ -1224,12 +1094,11 @@ def test_fid_npz_shape_resume_and_sharding(ckpts, tmp_path, monkeypatch):
     assert np.array_equal(fid_samples(d)[0], arr) and (d / "000003.png").stat().st_mtime_ns == kept
 
     # two ranks (threads meeting at a real barrier) make the same images as one process
-    meet = threading.Barrier(2, timeout=60)
+    meet, cpu = threading.Barrier(2, timeout=60), torch.device("cpu")
     monkeypatch.setattr(S, "barrier", lambda world: meet.wait())
     args = S.build_parser().parse_args(fid_args(ckpts, tmp_path / "fid2"))
     S.check_args(args)
-    gpt, vq = S.load_models(args, torch.device("cpu"))
-    cpu = torch.device("cpu")
+    gpt, vq = S.load_models(args, cpu)
     ranks = [threading.Thread(target=S.make_fid_samples, args=(args, gpt, vq, r, 2, cpu)) for r in (0, 1)]
     for t in ranks:
         t.start()
@@ -1240,17 +1109,15 @@ def test_fid_npz_shape_resume_and_sharding(ckpts, tmp_path, monkeypatch):
 
     # other settings in the same folder are refused; with --overwrite every old PNG is made again
     (d / "samples.npz").unlink()
-    with pytest.raises(SystemExit, match="seed: 0 there, 3 now"):
-        S.main(fid_args(ckpts, d, "--seed", "3"))
+    raises(SystemExit, "seed: 0 there, 3 now", S.main, fid_args(ckpts, d, "--seed", "3"))
     S.main(fid_args(ckpts, d, "--seed", "3", "--overwrite"))
     S.main(fid_args(ckpts, tmp_path / "fid3", "--seed", "3"))
     again = fid_samples(d)[0]
     assert np.array_equal(again, fid_samples(tmp_path / "fid3")[0]) and not np.array_equal(again, arr)
-    with pytest.raises(SystemExit, match="already exists; pass --overwrite"):
-        S.main(fid_args(ckpts, d, "--seed", "3"))
+    raises(SystemExit, "already exists; pass --overwrite", S.main, fid_args(ckpts, d, "--seed", "3"))
 
 
-def test_vocab_and_grid_mismatch_and_existing_out_are_one_sentence(ckpts, tmp_path, capsys):
+def test_mismatches_and_existing_outputs_are_one_sentence_and_llamagen_needs_gpt_model(ckpts, tmp_path, capsys):
     big_vocab = save_gpt(tmp_path / "v32.pt", ckpts["vq"], vocab_size=32)
     moved = save_gpt(tmp_path / "moved.pt", str(tmp_path / "gone" / "vq.pt"))
     (tmp_path / "mine.png").write_bytes(b"user data")
@@ -1268,27 +1135,22 @@ def test_vocab_and_grid_mismatch_and_existing_out_are_one_sentence(ckpts, tmp_pa
         refused(capsys, S.main, argv, match)
     assert (tmp_path / "mine.png").read_bytes() == b"user data" and not (tmp_path / "x.png").exists()
     assert (tmp_path / "foreign" / "000000.png").read_bytes() == b"not ours"
-
     # the real CLI: one line on stderr, no traceback
-    r = subprocess.run([sys.executable, "sample.py", "--gpt-ckpt", big_vocab, "--out", str(tmp_path / "x.png")],
-                       capture_output=True, text=True, cwd=ROOT)
+    r = subprocess.run([sys.executable, "sample.py", "--gpt-ckpt", big_vocab, *x], capture_output=True, text=True,
+                       cwd=ROOT)
     assert r.returncode == 1 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
     assert "32" in r.stderr and "16" in r.stderr
-
-
-def test_llamagen_checkpoint_needs_and_takes_gpt_model(ckpts, tmp_path):
+    # a LlamaGen checkpoint needs and takes --gpt-model
     ll = save_gpt(tmp_path / "c2i_T_8.pt", llamagen=True)
     base = ["--gpt-ckpt", ll, "--vq-ckpt", ckpts["vq"], "--num-samples", "2", "--out", str(tmp_path / "l.png")]
-    with pytest.raises(SystemExit, match="give --gpt-model"):
-        S.main(base)
+    raises(SystemExit, "give --gpt-model", S.main, base)
     S.main(base + ["--gpt-model", "GPT-T", "--image-size", "8"])
     assert read_png(tmp_path / "l.png").shape == (2 + 10, 2 + 2 * 10, 3)  # one row of two
-    with pytest.raises(SystemExit, match="does not record which tokenizer"):
-        S.main(["--gpt-ckpt", ll, "--gpt-model", "GPT-T", "--image-size", "8", "--out", str(tmp_path / "m.png")])
+    raises(SystemExit, "does not record which tokenizer", S.main,
+           ["--gpt-ckpt", ll, "--gpt-model", "GPT-T", "--image-size", "8", "--out", str(tmp_path / "m.png")])
 
 
-# ====================================================================================================
-# fid.py
+# ==== fid.py ============================================================================================
 
 
 def fill_by_recipe(model, seed=2015, he=False):
@@ -1339,8 +1201,7 @@ def test_fid_inception_matches_pytorch_fid(random_weights):
     assert he.Mixed_7c.branch_pool.folded_weight is None
     plain, _ = fid.extract(he, oracle["images_uint8_nhwc"][3:].numpy(), progress=False)
     assert np.abs(plain - pool3[3:]).max() <= 1e-5 * np.abs(ref_pool3).max()
-    with pytest.raises(ValueError, match=r"\[0, 1\]"):
-        fid.extract(random_weights[1], ref["images"] * 2 - 1, progress=False)
+    raises(ValueError, r"\[0, 1\]", fid.extract, random_weights[1], ref["images"] * 2 - 1, progress=False)
 
 
 def numpy_sqrtm_fid(mu1, s1, mu2, s2):  # the usual formula: tr sqrtm(S1 S2) = sum of roots of S1 S2's eigenvalues
@@ -1353,23 +1214,20 @@ def random_cov(rng, d, eigenvalues):
     return (q * eigenvalues) @ q.T
 
 
-@pytest.mark.parametrize("case", ["well", "ill", "rank-deficient"])
-def test_frechet_distance_matches_numpy_sqrtm(case):
-    rng = np.random.default_rng({"well": 0, "ill": 1, "rank-deficient": 2}[case])
-    d = 48
-    mu1, mu2 = rng.standard_normal(d), rng.standard_normal(d)
-    if case == "well":
-        s1, s2 = random_cov(rng, d, rng.uniform(0.5, 2, d)), random_cov(rng, d, rng.uniform(0.5, 2, d))
-    elif case == "ill":
-        s1, s2 = random_cov(rng, d, np.logspace(-9, 3, d)), random_cov(rng, d, np.logspace(-8, 2, d))
-    else:  # covariances of fewer samples than dimensions, as FID of small sets
-        s1 = np.cov(rng.standard_normal((20, d)), rowvar=False)
-        s2 = np.cov(rng.standard_normal((30, d)) * 2, rowvar=False)
-    ours, ref = fid.frechet_distance(mu1, s1, mu2, s2), numpy_sqrtm_fid(mu1, s1, mu2, s2)
-    assert abs(ours - ref) <= 1e-6 * abs(ref)
+def test_frechet_distance_matches_numpy_sqrtm_is_zero_on_itself_grows_with_a_shift_and_refuses_no_covariance():
+    for seed, case in enumerate(["well", "ill", "rank-deficient"]):
+        rng, d = np.random.default_rng(seed), 48
+        mu1, mu2 = rng.standard_normal(d), rng.standard_normal(d)
+        if case == "well":
+            s1, s2 = random_cov(rng, d, rng.uniform(0.5, 2, d)), random_cov(rng, d, rng.uniform(0.5, 2, d))
+        elif case == "ill":
+            s1, s2 = random_cov(rng, d, np.logspace(-9, 3, d)), random_cov(rng, d, np.logspace(-8, 2, d))
+        else:  # covariances of fewer samples than dimensions, as FID of small sets
+            s1 = np.cov(rng.standard_normal((20, d)), rowvar=False)
+            s2 = np.cov(rng.standard_normal((30, d)) * 2, rowvar=False)
+        ours, ref = fid.frechet_distance(mu1, s1, mu2, s2), numpy_sqrtm_fid(mu1, s1, mu2, s2)
+        assert abs(ours - ref) <= 1e-6 * abs(ref), case
 
-
-def test_fid_of_a_set_with_itself_is_zero_and_grows_with_a_shift():
     x = np.random.default_rng(0).standard_normal((400, 16)).astype(np.float32)
     x *= np.linspace(0.1, 3, 16, dtype=np.float32)
     mu, sigma = fid.stats(x, chunk=64)
@@ -1380,14 +1238,27 @@ def test_fid_of_a_set_with_itself_is_zero_and_grows_with_a_shift():
     for k in (1, 4):  # the squared distance of the means
         assert fid.frechet_distance(mu, sigma, mu + k * shift, sigma) == pytest.approx(k * k * shift @ shift, rel=1e-6)
 
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((50, 8))
+    mu, sigma = x.mean(0), np.cov(x, rowvar=False)
+    nan_sigma, skew = sigma.copy(), sigma.copy()
+    nan_sigma[2, 3] = np.nan
+    skew[0, 1] += 1.0
+    for bad_mu, bad_sigma, words in ((mu, nan_sigma, "NaN"), (mu, -np.eye(8), "negative eigenvalues"),
+                                     (mu, skew, "not symmetric"), (mu * np.inf, sigma, "NaN or infinite"),
+                                     (mu[:4], sigma[:4, :4], "do not match")):
+        assert "\n" not in raises(ValueError, words, fid.frechet_distance, mu, sigma, bad_mu, bad_sigma)
+    # round-off negatives of a real covariance (and a float32 copy of it) pass
+    low_rank = np.cov(rng.standard_normal((5, 8)), rowvar=False)
+    assert fid.frechet_distance(mu, sigma, mu, low_rank.astype(np.float32)) > 0
+
 
 def test_inception_score_and_precision_recall_on_known_answers():
     assert fid.inception_score(np.zeros((100, 1008))) == pytest.approx(1.0)
-    confident = np.zeros((100, 1008))
+    confident, halves = np.zeros((100, 1008)), np.zeros((100, 1008))
     confident[np.arange(100), np.arange(100) % 10] = 50.0  # each split of 10 sees the 10 classes once
     assert fid.inception_score(confident) == pytest.approx(10.0, rel=1e-6)
     # ten splits: a set whose halves each see one class only scores lower than the whole would
-    halves = np.zeros((100, 1008))
     halves[np.arange(100), (np.arange(100) >= 50).astype(int)] = 50.0
     assert fid.inception_score(halves) == pytest.approx(1.0, abs=1e-6)
     assert fid.inception_score(halves, splits=1) == pytest.approx(2.0, rel=1e-6)
@@ -1400,8 +1271,7 @@ def test_inception_score_and_precision_recall_on_known_answers():
     precision, recall = fid.precision_recall(real, fake)
     assert precision == pytest.approx(0.5)
     assert fid.precision_recall(real, fake, block_size=7) == (precision, recall)  # blocks change nothing
-    with pytest.raises(ValueError, match="more than 3"):
-        fid.precision_recall(real[:3], fake)
+    raises(ValueError, "more than 3", fid.precision_recall, real[:3], fake)
 
 
 def test_fid_cli_and_evaluate_and_cached_dataset_reference(tmp_path, random_weights, capsys, monkeypatch):
@@ -1414,12 +1284,11 @@ def test_fid_cli_and_evaluate_and_cached_dataset_reference(tmp_path, random_weig
               "--device", "cpu", "--save-stats", str(stats_path), "--json"])
     metrics = json.loads(capsys.readouterr().out)
     assert metrics["fid"] > 0 and metrics["is"] >= 1.0 - 1e-9
-    assert 0 <= metrics["precision"] <= 1 and 0 <= metrics["recall"] <= 1
     assert (metrics["num_samples"], metrics["num_reference"]) == (4, 5)
+    assert 0 <= metrics["precision"] <= 1 and 0 <= metrics["recall"] <= 1
     saved = np.load(stats_path)
     assert saved["mu"].dtype == np.float64 and saved["sigma"].shape == (2048, 2048)
     assert saved["pool3"].shape == (4, 2048)
-
     # the Python API with the roles swapped: FID is symmetric, precision and recall trade places
     swapped = fid.evaluate(reference, str(stats_path), model=model, batch_size=4)
     assert swapped["fid"] == pytest.approx(metrics["fid"], rel=1e-6)
@@ -1431,11 +1300,9 @@ def test_fid_cli_and_evaluate_and_cached_dataset_reference(tmp_path, random_weig
     fid.main([str(tmp_path / "a.npz"), str(tmp_path / "b.npz"), "--inception-weights", str(tmp_path / "absent.pth")])
     table = capsys.readouterr().out
     assert "n/a" in table.split("precision")[1] and "n/a" in table.split("recall")[1]
-    fid_line = [line for line in table.splitlines() if line.startswith("FID")][0]
-    assert float(fid_line.split()[1]) == pytest.approx(8.0)
+    assert float([line for line in table.splitlines() if line.startswith("FID")][0].split()[1]) == pytest.approx(8.0)
     fid.main([str(tmp_path / "b.npz"), "--save-stats", str(tmp_path / "b_again.npz")])
     assert np.array_equal(np.load(tmp_path / "b_again.npz")["mu"], np.ones(8))
-
     np.savez(tmp_path / "float.npz", arr_0=reference.astype(np.float32))
     for argv, match in (([samples, "--save-stats", str(stats_path)], "already exists"),
                         ([str(tmp_path / "missing.npz"), str(stats_path)], "does not exist"),
@@ -1463,27 +1330,19 @@ def test_weights_errors_are_one_sentence(tmp_path, monkeypatch, capsys):
     for name, error, match in (("garbage", ValueError, "corrupt"), ("truncated", ValueError, "truncated"),
                                ("small", ValueError, "does not fit the model: missing keys"),
                                ("nowhere", FileNotFoundError, "does not exist")):
-        with pytest.raises(error, match=match):
-            fid.load_inception(str(tmp_path / f"{name}.pth"))
+        raises(error, match, fid.load_inception, str(tmp_path / f"{name}.pth"))
     np.savez(tmp_path / "s.npz", arr_0=np.zeros((4, 8, 8, 3), np.uint8))
-    argv = [str(tmp_path / "s.npz")] * 2 + ["--inception-weights", str(tmp_path / "truncated.pth")]
-    refused(capsys, fid.main, argv, "truncated")
-
+    refused(capsys, fid.main, [str(tmp_path / "s.npz")] * 2 + ["--inception-weights", str(tmp_path / "truncated.pth")],
+            "truncated")
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
-    with pytest.raises(FileNotFoundError) as e:
-        fid.load_inception(download=False)
-    assert fid.WEIGHTS_URL in str(e.value) and os.path.join(str(tmp_path / "hub"), "checkpoints") in str(e.value)
-
-
-# ====================================================================================================
-# fid.py: the Frechet distance on degenerate statistics, on any LAPACK; the offline classifier metric
+    msg = raises(FileNotFoundError, None, fid.load_inception, download=False)
+    assert fid.WEIGHTS_URL in msg and os.path.join(str(tmp_path / "hub"), "checkpoints") in msg
 
 
 def test_frechet_distance_of_degenerate_covariances_in_both_orders_on_failing_eigensolvers_and_cli(
         tmp_path, capsys, monkeypatch):
     # 2048-d statistics as MKL's eigh fails on them: exactly-zero rows and columns, low rank
-    rng = np.random.default_rng(0)
-    d = 2048
+    rng, d = np.random.default_rng(0), 2048
     sparse = np.zeros((64, d), np.float32)  # 64 samples, 50 non-zero feature columns
     sparse[:, rng.choice(d, 50, replace=False)] = rng.standard_normal((64, 50))
     rank3 = np.zeros((64, d), np.float32)  # rank 3 on 3 columns, the other rows exactly zero
@@ -1512,22 +1371,7 @@ def test_frechet_distance_of_degenerate_covariances_in_both_orders_on_failing_ei
         assert fid.frechet_distance(*stats["dense"], *stats["sparse"]) == pytest.approx(refs["sparse"], rel=1e-6)
 
 
-def test_frechet_distance_refuses_what_is_no_covariance():
-    rng = np.random.default_rng(0)
-    x = rng.standard_normal((50, 8))
-    mu, sigma = x.mean(0), np.cov(x, rowvar=False)
-    nan_sigma, skew = sigma.copy(), sigma.copy()
-    nan_sigma[2, 3] = np.nan
-    skew[0, 1] += 1.0
-    for bad_mu, bad_sigma, words in ((mu, nan_sigma, "NaN"), (mu, -np.eye(8), "negative eigenvalues"),
-                                     (mu, skew, "not symmetric"), (mu * np.inf, sigma, "NaN or infinite"),
-                                     (mu[:4], sigma[:4, :4], "do not match")):
-        with pytest.raises(ValueError, match=words) as e:
-            fid.frechet_distance(mu, sigma, bad_mu, bad_sigma)
-        assert "\n" not in str(e.value)
-    # round-off negatives of a real covariance (and a float32 copy of it) pass
-    low_rank = np.cov(rng.standard_normal((5, 8)), rowvar=False)
-    assert fid.frechet_distance(mu, sigma, mu, low_rank.astype(np.float32)) > 0
+# ==== fid.py: the offline classifier metric =============================================================
 
 
 def toy_source(rng, n):
@@ -1561,8 +1405,7 @@ def test_classifier_trains_deterministically_is_cached_and_scores_samples_and_fl
     again = fid.load_classifier("toy-test", train_if_missing=False)
     assert all(torch.equal(v, again.state_dict()[k]) for k, v in net.state_dict().items())
     assert again.test_accuracy == net.test_accuracy and torch.equal(again.ref_sigma, net.ref_sigma)
-    with pytest.raises(FileNotFoundError, match="--classifier toy --floors"):
-        fid.load_classifier("toy", seed=1, train_if_missing=False)
+    raises(FileNotFoundError, "--classifier toy --floors", fid.load_classifier, "toy", seed=1, train_if_missing=False)
 
     # its metrics separate real from noise and check labels
     test, labels = toy_views(splits["test"]), splits["test"].labels
@@ -1570,19 +1413,17 @@ def test_classifier_trains_deterministically_is_cached_and_scores_samples_and_fl
     assert abs(itself["fd_classifier"]) < 1e-6 and itself["class_agreement"] >= 0.95
     rng = np.random.default_rng(5)
     fresh_source = toy_source(rng, 128)
-    fresh, fresh_labels = toy_views(fresh_source), fresh_source.labels
-    real = fid.classifier_metrics(fresh, fresh_labels, "toy", classifier=net)
+    fresh = toy_views(fresh_source)
+    real = fid.classifier_metrics(fresh, fresh_source.labels, "toy", classifier=net)
     noise = fid.classifier_metrics(rng.integers(0, 256, (128, 32, 32, 3), dtype=np.uint8), None, "toy", classifier=net)
     assert noise["fd_classifier"] > 10 * real["fd_classifier"] and noise["class_agreement"] is None
-    shuffled = fid.classifier_metrics(fresh, rng.permutation(fresh_labels), "toy", classifier=net)
+    shuffled = fid.classifier_metrics(fresh, rng.permutation(fresh_source.labels), "toy", classifier=net)
     assert real["class_agreement"] >= 0.95 and 0.3 <= shuffled["class_agreement"] <= 0.7
     # one channel, or another size (resized with antialiasing), is the same picture to the classifier
     gray_features, gray_classes = fid.classify(net, fresh[..., :1])
     assert np.allclose(gray_features, fid.classify(net, fresh)[0], atol=1e-5)
-    big = fresh.repeat(2, axis=1).repeat(2, axis=2)
-    assert fid.classify(net, big)[1].tolist() == gray_classes.tolist()
-    with pytest.raises(ValueError, match="128 images and 3 labels"):
-        fid.classifier_metrics(fresh, [0, 1, 0], "toy", classifier=net)
+    assert fid.classify(net, fresh.repeat(2, axis=1).repeat(2, axis=2))[1].tolist() == gray_classes.tolist()
+    raises(ValueError, "128 images and 3 labels", fid.classifier_metrics, fresh, [0, 1, 0], "toy", classifier=net)
 
     # the CLI: samples with their labels, then the floors (a random tokenizer's reconstructions are far off)
     np.savez(tmp_path / "samples.npz", arr_0=test, labels=labels)
@@ -1599,8 +1440,7 @@ def test_classifier_trains_deterministically_is_cached_and_scores_samples_and_fl
     refused(capsys, fid.main, [str(tmp_path / "vq.pt"), "toy", "--classifier"], "not an .npz of images")
 
 
-# ====================================================================================================
-# The same numbers: weights after a fixed tiny run of each variant, and a fixed sample batch, as
+# ==== The same numbers: weights after a fixed tiny run of each variant, and a fixed sample batch, as
 # random projections recorded from the code before the redesign (testdata/behaviour_signature.json).
 # A change of the math or of any random stream moves them by percent; round-off between machines and
 # thread counts, by far less than the tolerance.
@@ -1651,11 +1491,10 @@ def test_weights_and_samples_match_the_recorded_behaviour(tmp_path):
     assert same >= 0.95, f"only {same:.0%} of the sampled tokens are the recorded ones"
 
 
-# ====================================================================================================
-# bench.py: the GPU check's code paths, at toy shapes on the CPU (what it measures is not tested)
+# ==== bench.py: the GPU check's code paths, at toy shapes on the CPU (what it measures is not tested) ====
 
 
-def test_gpu_check_runs_its_rows_at_toy_shapes(capsys):
+def test_gpu_check_runs_its_rows_at_toy_shapes_and_official_checkouts_import_side_by_side(tmp_path, capsys):
     import bench
 
     bench.main(["--device", "cpu", "--gpu-check", "--small", "--no-compile", "--threads", "1"])
@@ -1664,32 +1503,26 @@ def test_gpu_check_runs_its_rows_at_toy_shapes(capsys):
                 "sampling, batch 8", "FID Inception"):
         assert row in out, out
     assert re.search(r"Mirai-E .*tokens/s, \d+\.\d\dx baseline", out)
-
-
-def test_official_checkouts_import_side_by_side_and_leave_nothing_behind(tmp_path):
-    import bench  # --official: LlamaGen and Mirai-Code both hold a package `autoregressive`
-
+    # --official: LlamaGen's and Mirai-Code's checkouts both hold a package `autoregressive`; imported side by side,
+    # they leave nothing behind
     for repo in ("LlamaGen", "Mirai-Code"):
         pkg = tmp_path / repo / "autoregressive" / "models"
         pkg.mkdir(parents=True)
         (pkg.parent / "__init__.py").write_text("")
         (pkg / "__init__.py").write_text("")
         (pkg / "gpt.py").write_text(f"from timm.data import IMAGENET_DEFAULT_MEAN\nimport wandb\nWHO = {repo!r}\n")
-    a = bench.import_from(str(tmp_path / "LlamaGen"), ["autoregressive.models.gpt"])[0]
-    b = bench.import_from(str(tmp_path / "Mirai-Code"), ["autoregressive.models.gpt"])[0]
+    a, b = (bench.import_from(str(tmp_path / r), ["autoregressive.models.gpt"])[0] for r in ("LlamaGen", "Mirai-Code"))
     assert (a.WHO, b.WHO, a.IMAGENET_DEFAULT_MEAN) == ("LlamaGen", "Mirai-Code", None)
     assert not {"timm", "wandb", "autoregressive"} & set(sys.modules) and str(tmp_path) not in " ".join(sys.path)
-    with pytest.raises(SystemExit, match="holds no LlamaGen checkout"):
-        bench.main(["--official", str(tmp_path / "nowhere"), "--skip", "train,sample,inception,memory"])
+    raises(SystemExit, "holds no LlamaGen checkout", bench.main,
+           ["--official", str(tmp_path / "nowhere"), "--skip", "train,sample,inception,memory"])
 
 
-# ====================================================================================================
-# The main job end to end: tokenizer -> codes -> each foresight variant -> samples -> statistics
+# ==== The main job end to end: tokenizer -> codes -> each foresight variant -> samples -> statistics ======
 
 
 def test_the_whole_pipeline_end_to_end(tmp_path, monkeypatch, capsys):
-    folder = make_image_folder(tmp_path / "images", classes=2, per_class=16)
-    out = tmp_path / "run"
+    folder, out = make_image_folder(tmp_path / "images", classes=2, per_class=16), tmp_path / "run"
     common = ["--dataset", "folder", "--data-path", str(folder), "--out", str(out), "--image-size", "16",
               "--vq-steps", "4", "--max-steps", "10", "--global-batch-size", "4", "--no-progress",
               "--num-sample-images", "4", "--foresight-proj-dim", "32"]
@@ -1702,7 +1535,7 @@ def test_the_whole_pipeline_end_to_end(tmp_path, monkeypatch, capsys):
         exp = out / f"gpt-{variant}"
         assert (exp / "samples" / "0000010.png").is_file() and (exp / "checkpoints" / "last.pt").is_file()
         if variant != "none":
-            assert "foresight" in json.loads((exp / "metrics.jsonl").read_text().splitlines()[-1])
+            assert "foresight" in metrics(exp)[-1]
     # a small run's defaults: Mirai-E waits 10% of the run with lambda 1, Mirai-I starts at once with lambda 2
     assert "lambda [1.0, 1.0, 1.0], warm-up 1 steps" in (out / "gpt-explicit" / "log.txt").read_text()
     assert "lambda [2.0], warm-up 0 steps" in (out / "gpt-implicit" / "log.txt").read_text()
