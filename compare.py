@@ -165,7 +165,8 @@ def main(argv=None):
     groups = group_runs(args.runs, args.group_by.split(","))
     if not groups:
         raise SystemExit("error: none of the runs has evaluation rows in its metrics.jsonl (train with --eval-every)")
-    names = sorted({k for runs in groups.values() for _, _, rows in runs for r in rows.values() for k in r} - {"step"},
+    names = sorted({k for runs in groups.values() for _, _, rows in runs for r in rows.values() for k, v in r.items()
+                    if k.startswith("eval_") and isinstance(v, (int, float))},  # not notes beside the metrics
                    key=lambda k: ("raw_" in k, k.replace("raw_", "") != args.metric, k.replace("raw_", "")))
     print(table(groups, names))
     if args.paired:

@@ -663,6 +663,7 @@ def test_compare_tabulates_seeds_and_draws_the_curve(tmp_path, capsys):
         (run / "checkpoints").mkdir()
         rows = [r for s in (1, 2) for r in [{"step": s, "loss": 2.0}, {"step": s, "eval_class_agreement": 0.5,
                                                                           "eval_fd_classifier": base / s + seed}]]
+        rows.append({"step": 2, "eval_class_agreement": 0.6, "posthoc": "recomputed"})  # a later row wins; notes skip
         (run / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
         torch.save({"args": {"foresight": variant, "seed": seed}}, run / "checkpoints" / "last.pt")
         Image.new("RGB", (20, 10), (200, 0, 0)).save(run / "samples" / "0000002.png")
@@ -670,8 +671,9 @@ def test_compare_tabulates_seeds_and_draws_the_curve(tmp_path, capsys):
     out = capsys.readouterr().out
     for row in ("| implicit | 2 | -5.000 ± 0.000 (n=3) | +0.000 ± 0.000 (n=3) |",  # 10 + seed against 15 + seed
                 "| variant | step | fd_classifier | class_agreement |", "| implicit | 1 | 21.000 ± 1.000 (n=3)",
-                "| none | 2 | 16.000 ± 1.000 (n=3) | 0.500 ± 0.000 (n=3) |"):
+                "| none | 2 | 16.000 ± 1.000 (n=3) | 0.600 ± 0.000 (n=3) |", "| none | 1 | 31.000 ± 1.000 (n=3) | 0.500"):
         assert row in out, row
+    assert "posthoc" not in out
     figure = np.asarray(Image.open(tmp_path / "c.png"))
     assert figure.shape[1] > 520 + 2 * 20 and (figure[..., 0] > 150).any()
     (tmp_path / "none-0" / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": 2.0}) + "\n")  # no evaluation
