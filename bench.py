@@ -425,7 +425,7 @@ def main(argv=None):
             rows.append(("  official: LlamaGen baseline", t["official baseline"], "s",
                          f"ours {t['none'] / t['official baseline']:.2f}x its time"))
             rows.append(("  official: Mirai-Code Mirai-E", t["official Mirai-E"], "s",
-                         f"ours {t['explicit'] / t['official Mirai-E']:.2f}x its time (--use-prev-iter-ema, as its README)"))
+                         f"ours {t['explicit'] / t['official Mirai-E']:.2f}x its time (with --use-prev-iter-ema, the teacher its script needs)"))
         enc = bench_vq_teacher(args, device)
         rows.append(("Mirai-I teacher: VQ-S encoder", enc, "s", f"per batch of {args.batch} (32 px); DINOv2 is timed by no one here"))
     if "sample" not in skip:

@@ -11,6 +11,7 @@ and the seeded epoch order, files written whole, checkpoints read with one-sente
 `python data.py cifar10 --data-path data` fetches a dataset and says what it holds.
 """
 import argparse
+import contextlib
 import dataclasses
 import gzip
 import hashlib
@@ -93,6 +94,15 @@ def run_command(work, *args):
         if os.environ.get("MIRAI_DEBUG"):
             raise
         raise SystemExit(f"error: {one_line(e)}") from None
+
+
+@contextlib.contextmanager
+def blame(flag):
+    """A refused input (a missing file, a wrong value) re-raised as one sentence that names its flag."""
+    try:
+        yield
+    except (FileNotFoundError, ValueError) as e:
+        raise ValueError(f"{flag}: {e}") from e
 
 
 def folder_name(text):

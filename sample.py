@@ -23,7 +23,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from model import GPT_PRESETS, load_gpt
-from data import (FINITE, NONNEG_INT, POSITIVE, POSITIVE_INT, arg_type, atomic_write, barrier, cleanup_distributed,
+from data import (FINITE, blame, NONNEG_INT, POSITIVE, POSITIVE_INT, arg_type, atomic_write, barrier, cleanup_distributed,
                   read_checkpoint, run_command, save_grid, setup_distributed)
 from tokenizer import VQ_PRESETS, load_vq, sample_images
 
@@ -243,15 +243,12 @@ def check_args(args):
 
 
 def load_models(args, device):
-    def named(flag, load):  # a loader's error, prefixed with the flag that named the file
-        try:
-            return load()
-        except (FileNotFoundError, ValueError) as e:
-            raise ValueError(f"{flag}: {e}") from None
-    vq = named("--vq-ckpt", lambda: load_vq(args.vq_ckpt, preset=args.vq_model, device=device))
-    grid = named("--image-size", lambda: vq.grid_size(args.image_size)) if args.image_size else None
-    gpt = named("--gpt-ckpt", lambda: load_gpt(args.gpt_ckpt, preset=args.gpt_model, grid_size=grid, use_ema=args.ema,
-                                               device=device))
+    with blame("--vq-ckpt"):
+        vq = load_vq(args.vq_ckpt, preset=args.vq_model, device=device)
+    with blame("--image-size"):
+        grid = vq.grid_size(args.image_size) if args.image_size else None
+    with blame("--gpt-ckpt"):
+        gpt = load_gpt(args.gpt_ckpt, preset=args.gpt_model, grid_size=grid, use_ema=args.ema, device=device)
     check_compatible(gpt, vq, args.image_size)
     if device.type == "cuda":  # a CPU has no fast half-precision matmuls; fp32 there
         gpt = gpt.to(PRECISIONS[args.precision])

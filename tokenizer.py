@@ -10,7 +10,6 @@ buffer (LlamaGen wraps it in an nn.Parameter, which breaks in-place updates on a
 There is no perceptual (LPIPS) loss: it needs VGG weights, which we do not ship.
 """
 import argparse
-import contextlib
 import functools
 import json
 import math
@@ -26,7 +25,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import data
-from data import (NONNEG, NONNEG_INT, POSITIVE, POSITIVE_INT, Logger, add_options, arg_type, atomic_write, barrier,
+from data import (NONNEG, blame, NONNEG_INT, POSITIVE, POSITIVE_INT, Logger, add_options, arg_type, atomic_write, barrier,
                   cleanup_distributed, option, read_checkpoint, save_atomic, save_grid, setup_distributed)
 from model import load_state_dict_strict
 
@@ -371,15 +370,6 @@ class RFID:
 
     def __call__(self, model):
         return self.fid.frechet_distance(*self.stats(reconstruct(model, self.images, self.device)), *self.real)
-
-
-@contextlib.contextmanager
-def blame(flag):
-    """A refused input (a missing file, a wrong value) re-raised as one sentence that names its flag."""
-    try:
-        yield
-    except (FileNotFoundError, ValueError) as e:
-        raise ValueError(f"{flag}: {e}") from e
 
 
 def read_resume(s, cfg):

@@ -533,7 +533,8 @@ def held_out_loss(model, codes, device, images, batch=1000):
     x_all = torch.from_numpy(np.asarray(codes.codes[:images], dtype=np.int64).reshape(-1, codes.codes.shape[-1]))
     y_all = torch.from_numpy(np.repeat(np.asarray(codes.labels[:images], dtype=np.int64), codes.num_views))
     for x, y in zip(x_all.split(batch), y_all.split(batch)):
-        total += model(x[:, :-1].to(device), y.to(device), targets=x.to(device), drop_labels=False)[1].item() * len(x)
+        x, y = x.to(device), y.to(device)
+        total += model(x[:, :-1], y, targets=x, drop_labels=False)[1].item() * len(x)
     model.train(was_training)
     return total / len(x_all)
 
