@@ -465,7 +465,10 @@ def load_gpt(path, preset=None, grid_size=None, use_ema=False, device="cpu", **o
 # Optimizer
 
 
-def make_adamw(modules, lr=1e-4, weight_decay=0.05, betas=(0.9, 0.95)):
+BETAS, MAX_GRAD_NORM = (0.9, 0.95), 1.0  # LlamaGen's, for every optimizer here (GPT, tokenizer, discriminator)
+
+
+def make_adamw(modules, lr=1e-4, weight_decay=0.05, betas=BETAS):
     """LlamaGen's AdamW: weight decay on matrices (and embeddings) only, never on norms or biases.
 
     The fused kernel is used where torch has one (CUDA, and CPU since 2.4): it is the same update,

@@ -27,7 +27,7 @@ from tqdm import tqdm
 import data
 from data import (NONNEG, blame, NONNEG_INT, POSITIVE, POSITIVE_INT, Logger, add_options, arg_type, atomic_write, barrier,
                   cleanup_distributed, option, read_checkpoint, save_atomic, save_grid, setup_distributed)
-from model import load_state_dict_strict
+from model import BETAS, MAX_GRAD_NORM, load_state_dict_strict
 
 # ----------------------------------------------------------------------------------------------------
 # Config and presets
@@ -309,8 +309,6 @@ def sample_images(gpt, vq, labels, cfg_scale=1.0, cfg_interval=-1, temperature=1
 
 # ----------------------------------------------------------------------------------------------------
 # Training: L2 (+ L1) reconstruction, codebook and commitment losses, a PatchGAN from --disc-start on
-
-BETAS, MAX_GRAD_NORM = (0.9, 0.95), 1.0  # LlamaGen's, for both optimizers
 
 
 class PatchDiscriminator(nn.Module):

@@ -32,7 +32,7 @@ import foresight as FS
 from data import (FINITE, NONNEG, NONNEG_INT, POSITIVE, POSITIVE_INT, PROBABILITY, CodeDataset, EpochSampler, Logger,
                   cleanup_distributed, folder_name, one_line, read_checkpoint, run_command, save_atomic, save_grid,
                   setup_distributed)
-from model import GPT, GPT_PRESETS, gpt_config, load_gpt, make_adamw
+from model import GPT, GPT_PRESETS, MAX_GRAD_NORM, gpt_config, load_gpt, make_adamw
 from tokenizer import load_vq, sample_images
 
 # ----------------------------------------------------------------------------------------------------
@@ -91,9 +91,6 @@ def build_parser():
     o("--grad-accum", type=POSITIVE_INT, default=1, help="micro-batches per step on each rank")
     o("--lr", type=POSITIVE, default=1e-4)
     o("--weight-decay", type=NONNEG, default=5e-2)
-    o("--beta1", type=PROBABILITY, default=0.9)
-    o("--beta2", type=PROBABILITY, default=0.95)
-    o("--max-grad-norm", type=POSITIVE, default=1.0)
     o("--ema", action="store_true", help="keep an EMA of the weights (always on for Mirai-E: it is the teacher)")
     o("--ema-decay", type=PROBABILITY, default=0.9999)
     o("--mixed-precision", default="bf16", choices=["none", "bf16", "fp16"], help="autocast on GPU; a CPU runs fp32")
@@ -252,7 +249,7 @@ def foresight_setup(args, fs, depth):
 def run_settings(a, fs, dim):
     """The flags that define a run, as values: the data order in the epoch, the optimizer state and the
     heads were made with them, so a resumed run must use the same ones."""
-    keys = ["global_batch_size", "grad_accum", "lr", "weight_decay", "beta1", "beta2", "max_grad_norm", "seed"]
+    keys = ["global_batch_size", "grad_accum", "lr", "weight_decay", "seed"]
     out = {k: a.get(k) for k in keys}
     out["ema"] = bool(a.get("ema")) or a.get("foresight") == "explicit"
     if out["ema"]:
@@ -351,7 +348,7 @@ def _train(args, rank, world, device):
     gpt, vq, fs, teacher, depth, coefs = build_models(args, meta, device)
     ema = copy.deepcopy(gpt).requires_grad_(False).eval() if args.ema or args.foresight == "explicit" else None
     student = FS.Student(gpt, fs, depth).to(device)
-    opt = make_adamw([student], lr=args.lr, weight_decay=args.weight_decay, betas=(args.beta1, args.beta2))
+    opt = make_adamw([student], lr=args.lr, weight_decay=args.weight_decay)
     resume, exp_dir = run_folder(args, rank, world)
     step, epoch, in_epoch = 0, 0, 0
     if resume:
@@ -437,7 +434,7 @@ def _train(args, rank, world, device):
             if fs is not None and scale == 0:
                 for p in fs.parameters():  # warm-up: the heads are not stepped (nor weight-decayed) yet
                     p.grad = None
-            meter.step(nn.utils.clip_grad_norm_(raw_student.parameters(), args.max_grad_norm), scale > 0)
+            meter.step(nn.utils.clip_grad_norm_(raw_student.parameters(), MAX_GRAD_NORM), scale > 0)
             scaler.step(opt)
             scaler.update()
             opt.zero_grad(set_to_none=True)
