@@ -48,10 +48,9 @@ def arg_type(kind, lo=None, hi=None, lo_open=False, hi_open=False):
         low = lo is not None and (value <= lo if lo_open else value < lo)
         high = hi is not None and (value >= hi if hi_open else value > hi)
         if not math.isfinite(value) or low or high:
-            bounds = " and ".join(b for b in (
-                lo is not None and f"{'above' if lo_open else 'at least'} {lo}",
-                hi is not None and f"{'below' if hi_open else 'at most'} {hi}") if b)
-            raise argparse.ArgumentTypeError(f"expected a finite value {bounds or ''}, got {text!r}".rstrip())
+            bounds = " and ".join(b for b in (lo is not None and f"{'above' if lo_open else 'at least'} {lo}",
+                                              hi is not None and f"{'below' if hi_open else 'at most'} {hi}") if b)
+            raise argparse.ArgumentTypeError(f"expected a finite value {bounds}, got {text!r}")
         return value
     parse.__name__ = kind.__name__
     return parse
@@ -72,10 +71,8 @@ def option(default=None, help=None, **argparse_kw):
 def add_options(parser, settings):
     """One --kebab-case flag per field of the dataclass `settings`, with its default and metadata."""
     for f in dataclasses.fields(settings):
-        kw = dict(f.metadata)
-        if kw.get("action") != "store_true":
-            kw["default"] = f.default
-        parser.add_argument("--" + f.name.replace("_", "-"), **kw)
+        default = {} if f.metadata.get("action") == "store_true" else {"default": f.default}
+        parser.add_argument("--" + f.name.replace("_", "-"), **f.metadata, **default)
 
 
 def one_line(error):
@@ -107,7 +104,7 @@ def blame(flag):
 
 def folder_name(text):
     """A run's folder name: one path component, so it stays inside its results folder."""
-    if not text or text in (".", "..") or "/" in text or "\\" in text or os.sep in text:
+    if not text or text in (".", "..") or "/" in text or "\\" in text:
         raise argparse.ArgumentTypeError(f"expected a plain folder name without path separators, got {text!r}")
     return text
 
@@ -118,16 +115,14 @@ def folder_name(text):
 def setup_distributed():
     """-> (global rank, world size, device). Under torchrun each process takes the GPU of its local
     rank (its index on its own machine); the global rank decides who writes (rank 0 only)."""
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    if world > 1:
-        import torch.distributed as dist
-        local = int(os.environ.get("LOCAL_RANK", 0))
-        if torch.cuda.is_available():
-            torch.cuda.set_device(local)
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-        device = torch.device(f"cuda:{local}" if torch.cuda.is_available() else "cpu")
-        return dist.get_rank(), world, device
-    return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    world, cuda = int(os.environ.get("WORLD_SIZE", 1)), torch.cuda.is_available()
+    if world <= 1:
+        return 0, 1, torch.device("cuda" if cuda else "cpu")
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    if cuda:
+        torch.cuda.set_device(local)
+    torch.distributed.init_process_group("nccl" if cuda else "gloo")
+    return torch.distributed.get_rank(), world, torch.device(f"cuda:{local}" if cuda else "cpu")
 
 
 def barrier(world):
@@ -172,7 +167,7 @@ def atomic_write(path, write):
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=os.path.basename(path) + ".", suffix=".tmp")
-    umask = os.umask(0)
+    umask = os.umask(0)  # read the umask (setting it is the only way), and put it back
     os.umask(umask)
     try:
         with os.fdopen(fd, "wb") as f:
@@ -199,12 +194,11 @@ class Logger:
         self.metrics = open(os.path.join(exp_dir, "metrics.jsonl"), "a") if rank == 0 else None
 
     def __call__(self, msg):
-        if self.rank != 0:
-            return
-        line = f"[{time.strftime('%Y-%m-%d %H:%M:%S')}] {msg}"
-        (self.bar.write if self.bar is not None else print)(line)
-        self.log.write(line + "\n")
-        self.log.flush()
+        if self.rank == 0:
+            line = f"[{time.strftime('%Y-%m-%d %H:%M:%S')}] {msg}"
+            (self.bar.write if self.bar is not None else print)(line)
+            self.log.write(line + "\n")
+            self.log.flush()
 
     def record(self, row):
         if self.rank == 0:
@@ -248,7 +242,7 @@ CIFAR_CLASSES = "airplane automobile bird cat deer dog frog horse ship truck".sp
 IDX_FILES = {"train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
              "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")}
 IDX_COUNTS = {"train": 60000, "test": 10000}
-IDX_IMAGES_MAGIC, IDX_LABELS_MAGIC = 2051, 2049
+IDX_MAGIC = {"images": 2051, "labels": 2049}  # 0x0800 (unsigned bytes) + the number of dimensions
 MNIST_LIKE = {  # url, MD5 of the four files in IDX_FILES' order (train images, labels, test images, labels), classes
     "mnist": ("https://storage.googleapis.com/cvdf-datasets/mnist/",
               ["f68b3c2dcbeaaa9fbdd348bbdeb94873", "d53e105ee54ea40749a09fcbcd1e9432",
@@ -258,15 +252,12 @@ MNIST_LIKE = {  # url, MD5 of the four files in IDX_FILES' order (train images, 
                        "bef4ecab320f06d8554ea6380940ec79", "bb300cfdad3c16e7a12a480ee83cd310"],
                       "t-shirt trouser pullover dress coat sandal shirt sneaker bag ankle-boot".split()),
 }
-DATASETS = {
-    "cifar10": "CIFAR-10, 32x32 RGB, 10 classes; --data-path holds cifar-10-python.tar.gz or cifar-10-batches-py/ "
-               "(downloaded there when missing)",
-    "mnist": "MNIST digits, 28x28 gray; IDX .gz files in --data-path or /usr/share/datasets/mnist/ "
-             "(downloaded when missing)",
-    "fashion-mnist": "Fashion-MNIST, 28x28 gray; IDX .gz files in --data-path or /usr/share/datasets/fashion-mnist/ "
-                     "(apt install dataset-fashion-mnist)",
-    "folder": "any image folder with one sub-folder per class (ImageNet train/ layout) at --data-path, or "
-              "--data-path/<split>/ when that exists; alias: imagenet",
+DATASETS = {  # name: what --data-path holds (the help of `python data.py`)
+    "cifar10": "CIFAR-10, 32x32 RGB: cifar-10-python.tar.gz or cifar-10-batches-py/ (downloaded there when missing)",
+    "mnist": "MNIST, 28x28 gray: the IDX .gz files, else /usr/share/datasets/mnist/ (downloaded when missing)",
+    "fashion-mnist": "Fashion-MNIST, 28x28 gray: the IDX .gz files, else /usr/share/datasets/fashion-mnist/ (apt "
+                     "install dataset-fashion-mnist; downloaded when missing)",
+    "folder": "one sub-folder of images per class (ImageNet's train/ layout), or a <split>/ of those; alias: imagenet",
 }
 SPLITS = ("train", "test", "val")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".pgm", ".tif", ".tiff")
@@ -281,18 +272,18 @@ def file_md5(path, chunk=1 << 20):
 
 
 def download_file(url, dest, md5=None):
-    """Fetch url to dest with a progress bar; resumes a left-over dest.part when the server can."""
-    part = dest + ".part"
+    """Fetch url to dest (making its folder) with a progress bar; resumes a left-over dest.part when the server can."""
+    part, manual = dest + ".part", f"download {url} by hand and put it at {dest}"
     have = os.path.getsize(part) if os.path.exists(part) else 0
     request = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
-    manual = f"download {url} by hand and put it at {dest}"
+    os.makedirs(os.path.dirname(os.path.abspath(dest)), exist_ok=True)
     try:
         with urllib.request.urlopen(request, timeout=60) as response:
-            resumed = have > 0 and getattr(response, "status", None) == 206
-            mode, have = ("ab", have) if resumed else ("wb", 0)
+            have = have if getattr(response, "status", None) == 206 else 0  # not resumed: the whole file again
             size = response.headers.get("Content-Length")
-            with open(part, mode) as f, tqdm(total=have + int(size) if size else None, initial=have, unit="B",
-                                             unit_scale=True, desc=os.path.basename(dest)) as bar:
+            bar = tqdm(total=have + int(size) if size else None, initial=have, unit="B", unit_scale=True,
+                       desc=os.path.basename(dest))
+            with open(part, "ab" if have else "wb") as f, bar:
                 while block := response.read(1 << 20):
                     bar.update(f.write(block))
     except urllib.error.HTTPError as e:
@@ -327,14 +318,11 @@ class _ArrayUnpickler(pickle.Unpickler):
 def _cifar_batch(raw, where):
     try:  # the official batches were pickled by Python 2: latin1 keeps the numpy bytes intact
         d = _ArrayUnpickler(io.BytesIO(raw), encoding="latin1").load()
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError) as e:
-        raise ValueError(f"{where} is not a readable CIFAR-10 batch ({e})") from None
-    if not isinstance(d, dict):
-        raise ValueError(f"{where} is not a CIFAR-10 batch: it holds a {type(d).__name__}, not a dict")
-    d = {k.decode() if isinstance(k, bytes) else k: v for k, v in d.items()}
-    if "data" not in d or "labels" not in d:
-        raise ValueError(f"{where} is not a CIFAR-10 batch: it has no 'data' and 'labels' entries")
-    data, labels = np.asarray(d["data"], dtype=np.uint8), np.asarray(d["labels"], dtype=np.int64)
+        d = {k.decode() if isinstance(k, bytes) else k: v for k, v in d.items()}  # bytes keys: pickled by Python 3
+        data, labels = np.asarray(d["data"], dtype=np.uint8), np.asarray(d["labels"], dtype=np.int64)
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, KeyError, AttributeError) as e:
+        raise ValueError(f"{where} is not a readable CIFAR-10 batch, a pickled dict of 'data' and 'labels' "
+                         f"({type(e).__name__}: {e})") from None
     if data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or len(labels) != len(data):
         raise ValueError(f"{where} holds data of shape {data.shape} and {len(labels)} labels, expected (n, 3072) and n")
     return data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1), labels
@@ -345,10 +333,9 @@ def read_cifar(path, split):
     names, parts = CIFAR_BATCHES[split], {}  # each batch is decoded as soon as it is read
     if os.path.isdir(path):
         for n in names:
-            if not os.path.isfile(f := os.path.join(path, n)):
-                raise FileNotFoundError(f"{path} lacks the CIFAR-10 batch {n}")
-            with open(f, "rb") as fh:
-                parts[n] = _cifar_batch(fh.read(), f)
+            if os.path.isfile(f := os.path.join(path, n)):
+                with open(f, "rb") as fh:
+                    parts[n] = _cifar_batch(fh.read(), f)
     else:
         try:
             with tarfile.open(path, "r:gz") as tar:
@@ -358,23 +345,22 @@ def read_cifar(path, split):
         except (tarfile.TarError, EOFError, OSError) as e:
             raise ValueError(f"{path} is not a readable cifar-10-python.tar.gz ({e}); delete it and run again to "
                              f"download it afresh") from None
-        if missing := [n for n in names if n not in parts]:
-            raise ValueError(f"{path} lacks the CIFAR-10 batches {', '.join(missing)}")
+    if missing := [n for n in names if n not in parts]:
+        raise FileNotFoundError(f"{path} lacks the CIFAR-10 batches {', '.join(missing)}")
     return np.concatenate([parts[n][0] for n in names]), np.concatenate([parts[n][1] for n in names])
 
 
-def read_idx(path, magic, count=None):
-    """A uint8 IDX array (.gz or raw), checked against its header: magic, sizes, (count)."""
+def read_idx(path, what, count=None):
+    """A uint8 IDX array (.gz or raw) of "images" or "labels", checked against its header: magic, sizes, (count)."""
     try:
         with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
             raw = f.read()
     except (OSError, EOFError) as e:
         raise ValueError(f"{path} is not a readable IDX file ({e})") from None
+    magic, ndim = IDX_MAGIC[what], IDX_MAGIC[what] & 0xFF
     got = struct.unpack(">i", raw[:4])[0] if len(raw) >= 4 else None
     if got != magic:
-        raise ValueError(f"{path} has IDX magic number {got}, expected {magic} "
-                         f"({'images' if magic == IDX_IMAGES_MAGIC else 'labels'})")
-    ndim = magic & 0xFF
+        raise ValueError(f"{path} has IDX magic number {got}, expected {magic} ({what})")
     shape, body = struct.unpack(f">{ndim}i", raw[4:4 + 4 * ndim]), raw[4 + 4 * ndim:]
     if len(body) != int(np.prod(shape)):
         raise ValueError(f"{path} holds {len(body)} bytes after its header, expected {int(np.prod(shape))} for shape "
@@ -391,8 +377,6 @@ class ArraySource:
     """Datasets small enough to hold in memory: uint8 (N, H, W) gray or (N, H, W, 3) RGB."""
 
     def __init__(self, name, images, labels, classes):
-        if len(images) != len(labels):
-            raise ValueError(f"{name}: {len(images)} images but {len(labels)} labels")
         self.name, self.images, self.labels, self.classes = name, images, labels, list(classes)
         self.num_classes = len(self.classes)
 
@@ -408,32 +392,31 @@ class ArraySource:
 
 
 class FolderSource(ArraySource):
-    """One sub-folder per class; only the file list is kept, images are read when asked for."""
+    """One sub-folder per class; `images` holds the file names, each image is read when asked for."""
 
-    def __init__(self, root, name="folder"):
+    def __init__(self, root):
         classes = sorted(e.name for e in os.scandir(root) if e.is_dir())
         if not classes:
             raise FileNotFoundError(f"--data-path {root} has no class sub-folders; expected an ImageNet-style "
                                     f"folder, one sub-folder of images per class")
-        self.files, labels = [], []
+        files, labels = [], []
         for c, cls in enumerate(tqdm(classes, desc="scanning classes", leave=False, disable=len(classes) < 100)):
             for dirpath, dirnames, filenames in os.walk(os.path.join(root, cls), followlinks=True):
                 dirnames.sort()
                 found = [os.path.join(dirpath, f) for f in sorted(filenames) if f.lower().endswith(IMAGE_EXTENSIONS)]
-                self.files += found
+                files += found
                 labels += [c] * len(found)
-        if not self.files:
+        if not files:
             raise FileNotFoundError(f"--data-path {root} has class folders but no images in them "
                                     f"(looked for {', '.join(IMAGE_EXTENSIONS)})")
-        super().__init__(name, self.files, np.asarray(labels, dtype=np.int64), classes)
-        self.root = root
+        super().__init__("folder", files, np.asarray(labels, dtype=np.int64), classes)
 
     def image(self, i):
         try:
-            with Image.open(self.files[i]) as im:
+            with Image.open(self.images[i]) as im:
                 return im.convert("RGB")
         except OSError as e:
-            raise ValueError(f"cannot read the image {self.files[i]} ({e})") from None
+            raise ValueError(f"cannot read the image {self.images[i]} ({e})") from None
 
 
 def _open_cifar(data_path, split, download_ok):
@@ -446,7 +429,6 @@ def _open_cifar(data_path, split, download_ok):
         if not download_ok or os.path.isfile(root):
             raise FileNotFoundError(f"CIFAR-10 not found in {root}: download {CIFAR_URL} (MD5 {CIFAR_MD5}) into that "
                                     f"folder, or allow the download")
-        os.makedirs(root, exist_ok=True)
         found = download_file(CIFAR_URL, tarball, CIFAR_MD5)
     return ArraySource("cifar10", *read_cifar(found, split), CIFAR_CLASSES)
 
@@ -461,8 +443,7 @@ def _open_idx(name, data_path, split, download_ok):
         return None if None in paths else paths
 
     folders = [data_path, os.path.join(data_path, name)] if data_path else []
-    paths = next((p for folder in folders if (p := find(folder))), None)
-    count = None
+    paths, count = next((p for folder in folders if (p := find(folder))), None), None
     if paths is None:  # Debian recompressed the files, so their MD5s differ: the headers and counts vouch instead
         paths, count = find(os.path.join(SYSTEM_DATASETS, name)), IDX_COUNTS[split]
     if paths is None:
@@ -470,12 +451,9 @@ def _open_idx(name, data_path, split, download_ok):
             raise FileNotFoundError(f"{name} ({split}) not found in {data_path or '(no --data-path)'} or "
                                     f"{os.path.join(SYSTEM_DATASETS, name)}: put {files[0]} and {files[1]} from {url} "
                                     f"there, or allow the download")
-        target = os.path.join(data_path or DEFAULT_DATA_ROOT, name)
-        os.makedirs(target, exist_ok=True)
         md5 = dict(zip(IDX_FILES["train"] + IDX_FILES["test"], md5s))
-        paths = [download_file(url + f, os.path.join(target, f), md5[f]) for f in files]
-    images = read_idx(paths[0], IDX_IMAGES_MAGIC, count)
-    labels = read_idx(paths[1], IDX_LABELS_MAGIC, count).astype(np.int64)
+        paths = [download_file(url + f, os.path.join(data_path or DEFAULT_DATA_ROOT, name, f), md5[f]) for f in files]
+    images, labels = read_idx(paths[0], "images", count), read_idx(paths[1], "labels", count).astype(np.int64)
     if len(images) != len(labels):
         raise ValueError(f"{paths[0]} holds {len(images)} images but {paths[1]} {len(labels)} labels")
     return ArraySource(name, images, labels, classes)
@@ -635,7 +613,7 @@ class CodeDataset(torch.utils.data.Dataset):
         return out + (torch.from_numpy(a).permute(2, 0, 1).contiguous(),)
 
 
-if __name__ == "__main__":
+def main(argv=None):
     p = argparse.ArgumentParser(description="Fetch a dataset, say what it holds, optionally save a PNG of its views.")
     p.add_argument("dataset", help="; ".join(f"{k}: {v}" for k, v in DATASETS.items()) + "; append -train / -test "
                                    "to pick the split (e.g. cifar10-test)")
@@ -646,18 +624,19 @@ if __name__ == "__main__":
     p.add_argument("--views", default="none", choices=list(VIEWS))
     p.add_argument("--preview", default=None, help="PNG file: 8 images, one row per image")
     p.add_argument("--force", action="store_true", help="overwrite an existing --preview")
-    args = p.parse_args()
-    try:
-        ds = open_dataset(args.dataset, args.data_path, args.split, download=not args.no_download)
-    except (FileNotFoundError, ValueError) as e:
-        raise SystemExit(f"error: {one_line(e)}")
+    args = p.parse_args(argv)
+    ds = open_dataset(args.dataset, args.data_path, args.split, download=not args.no_download)
     print(f"{ds.name}: {len(ds)} images, {ds.num_classes} classes, first image {ds.image(0).size}")
     print("per class:", dict(zip(ds.classes[:20], np.bincount(ds.labels, minlength=ds.num_classes)[:20].tolist())))
     if args.preview:
         if os.path.exists(args.preview) and not args.force:
-            raise SystemExit(f"error: --preview {args.preview} exists; pass --force to replace it")
+            raise FileExistsError(f"--preview {args.preview} exists; pass --force to replace it")
         n = num_views(args.views)
         views = [make_view(ds.image(i), args.image_size, args.views, v)
                  for i in range(min(8, len(ds))) for v in range(n)]
         save_grid(views, args.preview, nrow=n, padding=0)
         print(f"wrote {args.preview}")
+
+
+if __name__ == "__main__":
+    run_command(main)
