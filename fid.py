@@ -180,18 +180,27 @@ def _as_nchw(batch):  # uint8 NHWC (as in .npz files) or float/uint8 NCHW, numpy
     return x
 
 
+class _Lazy:  # images read one at a time when a slice of them is asked for, so that no set need fit in memory
+    def __init__(self, count, read):
+        self.count, self.read = count, read
+
+    def __len__(self):
+        return self.count
+
+    def __getitem__(self, part):
+        return np.stack([self.read(i) for i in range(*part.indices(self.count))])
+
+
 @torch.inference_mode()
 def extract(model, images, batch_size=50, device=None, progress=True):
-    """pool3 features (N, 2048) and IS logits (N, 1008), float32 numpy, of a uint8 NHWC array (or NCHW, or floats in
-    [0, 1]) or an iterable of such batches. The logits lack fc's bias, as the ADM evaluator's softmax takes them."""
+    """pool3 features (N, 2048) and IS logits (N, 1008), float32 numpy, of uint8 NHWC images (or NCHW, or floats in
+    [0, 1]): an array, a tensor or a _Lazy. The logits lack fc's bias, as the ADM evaluator's softmax takes them."""
     device = torch.device(device) if device is not None else next(model.parameters()).device
-    total = getattr(images, "__len__", lambda: None)()  # in images, for the progress bar
-    array = isinstance(images, (np.ndarray, torch.Tensor))
-    batches = (images[i:i + batch_size] for i in range(0, total, batch_size)) if array else images
     pool3, logits = [], []
-    with tqdm(total=total, unit="img", desc="inception", disable=not progress, leave=False) as bar:
-        for batch in batches:
-            p, _ = model(_as_nchw(batch).to(device, non_blocking=True).contiguous(memory_format=torch.channels_last))
+    with tqdm(total=len(images), unit="img", desc="inception", disable=not progress, leave=False) as bar:
+        for i in range(0, len(images), batch_size):
+            x = _as_nchw(images[i:i + batch_size]).to(device, non_blocking=True)
+            p, _ = model(x.contiguous(memory_format=torch.channels_last))
             pool3.append(p.float().cpu())
             logits.append((p @ model.fc.weight.t()).float().cpu())
             bar.update(len(p))
@@ -318,41 +327,28 @@ def cache_dir(name="", data_path=None):  # another --data-path may hold other da
     return os.path.join(root, tag + name) if name else root
 
 
-class _Lazy:  # images read on demand, batch by batch; its length (in images) is for extract's progress bar
-    def __init__(self, count, read, batch_size):
-        self.count, self.read, self.batch_size = count, read, batch_size
-
-    def __len__(self):
-        return self.count
-
-    def __iter__(self):
-        for i in range(0, self.count, self.batch_size):
-            yield np.stack([self.read(j) for j in range(i, min(i + self.batch_size, self.count))])
-
-
 def load_side(source, get_model, batch_size=50, device="cpu", image_size=None, data_path=None):
     """Images (uint8 NHWC), an .npz (images or statistics), a folder of images, or a dataset name -> Side; a dataset's
     statistics (of every image, ADM centre crop) are computed once and cached."""
-    cache = given = None
-    source = str(source) if isinstance(source, (str, os.PathLike)) else source
+    given = cache = None
+    source = os.fspath(source) if isinstance(source, os.PathLike) else source
     if isinstance(source, (np.ndarray, torch.Tensor)):
         name, images, size = "samples", source, _as_nchw(source[:1]).shape[2]
     elif os.path.isfile(source):
         try:
-            npz = np.load(source)
+            name, npz = os.path.basename(source), np.load(source)
             keys = set(npz.files)
         except Exception as e:
             raise ValueError(f"{source} is not a readable .npz file ({type(e).__name__}).") from None
-        if "arr_0" not in keys and not {"mu", "sigma"} <= keys:
-            raise ValueError(f"{source} has neither images (arr_0) nor statistics (mu, sigma); it holds "
-                             f"{sorted(keys)}.")
         if {"mu", "sigma"} <= keys:  # beside images, as in an ADM reference batch, they cover more than the images
             given = npz["mu"].astype(np.float64), npz["sigma"].astype(np.float64)
         if "arr_0" not in keys:
+            if given is None:
+                raise ValueError(f"{source} has neither images (arr_0) nor statistics (mu, sigma); it holds "
+                                 f"{sorted(keys)}.")
             get = lambda key, kind: kind(npz[key]) if key in keys else None  # noqa: E731
-            return Side(os.path.basename(source), *given, get("num_images", int), get("pool3", np.asarray),
-                        get("inception_score", float))
-        name, images = os.path.basename(source), npz["arr_0"]
+            return Side(name, *given, get("num_images", int), get("pool3", np.asarray), get("inception_score", float))
+        images = npz["arr_0"]
         if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] not in (1, 3):
             raise ValueError(f"{source}: arr_0 must hold uint8 images (N, H, W, 3); got {images.dtype} {images.shape}.")
         size = images.shape[1]
@@ -372,7 +368,7 @@ def load_side(source, get_model, batch_size=50, device="cpu", image_size=None, d
             return a
 
         first = read(0)
-        name, images, size = os.path.basename(os.path.normpath(source)), _Lazy(len(files), read, batch_size), len(first)
+        name, images, size = os.path.basename(os.path.normpath(source)), _Lazy(len(files), read), len(first)
     else:
         if source.endswith(".npz") or os.sep in source:
             raise FileNotFoundError(f"{source} does not exist.")
@@ -383,7 +379,7 @@ def load_side(source, get_model, batch_size=50, device="cpu", image_size=None, d
             side = load_side(cache, get_model)
             side.name, side.image_size = source, size
             return side
-        images = _Lazy(len(dataset), lambda i: data.make_view(dataset.image(i), size, "none", 0), batch_size)
+        images = _Lazy(len(dataset), lambda i: data.make_view(dataset.image(i), size, "none", 0))
     pool3, logits = extract(get_model(), images, batch_size, device)
     side = Side(name, *(given or stats(pool3)), len(pool3), pool3, inception_score(logits), size)
     if cache:
@@ -403,10 +399,9 @@ def compare(samples, reference, device="cpu"):
 _references = {}  # reference Sides already loaded in this process, for training loops
 
 
-def evaluate(samples, reference, model=None, weights=None, batch_size=50, device=None, data_path=None):
+def evaluate(samples, reference, model, batch_size=50, data_path=None):
     """compare()'s metrics of uint8 NHWC `samples` against `reference` (.npz, folder or dataset name, loaded once per
-    process). Runs on `model`'s device, or loads the network (FileNotFoundError without weights) onto `device`."""
-    model = model or load_inception(weights, device or "cpu")
+    process), on the FID network `model`'s device."""
     device = next(model.parameters()).device
     side = load_side(samples, lambda: model, batch_size, device)
     key = (str(reference), side.image_size, data_path)
@@ -471,7 +466,7 @@ def _views(source, size, indices=None, progress=True):  # images as the generato
 
 
 def _base_name(dataset):  # the classifier learns from the training split, whichever split is named
-    return next((dataset[:-len(s)] for s in ("-train", "-test", "-val") if dataset.endswith(s)), dataset)
+    return re.sub("-(train|test|val)$", "", dataset)
 
 
 def train_classifier(dataset, data_path=None, device="cpu", image_size=32, seed=0, progress=True):
@@ -540,27 +535,6 @@ def classifier_metrics(images_uint8_nhwc, labels, dataset, data_path=None, class
             "class_agreement": None if labels is None else float((predicted == np.asarray(labels)).mean())}
 
 
-def classifier_floors(classifier, data_path=None, sizes=(2000, 10000), vq=None, progress=True):
-    """The best numbers to expect, [(what, n, metrics)]: n random training images against the test split ("real")
-    and, given a VQ tokenizer (encode, decode_code), their reconstructions ("recon")."""
-    train = data.open_dataset(classifier.dataset, data_path, "train")
-    sizes = sorted({min(n, len(train)) for n in sizes})
-    order = np.random.default_rng(0).permutation(len(train))[:sizes[-1]]  # nested subsets
-    images, labels = _views(train, classifier.image_size, order, progress)
-    kinds = [("real", images)]
-    if vq is not None:
-        from tokenizer import to_uint8  # here, not at the top: tokenizer.py's rFID imports fid.py
-
-        device = next(vq.parameters()).device
-        batches = np.array_split(images, math.ceil(len(images) / 100))
-        with torch.inference_mode():
-            recon = [vq.decode_code(vq.encode(_classifier_input(b, classifier.image_size).to(device))).cpu()
-                     for b in tqdm(batches, "reconstructing", disable=not progress, leave=False)]
-        kinds.append(("recon", to_uint8(torch.cat(recon))))  # as samples are made
-    return [(kind, n, classifier_metrics(x[:n], labels[:n], classifier.dataset, classifier=classifier))
-            for kind, x in kinds for n in sizes]
-
-
 # ----------------------------------------------------------------------------------------------
 # CLI
 
@@ -569,25 +543,37 @@ def _show(value, fmt=".4f"):
 
 
 def classifier_report(args, device):
-    """--classifier: SAMPLES (an .npz, labels beside arr_0) against the test split of the dataset REFERENCE, or with
-    --floors, the floors of the dataset SAMPLES."""
+    """--classifier: SAMPLES (an .npz, labels beside arr_0) against the test split of the dataset REFERENCE. --floors:
+    the best numbers to expect, 2000 and 10000 random training images of the dataset SAMPLES against its test split
+    ("real") and, with --vq-ckpt, their reconstructions by that tokenizer ("recon"), made as samples are."""
     if args.save_stats:
         raise ValueError("--save-stats stores Inception statistics; it does not go with --classifier.")
     dataset = args.samples if args.floors else args.reference
     clf = load_classifier(dataset, args.data_path, device, args.image_size or 32)
     if args.floors:
-        from tokenizer import load_vq  # here, not at the top: tokenizer.py imports fid.py for rFID
+        from tokenizer import load_vq, to_uint8  # here, not at the top: tokenizer.py imports fid.py for rFID
 
         vq = load_vq(args.vq_ckpt, device=device) if args.vq_ckpt else None
-        rows = [(f"{kind} ({n} training images)", m) for kind, n, m in classifier_floors(clf, args.data_path, vq=vq)]
+        train = data.open_dataset(clf.dataset, args.data_path, "train")
+        sizes = sorted({min(n, len(train)) for n in (2000, 10000)})
+        order = np.random.default_rng(0).permutation(len(train))[:sizes[-1]]  # nested subsets
+        images, labels = _views(train, clf.image_size, order)
+        kinds = {"real": images}
+        if vq is not None:
+            batches = np.array_split(images, math.ceil(len(images) / 100))
+            with torch.inference_mode():
+                recon = [vq.decode_code(vq.encode(_classifier_input(b, clf.image_size).to(device))).cpu()
+                         for b in tqdm(batches, "reconstructing", leave=False)]
+            kinds["recon"] = to_uint8(torch.cat(recon))  # as samples are made
+        sets = [(f"{kind} ({n} training images)", x[:n], labels[:n]) for kind, x in kinds.items() for n in sizes]
     else:
         try:
             npz = np.load(args.samples)
             images, labels = npz["arr_0"], npz["labels"] if "labels" in npz.files else None
         except Exception as e:
             raise ValueError(f"{args.samples} is not an .npz of images (arr_0) ({type(e).__name__}).") from None
-        rows = [(f"{os.path.basename(args.samples)} ({len(images)} images)",
-                 classifier_metrics(images, labels, clf.dataset, classifier=clf))]
+        sets = [(f"{os.path.basename(args.samples)} ({len(images)} images)", images, labels)]
+    rows = [(what, classifier_metrics(x, y, clf.dataset, classifier=clf)) for what, x, y in sets]
     head = (f"classifier of {clf.dataset} at {clf.image_size}px (test accuracy {clf.test_accuracy:.4f}); "
             f"reference: its {clf.num_test} test images")
     if args.json:
