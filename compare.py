@@ -17,7 +17,7 @@ import os
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from data import atomic_write, read_checkpoint
+from util import atomic_write, read_checkpoint
 
 COLOURS = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14), (23, 190, 207)]
 

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import data
+import util
 from model import load_state_dict_strict
 
 WEIGHTS_NAME = "pt_inception-2015-12-05-6726825d.pth"
@@ -152,7 +153,7 @@ def load_inception(weights=None, device="cpu", download=True):
         except FileNotFoundError as e:
             raise FileNotFoundError(f"FID Inception weights not found and {e}") from None
     try:
-        state = data.read_checkpoint(path, "the FID Inception weights")
+        state = util.read_checkpoint(path, "the FID Inception weights")
     except ValueError as e:
         raise ValueError(f"{e}: delete it and download {WEIGHTS_URL} again.") from None
     if not isinstance(state, dict):
@@ -318,7 +319,7 @@ class Side:
         keep = None if self.pool3 is None else np.linspace(0, len(self.pool3) - 1, 10_000).round().astype(np.int64)
         arrays = dict(mu=self.mu, sigma=self.sigma, num_images=self.num_images, inception_score=self.inception_score,
                       pool3=None if keep is None else self.pool3[np.unique(keep)].astype(np.float32))
-        data.atomic_write(path, lambda f: np.savez(f, **{k: v for k, v in arrays.items() if v is not None}))
+        util.atomic_write(path, lambda f: np.savez(f, **{k: v for k, v in arrays.items() if v is not None}))
 
 
 def cache_dir(name="", data_path=None):  # another --data-path may hold other data under the same name
@@ -507,11 +508,11 @@ def load_classifier(dataset, data_path=None, device="cpu", image_size=32, seed=0
         start = time.time()
         net = train_classifier(dataset, data_path, device, image_size, seed, progress)
         ckpt = {"state_dict": net.state_dict(), **{k: getattr(net, k) for k in CLASSIFIER_META}}
-        data.atomic_write(path, lambda f: torch.save(ckpt, f))
+        util.atomic_write(path, lambda f: torch.save(ckpt, f))
         print(f"classifier of {net.dataset} at {image_size}px: test accuracy {net.test_accuracy:.4f}, trained in "
               f"{time.time() - start:.0f} s, saved to {path}", file=sys.stderr)
     try:
-        ckpt = data.read_checkpoint(path, "the cached classifier")
+        ckpt = util.read_checkpoint(path, "the cached classifier")
         net = SmallClassifier(ckpt["num_classes"], ckpt["widths"])
         net.load_state_dict(ckpt["state_dict"])
     except Exception as e:  # a stale or broken cache file, which retraining replaces
@@ -589,11 +590,11 @@ def main(argv=None):
     p.add_argument("samples", help=".npz of images (arr_0, uint8 NHWC) or stats (mu, sigma), a folder, or a dataset")
     p.add_argument("reference", nargs="?", help="the same kinds as SAMPLES; dataset stats are cached in " + cache_dir())
     p.add_argument("--save-stats", metavar="PATH", help="write the statistics of SAMPLES to this new .npz")
-    p.add_argument("--batch-size", type=data.POSITIVE_INT, default=50)
+    p.add_argument("--batch-size", type=util.POSITIVE_INT, default=50)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--inception-weights", metavar="PATH",
                    help=WEIGHTS_NAME + " (default: the torch hub cache, downloaded there if missing)")
-    p.add_argument("--image-size", type=data.POSITIVE_INT,
+    p.add_argument("--image-size", type=util.POSITIVE_INT,
                    help="crop size for a dataset (default: the samples' size; 32 with --classifier)")
     p.add_argument("--data-path", help="data folder for a dataset name (data.py's data_path)")
     p.add_argument("--json", action="store_true", help="print the metrics as one JSON object")
@@ -602,7 +603,7 @@ def main(argv=None):
     p.add_argument("--floors", action="store_true", help="with --classifier: the best numbers to expect, from 2000 "
                    "and 10000 training images of the dataset SAMPLES (and their reconstructions, with --vq-ckpt)")
     p.add_argument("--vq-ckpt", metavar="PATH", help="with --floors: the tokenizer whose reconstructions to score")
-    return data.run_command(measure, p.parse_args(argv))
+    return util.run_command(measure, p.parse_args(argv))
 
 
 def measure(args):

@@ -438,7 +438,7 @@ def load_gpt(path, preset=None, grid_size=None, use_ema=False, device="cpu", **o
     Our checkpoints carry their config ("gpt_config"); LlamaGen's do not, so there the preset
     (--gpt-model) and grid size are needed; vocabulary and classes are read from the weights.
     """
-    from data import read_checkpoint
+    from util import read_checkpoint
 
     ckpt = read_checkpoint(path, "GPT checkpoint")
     sd = gpt_state_dict(ckpt, use_ema)

@@ -23,8 +23,8 @@ from PIL import Image
 from tqdm import tqdm
 
 from model import GPT_PRESETS, load_gpt
-from data import (FINITE, blame, NONNEG_INT, POSITIVE, POSITIVE_INT, arg_type, atomic_write, barrier, cleanup_distributed,
-                  read_checkpoint, run_command, save_grid, setup_distributed)
+from util import (FINITE, NONNEG_INT, POSITIVE, POSITIVE_INT, arg_type, atomic_write, barrier, blame,
+                  cleanup_distributed, read_checkpoint, run_command, save_grid, setup_distributed)
 from tokenizer import VQ_PRESETS, load_vq, sample_images
 
 SETTINGS_FILE = "sample_settings.json"  # in --sample-dir: what made its PNGs, so a resume cannot mix runs

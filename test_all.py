@@ -31,6 +31,7 @@ import model as M
 import sample as S
 import tokenizer as T
 import train as TR
+import util
 
 ROOT = Path(__file__).parent
 TESTDATA = ROOT / "testdata"
@@ -586,7 +587,7 @@ def test_codes_out_of_range_are_refused_before_training(tmp_path, capsys, where,
 
 
 def test_atomic_writes_leave_ordinary_files_and_the_range_check_reads_in_chunks(tmp_path):
-    data.save_grid(np.zeros((4, 8, 8, 3), np.uint8), tmp_path / "grid.png")
+    util.save_grid(np.zeros((4, 8, 8, 3), np.uint8), tmp_path / "grid.png")
     (tmp_path / "plain").write_bytes(b"")
     assert (tmp_path / "grid.png").stat().st_mode & 0o777 == (tmp_path / "plain").stat().st_mode & 0o777
     assert sorted(os.listdir(tmp_path)) == ["grid.png", "plain"]  # no temporary file left

@@ -25,8 +25,9 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import data
-from data import (NONNEG, blame, NONNEG_INT, POSITIVE, POSITIVE_INT, Logger, add_options, arg_type, atomic_write, barrier,
-                  cleanup_distributed, option, read_checkpoint, save_atomic, save_grid, setup_distributed)
+from util import (NONNEG, NONNEG_INT, POSITIVE, POSITIVE_INT, EpochSampler, Logger, add_options, arg_type, atomic_write,
+                  barrier, blame, cleanup_distributed, option, read_checkpoint, run_command, save_atomic, save_grid,
+                  setup_distributed)
 from model import BETAS, MAX_GRAD_NORM, load_state_dict_strict
 
 # ----------------------------------------------------------------------------------------------------
@@ -427,7 +428,7 @@ def train(s):
                          f"({len(source)} images).")
     total = s.steps or s.epochs * per_epoch
     dataset = data.ViewDataset(source, s.image_size, views=s.views)  # item = image * views + view
-    sampler = data.EpochSampler(len(source), dataset.num_views, per_epoch * batch, s.seed, rank, world)
+    sampler = EpochSampler(len(source), dataset.num_views, per_epoch * batch, s.seed, rank, world)
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch, sampler=sampler, drop_last=True,
                                          num_workers=s.num_workers, generator=torch.Generator())
     fixed = torch.stack([dataset[i * dataset.num_views][0] for i in range(min(s.grid_images, len(source)))])
@@ -577,7 +578,7 @@ def extract(s):
     cleanup_distributed(world)
 
 # ----------------------------------------------------------------------------------------------------
-# CLI: the settings dataclasses are the flags (data.add_options); train.py's one command builds them
+# CLI: the settings dataclasses are the flags (util.add_options); train.py's one command builds them
 
 
 @dataclass
@@ -630,8 +631,8 @@ def main(argv=None):
     add_options(sub.add_parser("extract", help="encode a dataset into a code dataset"), ExtractSettings)
     args = vars(p.parse_args(argv))
     if args.pop("command") == "train":
-        return data.run_command(lambda: train(TrainSettings(**args)))
-    return data.run_command(lambda: extract(ExtractSettings(**args)))
+        return run_command(lambda: train(TrainSettings(**args)))
+    return run_command(lambda: extract(ExtractSettings(**args)))
 
 
 if __name__ == "__main__":

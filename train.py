@@ -29,7 +29,8 @@ import torch.nn as nn
 from tqdm import tqdm
 
 import foresight as FS
-from data import (FINITE, NONNEG, NONNEG_INT, POSITIVE, POSITIVE_INT, PROBABILITY, CodeDataset, EpochSampler, Logger,
+from data import CodeDataset
+from util import (FINITE, NONNEG, NONNEG_INT, POSITIVE, POSITIVE_INT, PROBABILITY, EpochSampler, Logger,
                   cleanup_distributed, folder_name, one_line, read_checkpoint, run_command, save_atomic, save_grid,
                   setup_distributed)
 from model import GPT, GPT_PRESETS, MAX_GRAD_NORM, gpt_config, load_gpt, make_adamw
