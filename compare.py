@@ -43,7 +43,8 @@ def group_runs(paths, keys):
         args, rows = read_run(path)
         if rows:
             name = " ".join(f"{args.get(k)}" if k == "foresight" else f"{k}={args.get(k)}"
-                            for k in keys if k == "foresight" or args.get(k) is not None)  # unset flags: defaults
+                            for k in keys if k == "foresight" or args.get(k) is not None  # unset flags: defaults
+                            and not (k.startswith("foresight_") and args.get("foresight") == "none"))  # no heads
             groups.setdefault(name, []).append((path, args, rows))
     return groups
 

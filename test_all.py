@@ -666,7 +666,8 @@ def test_compare_tabulates_seeds_and_draws_the_curve(tmp_path, capsys):
                                                                           "eval_fd_classifier": base / s + seed}]]
         rows.append({"step": 2, "eval_class_agreement": 0.6, "posthoc": "recomputed"})  # a later row wins; notes skip
         (run / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-        torch.save({"args": {"foresight": variant, "seed": seed}}, run / "checkpoints" / "last.pt")
+        args = {"foresight": variant, "seed": seed, "foresight_coef": [2.0]}
+        torch.save({"args": args}, run / "checkpoints" / "last.pt")
         Image.new("RGB", (20, 10), (200, 0, 0)).save(run / "samples" / "0000002.png")
     compare.main([str(p) for p in sorted(tmp_path.iterdir())] + ["--out", str(tmp_path / "c.png"), "--paired", "none"])
     out = capsys.readouterr().out
@@ -677,6 +678,8 @@ def test_compare_tabulates_seeds_and_draws_the_curve(tmp_path, capsys):
     assert "posthoc" not in out
     figure = np.asarray(Image.open(tmp_path / "c.png"))
     assert figure.shape[1] > 520 + 2 * 20 and (figure[..., 0] > 150).any()
+    runs = [str(tmp_path / f"{v}-{s}") for v in ("none", "implicit") for s in range(3)]
+    assert sorted(compare.group_runs(runs, ["foresight", "foresight_coef"])) == ["implicit foresight_coef=[2.0]", "none"]
     (tmp_path / "none-0" / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": 2.0}) + "\n")  # no evaluation
     for argv, match in (
             ([tmp_path / "implicit-0", "--paired", "baseline"], "--paired baseline is none of the variants"),
