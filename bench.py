@@ -85,7 +85,7 @@ def bench_train_steps(args, device, extra=None):
                     loss = loss + 2.0 * fs(hidden, targets if mode == "explicit" else feats).sum()
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(gpt.parameters(), 1.0)
+            torch.nn.utils.clip_grad_norm_(gpt.parameters(), M.MAX_GRAD_NORM)
             opt.step()
             if mode == "explicit":
                 with torch.no_grad():

@@ -42,9 +42,9 @@ def group_runs(paths, keys):
     for path in paths:
         args, rows = read_run(path)
         if rows:
-            name = " ".join(f"{args.get(k)}" if k == "foresight" else f"{k}={args.get(k)}"
-                            for k in keys if k == "foresight" or args.get(k) is not None  # unset flags: defaults
-                            and not (k.startswith("foresight_") and args.get("foresight") == "none"))  # no heads
+            shown = [k for k in keys if k == "foresight" or (  # unset flags were defaults; a baseline has no heads
+                args.get(k) is not None and not (k.startswith("foresight_") and args.get("foresight") == "none"))]
+            name = " ".join(f"{args.get(k)}" if k == "foresight" else f"{k}={args[k]}" for k in shown)
             groups.setdefault(name, []).append((path, args, rows))
     return groups
 

@@ -422,12 +422,12 @@ def main(argv=None):
     p.add_argument("--preview", default=None, help="PNG file: 8 images, one row per image")
     p.add_argument("--force", action="store_true", help="overwrite an existing --preview")
     args = p.parse_args(argv)
+    if args.preview and os.path.exists(args.preview) and not args.force:  # refused before the dataset is read
+        raise FileExistsError(f"--preview {args.preview} exists; pass --force to replace it")
     ds = open_dataset(args.dataset, args.data_path, args.split, download=not args.no_download)
     print(f"{ds.name}: {len(ds)} images, {ds.num_classes} classes, first image {ds.image(0).size}")
     print("per class:", dict(zip(ds.classes[:20], np.bincount(ds.labels, minlength=ds.num_classes)[:20].tolist())))
     if args.preview:
-        if os.path.exists(args.preview) and not args.force:
-            raise FileExistsError(f"--preview {args.preview} exists; pass --force to replace it")
         n = num_views(args.views)
         views = [make_view(ds.image(i), args.image_size, args.views, v)
                  for i in range(min(8, len(ds))) for v in range(n)]
