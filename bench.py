@@ -140,9 +140,9 @@ def bench_inception(args, device):
 
 def bench_vq_teacher(args, device):
     """The offline Mirai-I teacher's own forward (the VQ-S encoder at 32 px), per training batch."""
-    import tokenizer as T
+    import vq as V
 
-    vq = T.VQModel(T.get_config("VQ-S")).to(device)
+    vq = V.VQModel(V.get_config("VQ-S")).to(device)
     teacher = FS.vq_teacher(vq, args.grid).to(device)
     imgs = torch.randint(0, 256, (args.batch, 3, 32, 32), dtype=torch.uint8, device=device)
     return timeit(lambda: teacher(imgs), device, 1, max(3, args.iters // 2))

@@ -1,11 +1,10 @@
 """
 FID, Inception Score, precision and recall in pure torch with pytorch-fid's port of the TF Inception 2015-12-05 graph
 and its weights (so numbers compare with pytorch-fid, and closely with the ADM evaluator); and where those weights are
-missing, an offline metric: the Frechet distance in the features of a small classifier of the dataset.
+missing, quality.py's offline metric.
 
     python fid.py samples.npz cifar10-train [--json]     # each side: an .npz of images or stats, a folder, a dataset
     python fid.py samples/ --save-stats samples.npz      # statistics to reuse as either side
-    python fid.py samples.npz fashion-mnist --classifier  # and its floors: --classifier fashion-mnist --floors
 """
 import argparse
 import functools
@@ -15,7 +14,6 @@ import math
 import os
 import re
 import sys
-import time
 
 import numpy as np
 import torch
@@ -166,7 +164,7 @@ def load_inception(weights=None, device="cpu", download=True):
 # ----------------------------------------------------------------------------------------------
 # Features and metrics
 
-def _as_nchw(batch):  # uint8 NHWC (as in .npz files) or float/uint8 NCHW, numpy or torch -> torch NCHW, 3 channels
+def as_nchw(batch):  # uint8 NHWC (as in .npz files) or float/uint8 NCHW, numpy or torch -> torch NCHW, 3 channels
     x = torch.from_numpy(np.ascontiguousarray(batch)) if isinstance(batch, np.ndarray) else batch
     x = x.unsqueeze(-1) if x.dim() == 3 else x  # grayscale (N, H, W)
     if x.dim() != 4:
@@ -200,7 +198,7 @@ def extract(model, images, batch_size=50, device=None, progress=True):
     pool3, logits = [], []
     with tqdm(total=len(images), unit="img", desc="inception", disable=not progress, leave=False) as bar:
         for i in range(0, len(images), batch_size):
-            x = _as_nchw(images[i:i + batch_size]).to(device, non_blocking=True)
+            x = as_nchw(images[i:i + batch_size]).to(device, non_blocking=True)
             p, _ = model(x.contiguous(memory_format=torch.channels_last))
             pool3.append(p.float().cpu())
             logits.append((p @ model.fc.weight.t()).float().cpu())
@@ -334,7 +332,7 @@ def load_side(source, get_model, batch_size=50, device="cpu", image_size=None, d
     given = cache = None
     source = os.fspath(source) if isinstance(source, os.PathLike) else source
     if isinstance(source, (np.ndarray, torch.Tensor)):
-        name, images, size = "samples", source, _as_nchw(source[:1]).shape[2]
+        name, images, size = "samples", source, as_nchw(source[:1]).shape[2]
     elif os.path.isfile(source):
         try:
             name, npz = os.path.basename(source), np.load(source)
@@ -412,181 +410,25 @@ def evaluate(samples, reference, model, batch_size=50, data_path=None):
 
 
 # ----------------------------------------------------------------------------------------------
-# The offline metric: a small classifier trained on the dataset's own training split. Where the Inception weights
-# cannot be had (and on MNIST-like data, which Inception features fit poorly), the Frechet distance of its features to
-# the test split's, and the share of samples it assigns their class, still tell a better generator from a worse.
-
-CLASSIFIER_WIDTHS = (32, 64, 128, 128)  # conv blocks, a 2x2 max pool between each; the last is the feature size
-CLASSIFIER_EPOCHS, CLASSIFIER_BATCH, CLASSIFIER_LR = 3, 128, 3e-3
-CLASSIFIER_META = ("num_classes", "widths", "dataset", "image_size", "test_accuracy", "num_test")
-
-
-class SmallClassifier(nn.Module):
-    """Images (B, 3, S, S) in [-1, 1] -> (features, logits). Features, the means of the last block's ReLUs, are rarely
-    exactly zero; ref_mu and ref_sigma are their statistics on the test split."""
-
-    def __init__(self, num_classes, widths=CLASSIFIER_WIDTHS, dataset=None, image_size=32):
-        super().__init__()
-        layers, cin = [], 3
-        for w in widths:
-            layers += [nn.Conv2d(cin, w, 3, padding=1, bias=False), nn.BatchNorm2d(w), nn.ReLU(), nn.MaxPool2d(2)]
-            cin = w
-        self.body, self.head = nn.Sequential(*layers[:-1]), nn.Linear(cin, num_classes)
-        self.num_classes, self.widths, self.dataset, self.image_size = num_classes, tuple(widths), dataset, image_size
-        self.test_accuracy = self.num_test = None
-        self.register_buffer("ref_mu", torch.zeros(cin, dtype=torch.float64))
-        self.register_buffer("ref_sigma", torch.zeros(cin, cin, dtype=torch.float64))
-
-    def forward(self, x):
-        features = self.body(x).mean((2, 3))
-        return features, self.head(features)
-
-
-def _classifier_input(batch, size):  # what _as_nchw takes, any size -> floats NCHW in [-1, 1], size x size
-    x = _as_nchw(batch)
-    x = x.float() / 255 if x.dtype == torch.uint8 else x.float()
-    if x.shape[-2:] != (size, size):
-        x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-    return (2 * x - 1).contiguous(memory_format=torch.channels_last)
-
-
-@torch.inference_mode()
-def classify(classifier, images, batch_size=250):
-    """Features (N, D) float32 and predicted classes (N,) of a batch of images, as numpy."""
-    device = next(classifier.parameters()).device
-    out = [classifier(_classifier_input(images[i:i + batch_size], classifier.image_size).to(device))
-           for i in range(0, len(images), batch_size)]
-    return torch.cat([f for f, _ in out]).float().cpu().numpy(), torch.cat([y.argmax(1) for _, y in out]).cpu().numpy()
-
-
-def _views(source, size, indices=None, progress=True):  # images as the generator trains on them, and their labels
-    indices = range(len(source)) if indices is None else indices
-    images = [data.make_view(source.image(i), size, "none", 0)
-              for i in tqdm(indices, "reading images", disable=not progress, leave=False)]
-    return np.stack(images), np.array([source.label(i) for i in indices], dtype=np.int64)
-
-
-def _base_name(dataset):  # the classifier learns from the training split, whichever split is named
-    return re.sub("-(train|test|val)$", "", dataset)
-
-
-def train_classifier(dataset, data_path=None, device="cpu", image_size=32, seed=0, progress=True):
-    """Adam with a one-cycle schedule on the training split; accuracy and reference statistics from the test split.
-    The same seed gives the same network (on one device and thread count)."""
-    train, test = (data.open_dataset(dataset, data_path, split) for split in ("train", "test"))
-    images, labels = (torch.from_numpy(a) for a in _views(train, image_size, progress=progress))
-    steps = CLASSIFIER_EPOCHS * math.ceil(len(images) / CLASSIFIER_BATCH)
-    with torch.random.fork_rng(devices=[]):  # leaves the caller's random stream alone
-        torch.manual_seed(seed)
-        net = SmallClassifier(max(train.num_classes, int(labels.max()) + 1), dataset=_base_name(dataset),
-                              image_size=image_size).to(device, memory_format=torch.channels_last)
-        opt = torch.optim.Adam(net.parameters(), lr=CLASSIFIER_LR)
-        schedule = torch.optim.lr_scheduler.OneCycleLR(opt, CLASSIFIER_LR, total_steps=steps)
-        batches = (i for _ in range(CLASSIFIER_EPOCHS) for i in torch.randperm(len(images)).split(CLASSIFIER_BATCH))
-        for idx in tqdm(batches, f"training the {net.dataset} classifier", total=steps, disable=not progress):
-            logits = net(_classifier_input(images[idx], image_size).to(device))[1]
-            F.cross_entropy(logits, labels[idx].to(device)).backward()
-            opt.step()
-            opt.zero_grad()
-            schedule.step()
-    test_images, test_labels = _views(test, image_size, progress=progress)
-    features, predicted = classify(net.eval(), test_images)
-    net.test_accuracy, net.num_test = float((predicted == test_labels).mean()), len(test_images)
-    net.ref_mu, net.ref_sigma = (torch.from_numpy(a).to(device) for a in stats(features))
-    return net
-
-
-def load_classifier(dataset, data_path=None, device="cpu", image_size=32, seed=0, train_if_missing=True,
-                    progress=True):
-    """The dataset's SmallClassifier in eval mode on `device`, from the cache or trained (minutes on a CPU) and cached;
-    it carries .dataset, .image_size, .test_accuracy, .num_test and the reference .ref_mu, .ref_sigma."""
-    path = cache_dir(f"{_base_name(dataset)}-{image_size}px-classifier{f'-seed{seed}' if seed else ''}.pt", data_path)
-    if not os.path.isfile(path):
-        if not train_if_missing:
-            raise FileNotFoundError(f"no classifier for {dataset} at {path}; train it with "
-                                    f"`python fid.py --classifier {_base_name(dataset)} --floors`.")
-        start = time.time()
-        net = train_classifier(dataset, data_path, device, image_size, seed, progress)
-        ckpt = {"state_dict": net.state_dict(), **{k: getattr(net, k) for k in CLASSIFIER_META}}
-        util.atomic_write(path, lambda f: torch.save(ckpt, f))
-        print(f"classifier of {net.dataset} at {image_size}px: test accuracy {net.test_accuracy:.4f}, trained in "
-              f"{time.time() - start:.0f} s, saved to {path}", file=sys.stderr)
-    try:
-        ckpt = util.read_checkpoint(path, "the cached classifier")
-        net = SmallClassifier(ckpt["num_classes"], ckpt["widths"])
-        net.load_state_dict(ckpt["state_dict"])
-    except Exception as e:  # a stale or broken cache file, which retraining replaces
-        raise ValueError(f"{path} is not a readable classifier ({type(e).__name__}); delete it to retrain.") from None
-    net.__dict__.update({k: ckpt[k] for k in CLASSIFIER_META})
-    return net.eval().to(device, memory_format=torch.channels_last)
-
-
-def classifier_metrics(images_uint8_nhwc, labels, dataset, data_path=None, classifier=None, device="cpu",
-                       image_size=32):
-    """{"fd_classifier": Frechet distance of the classifier's features to the test split's, "class_agreement": share
-    of the images classified as their `labels`, None without labels}."""
-    classifier, n = classifier or load_classifier(dataset, data_path, device, image_size), len(images_uint8_nhwc)
-    if classifier.dataset != _base_name(dataset):
-        raise ValueError(f"the classifier was trained on {classifier.dataset}, not on {_base_name(dataset)}.")
-    if n < 2 or (labels is not None and len(labels) != n):
-        raise ValueError(f"the classifier metric needs 2 images or more and one label per image, got {n} images and "
-                         f"{'no' if labels is None else len(labels)} labels.")
-    features, predicted = classify(classifier, images_uint8_nhwc)
-    return {"fd_classifier": frechet_distance(*stats(features), classifier.ref_mu.cpu(), classifier.ref_sigma.cpu()),
-            "class_agreement": None if labels is None else float((predicted == np.asarray(labels)).mean())}
-
-
-# ----------------------------------------------------------------------------------------------
 # CLI
 
-def _show(value, fmt=".4f"):
+def show(value, fmt=".4f"):
     return "n/a" if value is None else format(value, fmt)
 
 
-def classifier_report(args, device):
-    """--classifier: SAMPLES (an .npz, labels beside arr_0) against the test split of the dataset REFERENCE. --floors:
-    the best numbers to expect, 2000 and 10000 random training images of the dataset SAMPLES against its test split
-    ("real") and, with --vq-ckpt, their reconstructions by that tokenizer ("recon"), made as samples are."""
-    if args.save_stats:
-        raise ValueError("--save-stats stores Inception statistics; it does not go with --classifier.")
-    dataset = args.samples if args.floors else args.reference
-    clf = load_classifier(dataset, args.data_path, device, args.image_size or 32)
-    if args.floors:
-        from tokenizer import load_vq, to_uint8  # here, not at the top: tokenizer.py imports fid.py for rFID
-
-        vq = load_vq(args.vq_ckpt, device=device) if args.vq_ckpt else None
-        train = data.open_dataset(clf.dataset, args.data_path, "train")
-        sizes = sorted({min(n, len(train)) for n in (2000, 10000)})
-        order = np.random.default_rng(0).permutation(len(train))[:sizes[-1]]  # nested subsets
-        images, labels = _views(train, clf.image_size, order)
-        kinds = {"real": images}
-        if vq is not None:
-            batches = np.array_split(images, math.ceil(len(images) / 100))
-            with torch.inference_mode():
-                recon = [vq.decode_code(vq.encode(_classifier_input(b, clf.image_size).to(device))).cpu()
-                         for b in tqdm(batches, "reconstructing", leave=False)]
-            kinds["recon"] = to_uint8(torch.cat(recon))  # as samples are made
-        sets = [(f"{kind} ({n} training images)", x[:n], labels[:n]) for kind, x in kinds.items() for n in sizes]
-    else:
-        try:
-            npz = np.load(args.samples)
-            images, labels = npz["arr_0"], npz["labels"] if "labels" in npz.files else None
-        except Exception as e:
-            raise ValueError(f"{args.samples} is not an .npz of images (arr_0) ({type(e).__name__}).") from None
-        sets = [(f"{os.path.basename(args.samples)} ({len(images)} images)", images, labels)]
-    rows = [(what, classifier_metrics(x, y, clf.dataset, classifier=clf)) for what, x, y in sets]
-    head = (f"classifier of {clf.dataset} at {clf.image_size}px (test accuracy {clf.test_accuracy:.4f}); "
-            f"reference: its {clf.num_test} test images")
-    if args.json:
-        return json.dumps({"classifier": head, "test_accuracy": clf.test_accuracy, "num_reference": clf.num_test,
-                           "rows": [{"images": k, **m} for k, m in rows]})
-    return "\n".join([head] + [f"{k:<32} fd_classifier {m['fd_classifier']:.4f}  class_agreement "
-                               f"{_show(m['class_agreement'])}" for k, m in rows])
+def parse_device(text):
+    try:
+        device = torch.device(text)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError("CUDA is not available")
+    except (RuntimeError, ValueError) as e:
+        raise ValueError(f"--device {text} is not usable here ({e}).") from None
+    return device
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description="FID, IS, precision and recall of generated images (pytorch-fid's "
-                                            "Inception), or an offline metric from a small classifier.")
+                                            "Inception).")
     p.add_argument("samples", help=".npz of images (arr_0, uint8 NHWC) or stats (mu, sigma), a folder, or a dataset")
     p.add_argument("reference", nargs="?", help="the same kinds as SAMPLES; dataset stats are cached in " + cache_dir())
     p.add_argument("--save-stats", metavar="PATH", help="write the statistics of SAMPLES to this new .npz")
@@ -595,31 +437,19 @@ def main(argv=None):
     p.add_argument("--inception-weights", metavar="PATH",
                    help=WEIGHTS_NAME + " (default: the torch hub cache, downloaded there if missing)")
     p.add_argument("--image-size", type=util.POSITIVE_INT,
-                   help="crop size for a dataset (default: the samples' size; 32 with --classifier)")
+                   help="crop size for a dataset (default: the samples' size)")
     p.add_argument("--data-path", help="data folder for a dataset name (data.py's data_path)")
     p.add_argument("--json", action="store_true", help="print the metrics as one JSON object")
-    p.add_argument("--classifier", action="store_true", help="offline: FD in the features of a small classifier of "
-                   "the dataset REFERENCE to its test split, and the share of samples classified as their labels")
-    p.add_argument("--floors", action="store_true", help="with --classifier: the best numbers to expect, from 2000 "
-                   "and 10000 training images of the dataset SAMPLES (and their reconstructions, with --vq-ckpt)")
-    p.add_argument("--vq-ckpt", metavar="PATH", help="with --floors: the tokenizer whose reconstructions to score")
     return util.run_command(measure, p.parse_args(argv))
 
 
 def measure(args):
     """The command line's work: the metrics of SAMPLES against REFERENCE, printed; refusals raise."""
-    if args.reference is None and args.save_stats is None and not args.floors:
+    if args.reference is None and args.save_stats is None:
         raise ValueError("give a REFERENCE to compare with, or --save-stats PATH to store the statistics of SAMPLES.")
     if args.save_stats and os.path.exists(args.save_stats):
         raise ValueError(f"--save-stats {args.save_stats} already exists; remove it or choose another path.")
-    try:
-        device = torch.device(args.device)
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError("CUDA is not available")
-    except (RuntimeError, ValueError) as e:
-        raise ValueError(f"--device {args.device} is not usable here ({e}).") from None
-    if args.classifier or args.floors:
-        return print(classifier_report(args, device))
+    device = parse_device(args.device)
     get_model = functools.cache(lambda: load_inception(args.inception_weights, device))  # stats alone need none
     samples = load_side(args.samples, get_model, args.batch_size, device, args.image_size, args.data_path)
     if args.save_stats:
@@ -631,8 +461,8 @@ def measure(args):
                           args.image_size or samples.image_size, args.data_path)
     metrics = compare(samples, reference, device)
     sides = (("samples", samples), ("reference", reference))
-    rows = [(k, f"{s.name} ({_show(s.num_images, 'd')} images)") for k, s in sides]
-    rows += [(k, _show(metrics[k.lower()])) for k in ("FID", "IS", "precision", "recall")]
+    rows = [(k, f"{s.name} ({show(s.num_images, 'd')} images)") for k, s in sides]
+    rows += [(k, show(metrics[k.lower()])) for k in ("FID", "IS", "precision", "recall")]
     print(json.dumps(metrics) if args.json else "\n".join(f"{k:<10} {v}" for k, v in rows))
 
 

@@ -16,11 +16,15 @@ at cell (r, c) + offset_k, and the loss is the mean negative cosine over the val
 Pairs whose neighbour falls off the grid are masked out, never wrapped to the next row. None of this
 is used at sampling time: the GPT's weights stay LlamaGen's.
 """
+import argparse
 import math
+import re
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from util import NONNEG
 
 # The 2D neighbour order for K = 1..9 (row offset, column offset).
 NEIGHBOURS_2D = ((0, 0), (0, 1), (1, 0), (1, 1), (0, 2), (1, 2), (2, 2), (2, 1), (2, 0))
@@ -177,6 +181,40 @@ def parse_schedule(text):
     return text
 
 
+# The flags' forms: lambda per target, the warm-up in steps, epochs or a share of the run
+
+WARMUP = re.compile(r"\s*(\d+(?:\.\d+)?)\s*(ep|%)?\s*")
+
+
+def warmup_text(text):
+    if not WARMUP.fullmatch(text):
+        raise argparse.ArgumentTypeError(f"expected steps (500), epochs (15ep) or a share of the run (10%), got {text!r}")
+    return text
+
+
+def coef_list(text):
+    """--foresight-coef: one lambda for all targets or one per target, each finite and >= 0."""
+    return [NONNEG(c) for c in str(text).split(",")]
+
+
+def expand_coefs(coefs, k):
+    coefs = coef_list(coefs) if isinstance(coefs, str) else list(coefs)  # older checkpoints stored the text
+    if len(coefs) not in (1, k):
+        raise ValueError(f"--foresight-coef has {len(coefs)} values for {k} targets: give one, or one per target")
+    return coefs * k if len(coefs) == 1 else coefs
+
+
+def warmup_flag(a):
+    """--foresight-warmup of a run's flags (a dict), its default filled in: 15 epochs for Mirai-E."""
+    return a.get("foresight_warmup") or ("15ep" if a.get("foresight") == "explicit" else "0")
+
+
+def parse_warmup(text, steps_per_epoch, total_steps):
+    value, unit = WARMUP.fullmatch(text).groups()
+    value = float(value)
+    return int(value * steps_per_epoch) if unit == "ep" else int(value / 100 * total_steps) if unit == "%" else int(value)
+
+
 # ----------------------------------------------------------------------------------------------------
 # Teachers
 
@@ -273,6 +311,8 @@ def build(mode, gpt, level="representation", k=None, depth=None, layout="2d", pr
     kind = "output" if level == "output" else mode
     heads = Foresight(kind, cfg.dim, cfg.grid_size, k=k, layout=layout, proj_dim=proj_dim,
                       target_dim=teacher.feature_dim if teacher is not None else None, vocab_size=cfg.vocab_size)
+    # what a resumed run must share with the checkpoint for the heads to mean the same thing
+    heads.setup = dict(mode=heads.mode, k=heads.k, depth=depth, layout=layout, encoder=encoder if mode == "implicit" else None)
     return heads, teacher, depth
 
 

@@ -25,7 +25,7 @@ from tqdm import tqdm
 from model import GPT_PRESETS, load_gpt
 from util import (FINITE, NONNEG_INT, POSITIVE, POSITIVE_INT, arg_type, atomic_write, barrier, blame,
                   cleanup_distributed, read_checkpoint, run_command, save_grid, setup_distributed)
-from tokenizer import VQ_PRESETS, load_vq, sample_images
+from vq import VQ_PRESETS, load_vq, sample_images
 
 SETTINGS_FILE = "sample_settings.json"  # in --sample-dir: what made its PNGs, so a resume cannot mix runs
 PNG_NAME = re.compile(r"\d{6,}\.png")  # 000000.png ...: the only PNGs this script makes or removes

@@ -28,10 +28,12 @@ import data
 import fid
 import foresight as FS
 import model as M
+import quality
 import sample as S
 import tokenizer as T
 import train as TR
 import util
+import vq as V
 
 ROOT = Path(__file__).parent
 TESTDATA = ROOT / "testdata"
@@ -42,7 +44,7 @@ torch.set_num_threads(1)  # tiny ops: a second OpenMP thread costs more than it 
 
 # a VQ small enough for a few CPU steps: 16 px -> 8x8 tokens, GroupNorm(32) still divides every width;
 # the sampling tests' one has 16 codes (8 px images -> 4x4 tokens)
-TINY_VQ = T.VQConfig(codebook_size=32, codebook_embed_dim=4, encoder_ch_mult=(1, 2), decoder_ch_mult=(1, 2),
+TINY_VQ = V.VQConfig(codebook_size=32, codebook_embed_dim=4, encoder_ch_mult=(1, 2), decoder_ch_mult=(1, 2),
                      z_channels=32, ch=32, num_res_blocks=1)
 SAMPLE_VQ = replace(TINY_VQ, codebook_size=16)
 
@@ -68,7 +70,7 @@ def save_gpt(path, vq_path=None, llamagen=False, **kw):
 
 def save_tiny_vq(path, seed=0, config=TINY_VQ):
     torch.manual_seed(seed)
-    vq = T.VQModel(config).eval()
+    vq = V.VQModel(config).eval()
     torch.save({"model": vq.state_dict(), "config": asdict(config)}, path)
     return vq
 
@@ -355,9 +357,9 @@ def test_coefficient_schedules_and_warmup():
     assert FS.coef_schedule(9, 100, 10) == 0.0 and FS.coef_schedule(10, 100, 10) == 1.0
     assert FS.coef_schedule(10, 110, 10, "cosine") == 1.0 and abs(FS.coef_schedule(60, 110, 10, "cosine") - 0.5) < 1e-9
     assert [FS.coef_schedule(step, 100, 0, "50:0.5,80:0") for step in (5, 60, 90)] == [1.0, 0.5, 0.0]
-    assert TR.parse_warmup("15ep", 100, 10_000) == 1500 and TR.parse_warmup("10%", 100, 2000) == 200
-    assert TR.parse_warmup("250", 100, 2000) == 250
-    raises(argparse.ArgumentTypeError, "15ep", TR.warmup_text, "soon")
+    assert FS.parse_warmup("15ep", 100, 10_000) == 1500 and FS.parse_warmup("10%", 100, 2000) == 200
+    assert FS.parse_warmup("250", 100, 2000) == 250
+    raises(argparse.ArgumentTypeError, "15ep", FS.warmup_text, "soon")
     raises(ValueError, "foresight-schedule", FS.parse_schedule, "linear")
 
 
@@ -897,7 +899,7 @@ def test_code_dataset_reads_codes_and_remakes_the_crop_from_matching_images(tmp_
 @pytest.fixture(scope="module")
 def vq_fixture():
     ref = torch.load(TESTDATA / "llamagen_vq_tiny.pt", weights_only=True)
-    vq = T.VQModel(T.VQConfig(**ref["config"]))
+    vq = V.VQModel(V.VQConfig(**ref["config"]))
     M.load_state_dict_strict(vq, ref["state_dict"], "fixture")
     return vq.eval(), ref
 
@@ -916,22 +918,22 @@ def test_vq_fixture_parity_and_vq16_preset_has_llamagen_keys_and_shapes(vq_fixtu
     assert vq.grid_size(32) == 8
     raises(ValueError, "multiple of", vq.grid_size, 30)
     with torch.device("meta"):  # no memory, no init cost
-        vq = T.VQModel(T.get_config("VQ-16"))
-        assert T.VQModel(T.get_config("VQ-8")).grid_size(256) == 32
-        assert T.VQModel(T.get_config("VQ-S")).grid_size(32) == 8
+        vq = V.VQModel(V.get_config("VQ-16"))
+        assert V.VQModel(V.get_config("VQ-8")).grid_size(256) == 32
+        assert V.VQModel(V.get_config("VQ-S")).grid_size(32) == 8
     assert {k: tuple(v.shape) for k, v in vq.state_dict().items()} == read_shapes("llamagen_vq16_state_dict.txt")
     assert vq.grid_size(256) == 16
 
 
 def test_load_vq_reads_llamagen_and_our_formats_and_explains_mismatches(tmp_path, vq_fixture):
     vq, ref = vq_fixture
-    cfg, sd = T.VQConfig(**ref["config"]), ref["state_dict"]
+    cfg, sd = V.VQConfig(**ref["config"]), ref["state_dict"]
     broken = {**{k: v for k, v in sd.items() if k != "encoder.conv_in.bias"}, "extra.weight": torch.zeros(1)}
     for name, ckpt in (("llamagen.pt", {"model": sd}), ("bare.pt", sd), ("broken.pt", {"model": broken}),
                        ("ours.pt", {"model": sd, "config": asdict(cfg), "steps": 3})):
         torch.save(ckpt, tmp_path / name)
     for path, preset in (("llamagen.pt", cfg), ("bare.pt", cfg), ("ours.pt", None)):
-        loaded = T.load_vq(str(tmp_path / path), preset=preset)
+        loaded = V.load_vq(str(tmp_path / path), preset=preset)
         assert not loaded.training and torch.equal(loaded.encode(ref["images"]), ref["codes"])
     for path, preset, error, match in (
             ("llamagen.pt", None, ValueError, "stores no config"),
@@ -939,12 +941,12 @@ def test_load_vq_reads_llamagen_and_our_formats_and_explains_mismatches(tmp_path
                                                 r"\(8, 64, 1, 1\)"),
             ("broken.pt", cfg, ValueError, r"missing keys: encoder.conv_in.bias; unexpected keys: extra.weight"),
             ("nope.pt", None, FileNotFoundError, "does not exist")):
-        raises(error, match, T.load_vq, str(tmp_path / path), preset=preset)
+        raises(error, match, V.load_vq, str(tmp_path / path), preset=preset)
 
 
 def vq_train(monkeypatch, folder, out, flags):
     """`tokenizer.py train` of TINY_VQ (as preset VQ-T) on 16 px images."""
-    monkeypatch.setitem(T.VQ_PRESETS, "VQ-T", TINY_VQ)
+    monkeypatch.setitem(V.VQ_PRESETS, "VQ-T", TINY_VQ)
     return T.main(f"train --dataset folder --data-path {folder} --image-size 16 --vq-model VQ-T --results-dir {out} "
                   f"{flags}".split())
 
@@ -960,7 +962,7 @@ def test_training_reduces_reconstruction_loss_and_resumes(tmp_path, monkeypatch)
     assert before_gan["rec"] < 0.5 * rows[0]["rec"] and before_gan["psnr"] > rows[0]["psnr"] + 3
     assert "d_loss" in rows[-1] and "d_loss" not in before_gan  # the GAN switched on at step 50
     assert rows[-1]["rec"] < rows[0]["rec"] and 0 < rows[-1]["usage"] <= 1
-    assert (out / "samples" / "recon_0000060.png").is_file() and T.load_vq(last).config == TINY_VQ
+    assert (out / "samples" / "recon_0000060.png").is_file() and V.load_vq(last).config == TINY_VQ
     raises(SystemExit, "already holds checkpoints; pass --resume auto", vq_train, monkeypatch, folder, out,
            flags + " 65")
     last = vq_train(monkeypatch, folder, out, flags + " 65 --resume auto")
@@ -996,7 +998,7 @@ def test_extract_writes_what_code_dataset_reads(tmp_path):
     meta = json.loads((out / "meta.json").read_text())
     assert (meta["grid"], meta["vocab_size"], meta["num_views"], meta["num_images"], meta["num_classes"],
             meta["views"]) == ([8, 8], 32, 2, 10, 2, "flip")
-    assert T.VQConfig(**meta["tokenizer_config"]) == TINY_VQ
+    assert V.VQConfig(**meta["tokenizer_config"]) == TINY_VQ
     assert np.load(out / "codes.npy", mmap_mode="r").dtype == np.int16
     ds = data.CodeDataset(str(out), with_images=True)
     assert len(ds) == 20
@@ -1018,7 +1020,7 @@ def test_a_wrong_checkpoint_or_an_unreadable_image_ends_with_one_sentence_and_no
     folder, codes = make_image_folder(tmp_path / "images", per_class=3), tmp_path / "codes"
     (tmp_path / "notes.txt").write_text("not a checkpoint")
     torch.save({"model": {"tok_embeddings.weight": torch.zeros(4, 4)}, "config": {"n_layer": 2}}, tmp_path / "gpt.pt")
-    torch.save({"model": T.VQModel(TINY_VQ).state_dict()}, tmp_path / "bare.pt")
+    torch.save({"model": V.VQModel(TINY_VQ).state_dict()}, tmp_path / "bare.pt")
     save_tiny_vq(tmp_path / "vq.pt")
     extract = f"extract --dataset folder --data-path {folder} --image-size 16 --code-path {codes} --vq-ckpt "
     for name, extra, message in [("notes.txt", "", "not a readable PyTorch checkpoint"),
@@ -1066,7 +1068,7 @@ def test_grid_png_is_reproducible_and_holds_the_given_classes_samples(ckpts, tmp
     assert a[2:10, 2:10].std() > 0 and np.all(a[:2] == 0)  # a picture inside, black padding around
     S.main(["--gpt-ckpt", ckpts["gpt"], "--num-samples", "3", "--nrow", "3", "--batch-size", "3",
             "--classes", "4,0,2", "--cfg-scale", "1.5", "--top-k", "8", "--out", str(tmp_path / "g.png")])
-    images = T.sample_images(M.load_gpt(ckpts["gpt"]), T.load_vq(ckpts["vq"]), [4, 0, 2], cfg_scale=1.5, top_k=8,
+    images = V.sample_images(M.load_gpt(ckpts["gpt"]), V.load_vq(ckpts["vq"]), [4, 0, 2], cfg_scale=1.5, top_k=8,
                              generator=S.chunk_generator(0, 0, torch.device("cpu")))
     assert images.shape == (3, 8, 8, 3) and images.dtype == np.uint8
     grid = read_png(tmp_path / "g.png")
@@ -1398,52 +1400,52 @@ def test_classifier_trains_deterministically_is_cached_and_scores_samples_and_fl
     monkeypatch.setattr(data, "open_dataset", lambda name, data_path=None, split="train", download=True:
                         splits["test" if name.endswith("-test") else split])
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    monkeypatch.setattr(fid, "CLASSIFIER_EPOCHS", 2)
-    monkeypatch.setattr(fid, "CLASSIFIER_BATCH", 32)
-    net = fid.load_classifier("toy", progress=False)
+    monkeypatch.setattr(quality, "CLASSIFIER_EPOCHS", 2)
+    monkeypatch.setattr(quality, "CLASSIFIER_BATCH", 32)
+    net = quality.load_classifier("toy", progress=False)
     assert net.test_accuracy >= 0.95 and (net.dataset, net.image_size, net.num_test) == ("toy", 32, 128)
     assert not net.training
     assert os.listdir(fid.cache_dir()) == ["toy-32px-classifier.pt"]  # written atomically: no temporary left
-    twin = fid.train_classifier("toy", progress=False)  # the same seed, the same network
+    twin = quality.train_classifier("toy", progress=False)  # the same seed, the same network
     assert all(torch.equal(v, twin.state_dict()[k]) for k, v in net.state_dict().items())
     # from here on (the CLI too) the cached classifier serves
-    monkeypatch.setattr(fid, "train_classifier", lambda *a, **k: pytest.fail("the cached classifier was not used"))
-    again = fid.load_classifier("toy-test", train_if_missing=False)
+    monkeypatch.setattr(quality, "train_classifier", lambda *a, **k: pytest.fail("the cached classifier was not used"))
+    again = quality.load_classifier("toy-test", train_if_missing=False)
     assert all(torch.equal(v, again.state_dict()[k]) for k, v in net.state_dict().items())
     assert again.test_accuracy == net.test_accuracy and torch.equal(again.ref_sigma, net.ref_sigma)
-    raises(FileNotFoundError, "--classifier toy --floors", fid.load_classifier, "toy", seed=1, train_if_missing=False)
+    raises(FileNotFoundError, "quality.py toy --floors", quality.load_classifier, "toy", seed=1, train_if_missing=False)
 
     # its metrics separate real from noise and check labels
     test, labels = toy_views(splits["test"]), splits["test"].labels
-    itself = fid.classifier_metrics(test, labels, "toy", classifier=net)
+    itself = quality.classifier_metrics(test, labels, "toy", classifier=net)
     assert abs(itself["fd_classifier"]) < 1e-6 and itself["class_agreement"] >= 0.95
     rng = np.random.default_rng(5)
     fresh_source = toy_source(rng, 128)
     fresh = toy_views(fresh_source)
-    real = fid.classifier_metrics(fresh, fresh_source.labels, "toy", classifier=net)
-    noise = fid.classifier_metrics(rng.integers(0, 256, (128, 32, 32, 3), dtype=np.uint8), None, "toy", classifier=net)
+    real = quality.classifier_metrics(fresh, fresh_source.labels, "toy", classifier=net)
+    noise = quality.classifier_metrics(rng.integers(0, 256, (128, 32, 32, 3), dtype=np.uint8), None, "toy", classifier=net)
     assert noise["fd_classifier"] > 10 * real["fd_classifier"] and noise["class_agreement"] is None
-    shuffled = fid.classifier_metrics(fresh, rng.permutation(fresh_source.labels), "toy", classifier=net)
+    shuffled = quality.classifier_metrics(fresh, rng.permutation(fresh_source.labels), "toy", classifier=net)
     assert real["class_agreement"] >= 0.95 and 0.3 <= shuffled["class_agreement"] <= 0.7
     # one channel, or another size (resized with antialiasing), is the same picture to the classifier
-    gray_features, gray_classes = fid.classify(net, fresh[..., :1])
-    assert np.allclose(gray_features, fid.classify(net, fresh)[0], atol=1e-5)
-    assert fid.classify(net, fresh.repeat(2, axis=1).repeat(2, axis=2))[1].tolist() == gray_classes.tolist()
-    raises(ValueError, "128 images and 3 labels", fid.classifier_metrics, fresh, [0, 1, 0], "toy", classifier=net)
+    gray_features, gray_classes = quality.classify(net, fresh[..., :1])
+    assert np.allclose(gray_features, quality.classify(net, fresh)[0], atol=1e-5)
+    assert quality.classify(net, fresh.repeat(2, axis=1).repeat(2, axis=2))[1].tolist() == gray_classes.tolist()
+    raises(ValueError, "128 images and 3 labels", quality.classifier_metrics, fresh, [0, 1, 0], "toy", classifier=net)
 
     # the CLI: samples with their labels, then the floors (a random tokenizer's reconstructions are far off)
     np.savez(tmp_path / "samples.npz", arr_0=test, labels=labels)
-    fid.main([str(tmp_path / "samples.npz"), "toy-test", "--classifier", "--json", "--device", "cpu"])
+    quality.main([str(tmp_path / "samples.npz"), "toy-test", "--json", "--device", "cpu"])
     out = json.loads(capsys.readouterr().out)
     assert out["test_accuracy"] >= 0.95 and out["num_reference"] == 128
     assert abs(out["rows"][0]["fd_classifier"]) < 1e-6 and out["rows"][0]["class_agreement"] >= 0.95
     save_tiny_vq(tmp_path / "vq.pt")
-    fid.main(["--classifier", "toy", "--floors", "--vq-ckpt", str(tmp_path / "vq.pt")])
+    quality.main(["toy", "--floors", "--vq-ckpt", str(tmp_path / "vq.pt")])
     real_row, recon_row = capsys.readouterr().out.splitlines()[1:]
     assert real_row.startswith("real (256 training images)") and recon_row.startswith("recon (256 training images)")
     fd = [float(row.split("fd_classifier")[1].split()[0]) for row in (real_row, recon_row)]
     assert float(real_row.split("class_agreement")[1]) >= 0.95 and fd[1] > fd[0]
-    refused(capsys, fid.main, [str(tmp_path / "vq.pt"), "toy", "--classifier"], "not an .npz of images")
+    refused(capsys, quality.main, [str(tmp_path / "vq.pt"), "toy"], "not an .npz of images")
 
 
 # ==== The same numbers: weights after a fixed tiny run of each variant, and a fixed sample batch, as

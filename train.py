@@ -22,36 +22,23 @@ import sys
 import time
 from dataclasses import asdict
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 from tqdm import tqdm
 
 import foresight as FS
+import quality
+import tokenizer
 from data import CodeDataset
-from util import (FINITE, NONNEG, NONNEG_INT, POSITIVE, POSITIVE_INT, PROBABILITY, EpochSampler, Logger,
-                  cleanup_distributed, folder_name, one_line, read_checkpoint, run_command, save_atomic, save_grid,
+from util import (FINITE, NONNEG, NONNEG_INT, POSITIVE, POSITIVE_INT, PROBABILITY, EpochSampler, Logger, broadcast,
+                  cleanup_distributed, gather, folder_name, read_checkpoint, rng_state, run_command, save_atomic, save_grid,
                   setup_distributed)
 from model import GPT, GPT_PRESETS, MAX_GRAD_NORM, gpt_config, load_gpt, make_adamw
-from tokenizer import load_vq, sample_images
+from vq import load_vq, sample_images
 
 # ----------------------------------------------------------------------------------------------------
 # Flags
-
-WARMUP = re.compile(r"\s*(\d+(?:\.\d+)?)\s*(ep|%)?\s*")
-
-
-def warmup_text(text):
-    if not WARMUP.fullmatch(text):
-        raise argparse.ArgumentTypeError(f"expected steps (500), epochs (15ep) or a share of the run (10%), got {text!r}")
-    return text
-
-
-def coef_list(text):
-    """--foresight-coef: one lambda for all targets or one per target, each finite and >= 0."""
-    return [NONNEG(c) for c in str(text).split(",")]
-
 
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -78,8 +65,8 @@ def build_parser():
     f("--foresight-depth", type=POSITIVE_INT, help="student block (1-based); default 2/3 of the layers")
     f("--foresight-k", type=POSITIVE_INT, help="targets per position; default 3 explicit, 1 implicit")
     f("--foresight-layout", default="2d", choices=["2d", "1d"])
-    f("--foresight-coef", type=coef_list, default="2", help="lambda: one for all targets or one per target (1,0.5,0.5)")
-    f("--foresight-warmup", type=warmup_text, help="next-token training first: steps (500), epochs (15ep) or a "
+    f("--foresight-coef", type=FS.coef_list, default="2", help="lambda: one for all targets or one per target (1,0.5,0.5)")
+    f("--foresight-warmup", type=FS.warmup_text, help="next-token training first: steps (500), epochs (15ep) or a "
                                                    "share of the run (10%%); default 15ep explicit, 0 implicit")
     f("--foresight-schedule", default="constant", help="lambda after warm-up: constant, cosine, or 'step:scale,...'")
     f("--foresight-encoder", default="dinov2_vitb14",
@@ -119,23 +106,6 @@ def build_parser():
     return p
 
 
-def expand_coefs(coefs, k):
-    coefs = coef_list(coefs) if isinstance(coefs, str) else list(coefs)  # older checkpoints stored the text
-    if len(coefs) not in (1, k):
-        raise ValueError(f"--foresight-coef has {len(coefs)} values for {k} targets: give one, or one per target")
-    return coefs * k if len(coefs) == 1 else coefs
-
-
-def warmup_flag(a):
-    """--foresight-warmup of a run's flags (a dict), its default filled in: 15 epochs for Mirai-E."""
-    return a.get("foresight_warmup") or ("15ep" if a.get("foresight") == "explicit" else "0")
-
-
-def parse_warmup(text, steps_per_epoch, total_steps):
-    value, unit = WARMUP.fullmatch(text).groups()
-    value = float(value)
-    return int(value * steps_per_epoch) if unit == "ep" else int(value / 100 * total_steps) if unit == "%" else int(value)
-
 # ----------------------------------------------------------------------------------------------------
 # Building blocks: EMA, RNG, the meter, the models, checkpoints and what a resume must share
 
@@ -143,17 +113,6 @@ def parse_warmup(text, steps_per_epoch, total_steps):
 @torch.no_grad()
 def update_ema(ema, model, decay):
     torch._foreach_lerp_(list(ema.parameters()), [p.detach() for p in model.parameters()], 1.0 - decay)
-
-
-def rng_state(device):
-    return {"cpu": torch.get_rng_state(), **({"cuda": torch.cuda.get_rng_state(device)} if device.type == "cuda" else {})}
-
-
-def gather(obj, world):
-    out = [obj] * world
-    if world > 1:
-        dist.all_gather_object(out, obj)
-    return out
 
 
 class Meter:
@@ -224,27 +183,9 @@ def build_models(args, meta, device):
         check_data(args, meta, vq.config.codebook_size, vq.grid_size(meta["image_size"]), None, f"--vq-ckpt {args.vq_ckpt}")
     fs, teacher, depth = FS.build(args.foresight, gpt, args.foresight_level, args.foresight_k, args.foresight_depth,
                                   args.foresight_layout, args.foresight_proj_dim, args.foresight_encoder, vq)
-    coefs = expand_coefs(args.foresight_coef, fs.k) if fs is not None else []
+    coefs = FS.expand_coefs(args.foresight_coef, fs.k) if fs is not None else []
     to = lambda m: m.to(device) if m is not None else None
     return gpt.to(device), vq, to(fs), to(teacher), depth, coefs
-
-
-def save_checkpoint(path, state, last):
-    save_atomic(state, path)
-    tmp = f"{last}.tmp"
-    if os.path.exists(tmp):
-        os.remove(tmp)
-    try:
-        os.link(path, tmp)  # last.pt is the same file, not a second copy of the weights
-    except OSError:
-        save_atomic(state, tmp)
-    os.replace(tmp, last)
-
-
-def foresight_setup(args, fs, depth):
-    """What a resumed run must share with the checkpoint for the heads to mean the same thing."""
-    return None if fs is None else {"mode": fs.mode, "k": fs.k, "depth": depth, "layout": args.foresight_layout,
-                   "encoder": args.foresight_encoder if fs.mode == "implicit" else None}
 
 
 def run_settings(a, fs, dim):
@@ -257,7 +198,7 @@ def run_settings(a, fs, dim):
         out["ema_decay"] = a.get("ema_decay")
     if fs is not None:
         proj = a.get("foresight_proj_dim")
-        out.update(foresight_coef=expand_coefs(a.get("foresight_coef"), fs.k), foresight_warmup=warmup_flag(a),
+        out.update(foresight_coef=FS.expand_coefs(a.get("foresight_coef"), fs.k), foresight_warmup=FS.warmup_flag(a),
                    foresight_schedule=a.get("foresight_schedule"),
                    foresight_proj_dim=proj if proj is not None else FS.default_proj_dim(dim))
     return out
@@ -268,7 +209,7 @@ def check_resume(path, ckpt, args, gpt, fs, depth, meta):
     def differences(old, new, flag=lambda k: k):
         return [f"{flag(k)} {old.get(k)!r} (now {new.get(k)!r})" for k in sorted({*old, *new}) if old.get(k) != new.get(k)]
     diff = differences(ckpt.get("gpt_config") or {}, asdict(gpt.config)) + differences(
-        ckpt.get("foresight_setup") or {}, foresight_setup(args, fs, depth) or {}, lambda k: f"foresight {k}")
+        ckpt.get("foresight_setup") or {}, fs.setup if fs else {}, lambda k: f"foresight {k}")
     if diff:
         raise ValueError(f"--resume {path} was trained with another model or foresight setup: {'; '.join(diff)}; "
                          f"use the flags it was made with")
@@ -297,10 +238,7 @@ def run_folder(args, rank, world):
         nums = [int(m.group(1)) for d in (os.listdir(args.results_dir) if os.path.isdir(args.results_dir) else [])
                 if (m := re.match(r"(\d+)-", d))]
         exp_dir = os.path.join(args.results_dir, f"{max(nums, default=-1) + 1:03d}-{suffix}")
-    if world > 1:
-        box = [exp_dir]
-        dist.broadcast_object_list(box, src=0)
-        exp_dir = box[0]
+    exp_dir = broadcast(exp_dir, world)
     if os.path.exists(os.path.join(exp_dir, "checkpoints", "last.pt")):
         raise ValueError(f"{exp_dir} already holds a run; pass --resume auto or another --exp-name")
     return None, exp_dir
@@ -336,7 +274,7 @@ def _train(args, rank, world, device):
     if steps_per_epoch == 0:
         raise ValueError(f"--global-batch-size {args.global_batch_size} is larger than the dataset ({n_images} images)")
     total_steps = args.max_steps if args.max_steps is not None else args.epochs * steps_per_epoch
-    warmup = parse_warmup(warmup_flag(vars(args)), steps_per_epoch, total_steps)
+    warmup = FS.parse_warmup(FS.warmup_flag(vars(args)), steps_per_epoch, total_steps)
     FS.parse_schedule(args.foresight_schedule)
     if args.eval_every and not args.vq_ckpt:
         raise ValueError("--eval-every needs --vq-ckpt, the tokenizer that decodes the samples")
@@ -409,7 +347,7 @@ def _train(args, rank, world, device):
             f"{args.foresight_layout}, lambda {coefs}, warm-up {warmup} steps, schedule {args.foresight_schedule}, "
             f"projectors {sum(p.numel() for p in fs.parameters()) / 1e6:.2f}M")
     coef_t, meter = torch.tensor(coefs, device=device), Meter(len(coefs), device)
-    metric = load_metric(args, meta, device, rank, world, log) if args.eval_every else None
+    metric = quality.load_metric(args, meta, device, rank, world, log) if args.eval_every else None
     if not resume:  # training's own random stream: not shifted by whichever optional models were built above
         torch.manual_seed(args.seed * world + rank + 1_000_003)
     if ema is not None and step == 0:
@@ -467,10 +405,10 @@ def _train(args, rank, world, device):
                 state = {"model": gpt.state_dict(), "ema": ema.state_dict() if ema is not None else None,
                          "optimizer": opt.state_dict(), "steps": step, "epoch": epoch, "step_in_epoch": in_epoch,
                          "args": vars(args), "gpt_config": asdict(gpt.config), "foresight": fs.state_dict() if fs else None,
-                         "foresight_setup": foresight_setup(args, fs, depth), "rng": gather(rng_state(device), world),
+                         "foresight_setup": fs.setup if fs else None, "rng": gather(rng_state(device), world),
                          "vq_ckpt": args.vq_ckpt, "data_meta": meta}
                 if rank == 0:
-                    save_checkpoint(os.path.join(ckpt_dir, f"{step:07d}.pt"), state, os.path.join(ckpt_dir, "last.pt"))
+                    save_atomic(state, os.path.join(ckpt_dir, f"{step:07d}.pt"), link=os.path.join(ckpt_dir, "last.pt"))
                     log(f"saved checkpoint {ckpt_dir}/{step:07d}.pt")
             if vq is not None and rank == 0 and ((args.sample_every and step % args.sample_every == 0) or last):
                 path = os.path.join(exp_dir, "samples", f"{step:07d}.png")
@@ -480,93 +418,12 @@ def _train(args, rank, world, device):
                 save_grid(imgs, path, nrow=classes if classes <= 16 else math.ceil(math.sqrt(args.num_sample_images)))
                 log(f"saved samples {path}")
             if metric and (step % args.eval_every == 0 or last):
-                evaluate(args, step, gpt, ema, vq, metric, held_out, meta, rank, world, device, log)
+                quality.evaluate(args, step, gpt, ema, vq, metric, held_out, meta, rank, world, device, log)
             if last:
                 break
     bar.close()
     log(f"done: {step} steps in {exp_dir}")
     return exp_dir
-
-# ----------------------------------------------------------------------------------------------------
-# Evaluation during training: sample quality (FID, or offline the classifier metric) and held-out loss
-
-
-def load_metric(args, meta, device, rank, world, log):
-    """-> ("inception", network), ("classifier", network), or None with one notice (the run trains on).
-    Chosen once, on rank 0, before the first step; the other ranks learn only whether there is one."""
-    import fid
-
-    choice, reasons = None, []
-    if rank == 0:
-        if args.eval_metric in ("auto", "inception") and args.eval_reference:
-            try:
-                choice = ("inception", fid.load_inception(device=device))
-            except (FileNotFoundError, ValueError) as e:
-                reasons.append(f"no FID ({one_line(e)})")
-        elif args.eval_metric == "auto":
-            reasons.append("no FID (no --eval-reference)")
-        if choice is None and args.eval_metric in ("auto", "classifier"):
-            if meta["dataset"].split("-")[0] in ("mnist", "fashion", "cifar10"):
-                choice = ("classifier", fid.load_classifier(meta["dataset"], args.data_path or meta.get("data_path"),
-                                                            device, meta["image_size"], progress=not args.no_progress))
-                log(f"evaluation: {''.join(r + '; ' for r in reasons)}the {meta['dataset']} classifier's FD and class "
-                    f"agreement (its test accuracy {choice[1].test_accuracy:.4f})")
-            else:
-                reasons.append(f"no classifier metric for {meta['dataset']} (MNIST, Fashion-MNIST and CIFAR-10 only)")
-        if choice is None:
-            log(f"evaluation skipped: {'; '.join(reasons)}")
-    if world > 1:
-        box = [choice is not None]
-        dist.broadcast_object_list(box, src=0)
-        choice = choice if rank == 0 else box[0]
-    return choice
-
-
-@torch.no_grad()
-def held_out_loss(model, codes, device, images, batch=1000):
-    """Mean next-token loss over every view of the first `images` images of a held-out code dataset, without
-    dropout or label drop (all 10,000 of Fashion-MNIST's test split would cost a run 6% of its time)."""
-    was_training, total = model.training, 0.0
-    model.eval()
-    x_all = torch.from_numpy(np.asarray(codes.codes[:images], dtype=np.int64).reshape(-1, codes.codes.shape[-1]))
-    y_all = torch.from_numpy(np.repeat(np.asarray(codes.labels[:images], dtype=np.int64), codes.num_views))
-    for x, y in zip(x_all.split(batch), y_all.split(batch)):
-        x, y = x.to(device), y.to(device)
-        total += model(x[:, :-1], y, targets=x, drop_labels=False)[1].item() * len(x)
-    model.train(was_training)
-    return total / len(x_all)
-
-
-def evaluate(args, step, gpt, ema, vq, metric, held_out, meta, rank, world, device, log):
-    """Samples of --eval-weights made by all ranks and scored on rank 0, and the held-out loss. Its own
-    random generator: evaluating never changes the training run."""
-    import fid
-
-    which = ["raw"] if ema is None else {"ema": ["ema"], "raw": ["raw"], "both": ["ema", "raw"]}[args.eval_weights]
-    row = {"step": step}
-    for name in which:
-        model, prefix = (ema if name == "ema" else gpt), ("eval_" if name == which[0] else f"eval_{name}_")
-        mine = torch.arange(rank, args.eval_samples, world) % meta["num_classes"]
-        g, was_training = torch.Generator(device=device).manual_seed(args.seed * world + rank), model.training
-        imgs = [sample_images(model, vq, chunk, cfg_scale=args.cfg_scale, generator=g)
-                for chunk in mine.split(args.eval_batch_size)]
-        model.train(was_training)
-        imgs = [i for part in gather(imgs, world) for i in part]
-        if held_out is not None:
-            row[prefix + "heldout_loss"] = held_out_loss(model, held_out, device, args.eval_samples)
-        if rank != 0:
-            continue
-        imgs = np.concatenate(imgs)
-        if metric[0] == "inception":
-            result = fid.evaluate(imgs, args.eval_reference, model=metric[1], data_path=args.data_path)
-        else:
-            labels = torch.cat([torch.arange(r, args.eval_samples, world) for r in range(world)]) % meta["num_classes"]
-            result = fid.classifier_metrics(imgs, labels.numpy(), meta["dataset"], classifier=metric[1], device=device)
-        row.update({prefix + k: v for k, v in result.items() if v is not None})
-    gpt.train()
-    log("eval " + " | ".join(f"{k[5:]} {v:.4f}" if isinstance(v, float) else f"{k[5:]} {v}"
-                             for k, v in row.items() if k != "step"))
-    log.record(row)
 
 # ----------------------------------------------------------------------------------------------------
 # The main job in one command: tokenizer -> codes -> GPT, each stage reusing what --out already holds
@@ -583,8 +440,6 @@ SMALL_RUN_EXPLICIT = dict(foresight_warmup="10%", foresight_coef=[1.0])
 
 
 def pipeline(args, argv):
-    import tokenizer
-
     parser, marker = build_parser(), object()  # which flags argv sets itself: parsed again, every default a marker
     parser.set_defaults(**{dest: marker for dest in vars(args)})
     given = {dest for dest, value in vars(parser.parse_args(argv)).items() if value is not marker}

@@ -114,6 +114,26 @@ def barrier(world):
         torch.distributed.barrier()
 
 
+def rng_state(device):
+    return {"cpu": torch.get_rng_state(), **({"cuda": torch.cuda.get_rng_state(device)} if device.type == "cuda" else {})}
+
+
+def gather(obj, world):
+    """-> [obj of rank 0, obj of rank 1, ...] on every rank."""
+    out = [obj] * world
+    if world > 1:
+        torch.distributed.all_gather_object(out, obj)
+    return out
+
+
+def broadcast(obj, world):
+    """-> rank 0's obj on every rank."""
+    box = [obj]
+    if world > 1:
+        torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def cleanup_distributed(world):
     if world > 1:
         torch.distributed.destroy_process_group()
@@ -165,8 +185,19 @@ def atomic_write(path, write):
             os.remove(tmp)
 
 
-def save_atomic(obj, path):
+def save_atomic(obj, path, link=None):
+    """torch.save through atomic_write; `link` (train.py's last.pt) then names the same file: a hard link,
+    not a second copy of the weights, where the filesystem allows one."""
     atomic_write(path, lambda f: torch.save(obj, f))
+    if link is not None:
+        tmp = f"{link}.tmp"
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        try:
+            os.link(path, tmp)
+        except OSError:
+            atomic_write(tmp, lambda f: torch.save(obj, f))
+        os.replace(tmp, link)
 
 
 class Logger:
