@@ -56,7 +56,7 @@ class SmallClassifier(nn.Module):
         return features, self.head(features)
 
 
-def _classifier_input(batch, size):  # what _as_nchw takes, any size -> floats NCHW in [-1, 1], size x size
+def _classifier_input(batch, size):  # what fid.as_nchw takes, any size -> floats NCHW in [-1, 1], size x size
     x = fid.as_nchw(batch)
     x = x.float() / 255 if x.dtype == torch.uint8 else x.float()
     if x.shape[-2:] != (size, size):
@@ -150,7 +150,7 @@ def classifier_metrics(images_uint8_nhwc, labels, dataset, data_path=None, class
             "class_agreement": None if labels is None else float((predicted == np.asarray(labels)).mean())}
 
 
-# ----------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------
 # Evaluation during training: sample quality (FID, or offline the classifier metric) and held-out loss
 
 
@@ -169,7 +169,7 @@ def load_metric(args, meta, device, rank, world, log):
         if choice is None and args.eval_metric in ("auto", "classifier"):
             if meta["dataset"].split("-")[0] in ("mnist", "fashion", "cifar10"):
                 choice = ("classifier", load_classifier(meta["dataset"], args.data_path or meta.get("data_path"),
-                                                            device, meta["image_size"], progress=not args.no_progress))
+                                                        device, meta["image_size"], progress=not args.no_progress))
                 log(f"evaluation: {''.join(r + '; ' for r in reasons)}the {meta['dataset']} classifier's FD and class "
                     f"agreement (its test accuracy {choice[1].test_accuracy:.4f})")
             else:
