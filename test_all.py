@@ -10,6 +10,7 @@ import math
 import os
 import pickle
 import re
+import socket
 import struct
 import subprocess
 import sys
@@ -47,12 +48,12 @@ torch.set_num_threads(1)  # tiny ops: a second OpenMP thread costs more than it 
 TINY_VQ = V.VQConfig(codebook_size=32, codebook_embed_dim=4, encoder_ch_mult=(1, 2), decoder_ch_mult=(1, 2),
                      z_channels=32, ch=32, num_res_blocks=1)
 SAMPLE_VQ = replace(TINY_VQ, codebook_size=16)
+TINY_GPT = dict(dim=32, n_layer=2, n_head=4, vocab_size=16, grid_size=3, num_classes=5)
 
 
 def tiny_gpt(seed=0, config=None, **kw):
     torch.manual_seed(seed)
-    gpt = M.GPT(config or M.GPTConfig(**{**dict(dim=32, n_layer=2, n_head=4, vocab_size=16, grid_size=3,
-                                                num_classes=5), **kw}))
+    gpt = M.GPT(config or M.GPTConfig(**(TINY_GPT | kw)))
     with torch.no_grad():  # the zero-initialised head would make every logit equal
         gpt.output.weight.normal_(0, 0.5)
     return gpt.eval()
@@ -73,6 +74,19 @@ def save_tiny_vq(path, seed=0, config=TINY_VQ):
     vq = V.VQModel(config).eval()
     torch.save({"model": vq.state_dict(), "config": asdict(config)}, path)
     return vq
+
+
+def save_files(folder, files):
+    """Tiny checkpoints and junk files: {name: content} into folder, bytes as they are, anything else torch.save'd."""
+    for name, content in files.items():
+        if isinstance(content, bytes):
+            (folder / name).write_bytes(content)
+        else:
+            torch.save(content, folder / name)
+
+
+def last_ckpt(exp):
+    return str(Path(exp) / "checkpoints" / "last.pt")
 
 
 def make_image_folder(root, classes=2, per_class=8, size=16, seed=0, sizes=None):
@@ -141,31 +155,42 @@ def raises(error, match, fn, /, *args, **kw):
 
 # ==== model.py ==========================================================================================
 
-
-@pytest.fixture(scope="module")
-def llamagen_tiny():
+def test_llamagen_fixture_parity_and_load_gpt_reads_llamagen_and_our_formats_and_explains_mismatches(tmp_path):
     ref = torch.load(TESTDATA / "llamagen_gpt_tiny.pt", weights_only=True)
-    c = ref["config"]
+    c, sd = ref["config"], ref["state_dict"]
     keys = ("dim", "n_layer", "n_head", "vocab_size", "num_classes", "cls_token_num")
-    gpt = M.GPT(M.GPTConfig(**{k: c[k] for k in keys}, grid_size=int(c["block_size"] ** 0.5)))
-    gpt.load_state_dict(ref["state_dict"], strict=True)
-    return gpt.eval(), ref
-
-
-def test_llamagen_logits_and_greedy_cfg_generation_match_fixture(llamagen_tiny):
-    gpt, ref = llamagen_tiny
+    gpt = M.GPT(M.GPTConfig(**{k: c[k] for k in keys}, grid_size=int(c["block_size"] ** 0.5))).eval()
+    gpt.load_state_dict(sd, strict=True)
     idx, cond = ref["idx"][:, :-1], ref["cond"]
     with torch.no_grad():
-        logits, null = (gpt(idx, c)[0] for c in (cond, torch.full_like(cond, gpt.config.num_classes)))
+        logits, null = (gpt(idx, y)[0] for y in (cond, torch.full_like(cond, gpt.config.num_classes)))
     assert logits.shape == ref["logits"].shape
     torch.testing.assert_close(logits, ref["logits"], atol=1e-4, rtol=0)
     torch.testing.assert_close(null, ref["logits_null_class"], atol=1e-4, rtol=0)
     assert torch.equal(gpt.generate(cond, cfg_scale=2.0, temperature=1.0, top_k=1, top_p=1.0), ref["generated"])
+    tiny = dict(preset="GPT-T", grid_size=4, dim=64, n_layer=2, n_head=4)
+    ours = {"model": sd, "ema": {k: v + 1 for k, v in sd.items()}, "gpt_config": asdict(gpt.config)}
+    broken = {**{k: v for k, v in sd.items() if k != "norm.weight"}, "extra.weight": sd["norm.weight"]}
+    save_files(tmp_path, {"bare.pt": sd, "llamagen.pt": {"model": sd}, "ema_only.pt": {"ema": sd}, "ours.pt": ours,
+                          "d.pt": broken, "junk.pt": b"not a checkpoint"})
+    for name in ("bare.pt", "llamagen.pt", "ema_only.pt"):
+        loaded = M.load_gpt(tmp_path / name, **tiny)
+        assert all(torch.equal(loaded.state_dict()[k], v) for k, v in sd.items())
+    assert torch.equal(M.load_gpt(tmp_path / "ours.pt").output.weight, gpt.output.weight)
+    assert torch.equal(M.load_gpt(tmp_path / "ours.pt", use_ema=True).output.weight, gpt.output.weight + 1)
+    raises(ValueError, "give --gpt-model", M.load_gpt, tmp_path / "llamagen.pt")
+    msg = raises(ValueError, "shape mismatches", M.load_gpt, tmp_path / "llamagen.pt", preset="GPT-T", grid_size=4)
+    assert "tok_embeddings.weight (64, 64) vs model (64, 128)" in msg  # GPT-T is dim 128, not 64
+    assert "vocabulary 64, 10 classes" in msg and "\n" not in msg
+    raises(ValueError, "missing keys: norm.weight; unexpected keys: extra.weight", M.load_gpt, tmp_path / "d.pt",
+           **tiny)
+    raises(ValueError, "not a readable PyTorch checkpoint", M.load_gpt, tmp_path / "junk.pt")
+    raises(FileNotFoundError, "does not exist", M.load_gpt, tmp_path / "nope.pt")
+    raises(ValueError, "GPT-Q.*unknown", M.gpt_config, "GPT-Q")
 
 
 def test_class_position_has_zero_rotary_table():
-    # (positions, pairs, [cos, sin])
-    rope = torch.view_as_real(M.rotary_table(M.GPTConfig(dim=64, n_head=4, grid_size=4)))
+    rope = torch.view_as_real(M.rotary_table(M.GPTConfig(dim=64, n_head=4, grid_size=4)))  # (positions, pairs, 2)
     assert rope.shape == (1 + 16, 8, 2) and torch.all(rope[0] == 0)
     # cell (0, 0): identity rotation; cell (0, 1): rows half unrotated, columns half rotated
     assert torch.allclose(rope[1, :, 0], torch.ones(8)) and torch.all(rope[1, :, 1] == 0)
@@ -180,14 +205,14 @@ def test_presets_have_llamagen_keys_and_sizes_and_swiglu_is_rounded_like_llamage
             gpt = M.GPT(M.gpt_config(preset, vocab_size=16384, grid_size=16, num_classes=1000))
         assert abs(gpt.num_params() - params) < tolerance, preset
         if preset == "GPT-B":
-            assert {k: tuple(v.shape) for k, v in gpt.state_dict().items()} == read_shapes(
-                "llamagen_gpt_b_state_dict.txt")
+            shapes = {k: tuple(v.shape) for k, v in gpt.state_dict().items()}
+            assert shapes == read_shapes("llamagen_gpt_b_state_dict.txt")
     assert [M.ffn_hidden_dim(M.GPTConfig(dim=d)) for d in (768, 1024, 256)] == [2048, 2816, 768]
 
 
 def test_forward_gives_a_uniform_first_loss_the_hidden_state_after_a_block_and_drops_labels_in_train_mode():
     torch.manual_seed(0)
-    gpt = M.GPT(M.GPTConfig(dim=32, n_layer=2, n_head=4, vocab_size=50, grid_size=3, num_classes=5))
+    gpt = M.GPT(M.GPTConfig(**(TINY_GPT | {"vocab_size": 50})))
     idx = torch.randint(0, 50, (4, 9))
     _, loss, _ = gpt(idx[:, :-1], torch.tensor([0, 1, 2, 3]), targets=idx)
     assert abs(loss.item() - torch.log(torch.tensor(50.0)).item()) < 1e-5
@@ -197,8 +222,7 @@ def test_forward_gives_a_uniform_first_loss_the_hidden_state_after_a_block_and_d
     torch.testing.assert_close(loss, torch.nn.functional.cross_entropy(logits.reshape(-1, 16), idx.reshape(-1)))
     # the residual stream after block 1 is what block 1 alone produces from the embeddings
     torch.testing.assert_close(hidden, gpt.layers[0](gpt.embed(idx[:, :-1], cond), gpt.rope[:9]))
-    # a teacher's forward stops there and gives the same hidden state
-    none, _, early = gpt(idx[:, :-1], cond, hidden_layer=1, stop_at_hidden=True)
+    none, _, early = gpt(idx[:, :-1], cond, hidden_layer=1, stop_at_hidden=True)  # a teacher's forward stops there
     assert none is None and torch.equal(early, hidden)
     # eval mode is deterministic, train mode drops labels
     gpt = tiny_gpt(token_dropout_p=0.0, resid_dropout_p=0.0, ffn_dropout_p=0.0, class_dropout_prob=0.5)
@@ -224,7 +248,7 @@ def reference_generate(gpt, cond, cfg_scale, first_unguided=None):
     return seq
 
 
-def test_kv_cache_generation_equals_full_forward_and_cfg_interval_stops_guidance_after_the_interval():
+def test_kv_cache_generation_equals_full_forward_cfg_interval_stops_guidance_and_top_k_top_p_filter():
     for n_kv_head in (None, 2):
         gpt, cond = tiny_gpt(n_kv_head=n_kv_head), torch.tensor([0, 3, 4])
         for cfg in (3.0, 1.0):
@@ -242,70 +266,23 @@ def test_kv_cache_generation_equals_full_forward_and_cfg_interval_stops_guidance
     mixed = gpt.generate(cond, cfg_scale=4.0, cfg_interval=2, top_k=1)
     assert torch.equal(mixed[:, :4], guided[:, :4])
     assert torch.equal(mixed, reference_generate(gpt, cond, 4.0, first_unguided=4))
-
-
-def test_top_k_and_top_p_filtering():
-    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]])).repeat(2000, 1)
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]])).repeat(2000, 1)  # top-k and top-p filtering
     g = torch.Generator().manual_seed(0)
     # top_p 0.7: 0.5 < 0.7, 0.8 crosses
     for kw, drawn in ((dict(top_k=2), {0, 1}), (dict(top_p=0.7), {0, 1}), (dict(top_p=0.4), {0}),
                       ({}, {0, 1, 2, 3}), (dict(temperature=0.0), {0})):
         assert set(M.sample_logits(logits, generator=g, **kw).tolist()) == drawn, kw
     # the inverse-CDF draw keeps torch.multinomial's distribution: frequencies within 4 sigma of the probabilities
-    p = torch.tensor([0.5, 0.3, 0.15, 0.05, 0.0])
-    draws = M.sample_logits(torch.log(p).repeat(40_000, 1), generator=g)
+    p = torch.tensor([0.5, 0.3, 0.15, 0.05, 0.0]).double()
+    draws = M.sample_logits(torch.log(p.float()).repeat(40_000, 1), generator=g)
     freq = torch.bincount(draws, minlength=5).double() / len(draws)
-    assert torch.all((freq - p.double()).abs() <= 4 * (p.double() * (1 - p.double()) / len(draws)).sqrt() + 1e-12), freq
-    assert freq[4] == 0
-
-
-def test_load_gpt_reads_llamagen_and_our_formats_and_explains_mismatches(tmp_path, llamagen_tiny):
-    gpt, ref = llamagen_tiny
-    sd, tiny = ref["state_dict"], dict(preset="GPT-T", grid_size=4, dim=64, n_layer=2, n_head=4)
-    for name, ckpt in [("bare.pt", sd), ("llamagen.pt", {"model": sd}), ("ema_only.pt", {"ema": sd})]:
-        torch.save(ckpt, tmp_path / name)
-        loaded = M.load_gpt(tmp_path / name, **tiny)
-        assert all(torch.equal(loaded.state_dict()[k], v) for k, v in sd.items())
-    ema = {k: v + 1 for k, v in gpt.state_dict().items()}
-    torch.save({"model": gpt.state_dict(), "ema": ema, "gpt_config": asdict(gpt.config)}, tmp_path / "ours.pt")
-    assert torch.equal(M.load_gpt(tmp_path / "ours.pt").output.weight, gpt.output.weight)
-    assert torch.equal(M.load_gpt(tmp_path / "ours.pt", use_ema=True).output.weight, gpt.output.weight + 1)
-
-    raises(ValueError, "give --gpt-model", M.load_gpt, tmp_path / "llamagen.pt")
-    # GPT-T is dim 128, not 64
-    msg = raises(ValueError, "shape mismatches", M.load_gpt, tmp_path / "llamagen.pt", preset="GPT-T", grid_size=4)
-    assert "tok_embeddings.weight (64, 64) vs model (64, 128)" in msg
-    assert "vocabulary 64, 10 classes" in msg and "\n" not in msg
-    sd = dict(sd)
-    sd["extra.weight"] = sd.pop("norm.weight")
-    torch.save(sd, tmp_path / "d.pt")
-    raises(ValueError, "missing keys: norm.weight; unexpected keys: extra.weight", M.load_gpt, tmp_path / "d.pt",
-           **tiny)
-    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
-    raises(ValueError, "not a readable PyTorch checkpoint", M.load_gpt, tmp_path / "junk.pt")
-    raises(FileNotFoundError, "does not exist", M.load_gpt, tmp_path / "nope.pt")
-    raises(ValueError, "GPT-Q.*unknown", M.gpt_config, "GPT-Q")
+    assert torch.all((freq - p).abs() <= 4 * (p * (1 - p) / len(draws)).sqrt() + 1e-12) and freq[4] == 0, freq
 
 
 # ==== foresight.py ======================================================================================
 
-
 def pair_map(pairs):
     return dict(zip(pairs[0].tolist(), pairs[1].tolist()))
-
-
-def test_neighbours_are_masked_at_edges_never_wrapped_and_1d_takes_the_next_tokens():
-    pairs = FS.neighbour_pairs(3, 3, "2d", num_targets=8)  # explicit: cell 8 is never read
-    assert pair_map(pairs[1]) == {0: 1, 1: 2, 3: 4, 4: 5, 6: 7}  # (0, +1): no 2->3, 5->6 wrap, no 7->8
-    assert pair_map(pairs[2]) == {0: 3, 1: 4, 2: 5, 3: 6, 4: 7}  # (+1, 0)
-    assert torch.equal(pairs[0][0], torch.arange(8)) and torch.equal(pairs[0][1], torch.arange(8))
-    # (1, 1) for an encoder: cell 8 is a target
-    assert pair_map(FS.neighbour_pairs(3, 4, "2d", num_targets=9)[3]) == {0: 4, 1: 5, 3: 7, 4: 8}
-    assert FS.NEIGHBOURS_2D[3:] == ((1, 1), (0, 2), (1, 2), (2, 2), (2, 1), (2, 0))
-    raises(ValueError, "foresight-k 10", FS.neighbour_pairs, 4, 10, "2d")
-    # 1D: two steps later, across the row end (that is the 1D sequence's own future)
-    s, t = FS.neighbour_pairs(3, 3, "1d", num_targets=8)[2]
-    assert s.tolist() == [0, 1, 2, 3, 4, 5] and t.tolist() == [2, 3, 4, 5, 6, 7]
 
 
 def direct_cos_loss(fs, hidden, targets, offsets, explicit, grid):
@@ -314,10 +291,8 @@ def direct_cos_loss(fs, hidden, targets, offsets, explicit, grid):
     for j, (dy, dx) in enumerate(offsets):
         terms = []
         for cell in range(grid * grid - 1):
-            r, c = divmod(cell, grid)
-            tr, tc = r + dy, c + dx
-            tcell = tr * grid + tc
-            if tr >= grid or tc >= grid or (explicit and tcell >= grid * grid - 1):
+            (r, c), tcell = divmod(cell, grid), cell + dy * grid + dx
+            if r + dy >= grid or c + dx >= grid or (explicit and tcell >= grid * grid - 1):
                 continue
             tgt = targets[:, tcell + 1] if explicit else targets[:, tcell]
             terms.append(-torch.nn.functional.cosine_similarity(fs.projectors[j](hidden[:, cell + 1]), tgt, dim=-1))
@@ -325,24 +300,31 @@ def direct_cos_loss(fs, hidden, targets, offsets, explicit, grid):
     return torch.stack(losses)
 
 
-def test_explicit_implicit_and_output_level_losses_equal_direct_computation():
+def test_neighbours_are_masked_at_edges_never_wrapped_and_explicit_implicit_and_output_losses_are_direct_ones():
+    pairs = FS.neighbour_pairs(3, 3, "2d", num_targets=8)  # explicit: cell 8 is never read
+    assert pair_map(pairs[1]) == {0: 1, 1: 2, 3: 4, 4: 5, 6: 7}  # (0, +1): no 2->3, 5->6 wrap, no 7->8
+    assert pair_map(pairs[2]) == {0: 3, 1: 4, 2: 5, 3: 6, 4: 7}  # (+1, 0)
+    assert torch.equal(pairs[0][0], torch.arange(8)) and torch.equal(pairs[0][1], torch.arange(8))
+    # (1, 1) for an encoder: cell 8 is a target
+    assert pair_map(FS.neighbour_pairs(3, 4, "2d", num_targets=9)[3]) == {0: 4, 1: 5, 3: 7, 4: 8}
+    assert FS.NEIGHBOURS_2D[3:] == ((1, 1), (0, 2), (1, 2), (2, 2), (2, 1), (2, 0))
+    raises(ValueError, "foresight-k 10", FS.neighbour_pairs, 4, 10, "2d")
+    s, t = FS.neighbour_pairs(3, 3, "1d", num_targets=8)[2]  # 1D: two steps later, across the row end (its future)
+    assert s.tolist() == [0, 1, 2, 3, 4, 5] and t.tolist() == [2, 3, 4, 5, 6, 7]
     torch.manual_seed(0)
     fs = FS.Foresight("explicit", dim=8, grid=3, k=4, proj_dim=16)
     hidden, targets = torch.randn(2, 9, 8), torch.randn(2, 9, 8)
     torch.testing.assert_close(fs(hidden, targets), direct_cos_loss(fs, hidden, targets, FS.NEIGHBOURS_2D[:4], True, 3))
-    # implicit: the student that read a cell is paired with that cell's patch
-    torch.manual_seed(0)
+    torch.manual_seed(0)  # implicit: the student that read a cell is paired with that cell's patch
     fs = FS.Foresight("implicit", dim=8, grid=3, k=1, proj_dim=16, target_dim=5)
     s, t = fs.pairs(0)
     assert torch.equal(s, t) and s.tolist() == list(range(8))
     hidden, feats = torch.randn(2, 9, 8), torch.randn(2, 9, 5)
     torch.testing.assert_close(fs(hidden, feats), direct_cos_loss(fs, hidden, feats, [(0, 0)], False, 3))
-    # moving patch (r, c) changes exactly the loss term of the student at position r*W + c + 1
-    feats2 = feats.clone()
+    feats2 = feats.clone()  # moving patch (r, c) changes exactly the loss term of the student at r*W + c + 1
     feats2[:, 8] = torch.randn(2, 5)  # the last cell is never read: no student pairs with it
     torch.testing.assert_close(fs(hidden, feats2), fs(hidden, feats))
-    # output level: the heads predict the neighbours' next token
-    torch.manual_seed(0)
+    torch.manual_seed(0)  # output level: the heads predict the neighbours' next token
     fs = FS.Foresight("output", dim=8, grid=3, k=3, proj_dim=16, vocab_size=7)
     assert fs.k == 2  # the (0, 0) target is the model's own next-token head
     hidden, tokens = torch.randn(2, 9, 8), torch.randint(0, 7, (2, 9))
@@ -357,8 +339,7 @@ def test_coefficient_schedules_and_warmup():
     assert FS.coef_schedule(9, 100, 10) == 0.0 and FS.coef_schedule(10, 100, 10) == 1.0
     assert FS.coef_schedule(10, 110, 10, "cosine") == 1.0 and abs(FS.coef_schedule(60, 110, 10, "cosine") - 0.5) < 1e-9
     assert [FS.coef_schedule(step, 100, 0, "50:0.5,80:0") for step in (5, 60, 90)] == [1.0, 0.5, 0.0]
-    assert FS.parse_warmup("15ep", 100, 10_000) == 1500 and FS.parse_warmup("10%", 100, 2000) == 200
-    assert FS.parse_warmup("250", 100, 2000) == 250
+    assert [FS.parse_warmup(w, 100, n) for w, n in (("15ep", 10_000), ("10%", 2000), ("250", 2000))] == [1500, 200, 250]
     raises(argparse.ArgumentTypeError, "15ep", FS.warmup_text, "soon")
     raises(ValueError, "foresight-schedule", FS.parse_schedule, "linear")
 
@@ -383,11 +364,10 @@ def test_ema_teacher_is_the_ema_weights_without_gradient_and_image_teacher_norma
     assert all(p.grad is None for p in ema.parameters()) and ema.training is False
     assert student.layers[0].attention.wqkv.weight.grad is not None and fs.projectors[0][0].weight.grad is not None
 
-    # the image teacher resizes and normalises, and refuses a grid mismatch
     class Fake(torch.nn.Module):  # stands in for DINOv2: 14x14 patches, mean-pooled pixels as "features"
         def forward_features(self, x):
             return {"x_norm_patchtokens": torch.nn.functional.avg_pool2d(x, 14).flatten(2).transpose(1, 2)}
-
+    # the image teacher resizes and normalises, and refuses a grid mismatch
     teacher = FS.ImageEncoderTeacher(Fake(), grid=2, feature_dim=3, input_size=28, mean=FS.IMAGENET_MEAN,
                                      std=FS.IMAGENET_STD, kind="dinov2")
     img = torch.zeros(1, 3, 16, 16, dtype=torch.uint8)
@@ -403,15 +383,15 @@ def test_ema_teacher_is_the_ema_weights_without_gradient_and_image_teacher_norma
 
 # ==== train.py ==========================================================================================
 
-
 @pytest.fixture(scope="module")
 def codes_dir(tmp_path_factory):
     return write_code_dataset(tmp_path_factory.mktemp("codes"))
 
 
 def train_argv(tmp, codes, *extra, name="run"):
-    return ["--code-path", str(codes), "--results-dir", str(tmp), "--exp-name", name, "--gpt-model", "GPT-T",
-            "--global-batch-size", "8", "--log-every", "5", "--ckpt-every", "1000", "--no-progress", *extra]
+    """train.py's argv for a tiny GPT-T run; `extra`: flags and values, strings split at spaces (paths hold none)."""
+    return (f"--code-path {codes} --results-dir {tmp} --exp-name {name} --gpt-model GPT-T --global-batch-size 8 "
+            f"--log-every 5 --ckpt-every 1000 --no-progress {' '.join(map(str, extra))}").split()
 
 
 def run_train(tmp, codes, *extra, name="run"):
@@ -427,62 +407,52 @@ def state(exp, step):
 
 
 def assert_same_weights(a, b, exact=True):
+    tolerance = dict(atol=0, rtol=0) if exact else dict(atol=1e-5, rtol=1e-4)
     for key in ("model", "ema", "foresight"):
         for k in a[key]:
-            if exact:
-                assert torch.equal(a[key][k], b[key][k]), (key, k)
-            else:
-                torch.testing.assert_close(a[key][k], b[key][k], atol=1e-5, rtol=1e-4)
+            torch.testing.assert_close(a[key][k], b[key][k], **tolerance, msg=lambda m: f"{key} {k}: {m}")
 
 
-@pytest.mark.parametrize("variant", [
-    ["--foresight", "none"],
-    ["--foresight", "explicit", "--foresight-warmup", "5", "--ema-decay", "0.9"],
-    ["--foresight", "explicit", "--foresight-level", "output", "--foresight-warmup", "0"],
-])
-def test_each_variant_reduces_the_loss(tmp_path, codes_dir, variant):
-    exp = run_train(tmp_path, codes_dir, "--max-steps", "40", "--lr", "2e-3", *variant)
+@pytest.mark.parametrize("variant", ["none", "explicit --foresight-warmup 5 --ema-decay 0.9",
+                                     "explicit --foresight-level output --foresight-warmup 0",
+                                     "explicit --foresight-warmup 100"])
+def test_each_variant_reduces_the_loss_and_a_warmup_keeps_the_foresight_heads_untouched(tmp_path, codes_dir, variant):
+    exp = run_train(tmp_path, codes_dir, "--max-steps 40 --lr 2e-3 --foresight", variant)
     rows, ckpt = metrics(exp), state(exp, 40)
     assert rows[-1]["loss"] < rows[0]["loss"] - 0.5
     assert set(ckpt) >= {"model", "ema", "optimizer", "steps", "epoch", "args", "gpt_config", "rng"}
     assert ckpt["steps"] == 40 and ckpt["epoch"] == 40 // 6 and ckpt["step_in_epoch"] == 40 % 6
     # what LlamaGen reads: a bare GPT state_dict under "model"
     assert set(ckpt["model"]) == set(M.GPT(M.GPTConfig(**ckpt["gpt_config"])).state_dict())
-    if variant[1] == "explicit" and variant[-1] != "0":
+    if variant.endswith("0.9"):
         assert "foresight" not in rows[0] and rows[-1]["foresight"][0] < rows[1]["foresight"][0]
-
-
-def test_warmup_keeps_the_foresight_heads_untouched(tmp_path, codes_dir):
-    exp = run_train(tmp_path, codes_dir, "--max-steps", "6", "--foresight", "explicit", "--foresight-warmup", "100",
-                    "--ckpt-every", "6")
-    ckpt = state(exp, 6)
-    assert all("foresight" not in r for r in metrics(exp))
-    n_gpt = len(list(FS.Student(M.GPT(M.GPTConfig(**ckpt["gpt_config"]))).parameters()))
-    n_all = sum(len(g["params"]) for g in ckpt["optimizer"]["param_groups"])
-    # the 3 heads' 6 tensors each were never stepped
-    assert len(set(ckpt["optimizer"]["state"])) == n_gpt and n_all == n_gpt + 3 * 6
+    if variant.endswith("100"):  # the 3 heads' 6 tensors each were never stepped
+        n_gpt = len(list(FS.Student(M.GPT(M.GPTConfig(**ckpt["gpt_config"]))).parameters()))
+        n_all = sum(len(g["params"]) for g in ckpt["optimizer"]["param_groups"])
+        assert all("foresight" not in r for r in rows)
+        assert len(set(ckpt["optimizer"]["state"])) == n_gpt and n_all == n_gpt + 3 * 6
 
 
 def test_resume_is_bit_identical_and_a_resume_that_would_change_the_run_is_refused(tmp_path, codes_dir, capsys):
-    common = ["--foresight", "explicit", "--foresight-warmup", "3", "--ema-decay", "0.9", "--ckpt-every", "4"]
-    full = run_train(tmp_path, codes_dir, "--max-steps", "10", *common, name="full")
-    half = run_train(tmp_path, codes_dir, "--max-steps", "4", *common, name="half")  # "killed" after step 4
-    last = str(half / "checkpoints" / "last.pt")
-    for extra, match in [(["--global-batch-size", "4"], r"--global-batch-size 8 \(now 4\)"),
-                         (["--lr", "0.001"], r"--lr 0\.0001 \(now 0\.001\)"),
-                         (["--global-seed", "3"], r"--global-seed 0 \(now 3\)"),
-                         (["--foresight-coef", "1"], r"--foresight-coef \[2\.0, 2\.0, 2\.0\] \(now \[1\.0, 1\.0, 1\.0\]\)"),
-                         (["--foresight-k", "2"], r"foresight k 3 \(now 2\)"),
-                         (["--dropout-p", "0.2"], r"resid_dropout_p 0\.1 \(now 0\.2\)")]:
-        argv = train_argv(tmp_path, codes_dir, "--max-steps", "7", *common, *extra, "--resume", last, name="half")
+    common = "--foresight explicit --foresight-warmup 3 --ema-decay 0.9 --ckpt-every 4"
+    full = run_train(tmp_path, codes_dir, "--max-steps 10", common, name="full")
+    half = run_train(tmp_path, codes_dir, "--max-steps 4", common, name="half")  # "killed" after step 4
+    last = last_ckpt(half)
+    for extra, match in [("--global-batch-size 4", r"--global-batch-size 8 \(now 4\)"),
+                         ("--lr 0.001", r"--lr 0\.0001 \(now 0\.001\)"),
+                         ("--global-seed 3", r"--global-seed 0 \(now 3\)"),
+                         ("--foresight-coef 1", r"--foresight-coef \[2\.0, 2\.0, 2\.0\] \(now \[1\.0, 1\.0, 1\.0\]\)"),
+                         ("--foresight-k 2", r"foresight k 3 \(now 2\)"),
+                         ("--dropout-p 0.2", r"resid_dropout_p 0\.1 \(now 0\.2\)")]:
+        argv = train_argv(tmp_path, codes_dir, "--max-steps 7", common, extra, "--resume", last, name="half")
         assert "{" not in refused(capsys, TR.main, argv, match)  # names the fields, not whole dicts
     assert sorted(os.listdir(half / "checkpoints")) == ["0000004.pt", "last.pt"]
     # a longer run is what --max-steps is for: applied and logged; --resume auto finds the --exp-name run, and a
     # checkpoint's path finds that checkpoint's run; either way the result is the uninterrupted run's to the bit
-    run_train(tmp_path, codes_dir, "--max-steps", "7", *common, "--resume", "auto", name="half")
+    run_train(tmp_path, codes_dir, "--max-steps 7", common, "--resume auto", name="half")
     assert torch.load(last, weights_only=True)["steps"] == 7
     assert "--max-steps changed from 4 to 7" in (half / "log.txt").read_text()
-    run_train(tmp_path, codes_dir, "--max-steps", "10", *common, "--resume", last)
+    run_train(tmp_path, codes_dir, "--max-steps 10", common, "--resume", last)
     a, b = state(full, 10), state(half, 10)
     assert_same_weights(a, b)
     for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
@@ -490,25 +460,23 @@ def test_resume_is_bit_identical_and_a_resume_that_would_change_the_run_is_refus
 
 
 # dropout off: then how the batch of a step is split cannot change its update
-SPLIT = ["--max-steps", "3", "--ckpt-every", "3", "--lr", "1e-3", "--dropout-p", "0", "--token-dropout-p", "0",
-         "--class-dropout-prob", "0", "--foresight", "explicit", "--foresight-warmup", "1", "--ema-decay", "0.5"]
+SPLIT = ("--max-steps 3 --ckpt-every 3 --lr 1e-3 --dropout-p 0 --token-dropout-p 0 --class-dropout-prob 0 "
+         "--foresight explicit --foresight-warmup 1 --ema-decay 0.5")
 
 
 @pytest.fixture(scope="module")
 def one_process(tmp_path_factory, codes_dir):
-    return state(run_train(tmp_path_factory.mktemp("one"), codes_dir, *SPLIT), 3)
+    return state(run_train(tmp_path_factory.mktemp("one"), codes_dir, SPLIT), 3)
 
 
 @pytest.mark.parametrize("nodes,per_node,accum", [(1, 2, 1), (2, 1, 1), (1, 1, 2)])
-def test_ddp_and_gradient_accumulation_give_the_one_process_update(tmp_path, codes_dir, one_process, nodes,
-                                                                    per_node, accum):
+def test_ddp_and_gradient_accumulation_give_the_one_process_update(
+        tmp_path, codes_dir, one_process, nodes, per_node, accum):
     # DDP with two gloo processes; (2, 1): two torchrun launchers as on two "machines" of one process each, so
     # local rank 0 twice and global ranks 0 and 1; (1, 1, 2): one process, two accumulated half batches
     if accum > 1:
-        a = state(run_train(tmp_path, codes_dir, *SPLIT, "--grad-accum", str(accum)), 3)
+        a = state(run_train(tmp_path, codes_dir, SPLIT, "--grad-accum", accum), 3)
     else:
-        import socket
-
         with socket.socket() as s:  # a free port
             s.bind(("127.0.0.1", 0))
             port, launchers = s.getsockname()[1], []
@@ -516,7 +484,7 @@ def test_ddp_and_gradient_accumulation_give_the_one_process_update(tmp_path, cod
             log = tempfile.TemporaryFile("w+")
             cmd = [sys.executable, "-m", "torch.distributed.run", f"--nnodes={nodes}", f"--node_rank={node}",
                    f"--nproc_per_node={per_node}", "--master_addr=127.0.0.1", f"--master_port={port}",
-                   str(ROOT / "train.py"), *train_argv(tmp_path, codes_dir, *SPLIT)]
+                   str(ROOT / "train.py"), *train_argv(tmp_path, codes_dir, SPLIT)]
             launchers.append((subprocess.Popen(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=log,
                                                stderr=subprocess.STDOUT), log))
         for p, log in launchers:
@@ -531,28 +499,24 @@ def test_ddp_and_gradient_accumulation_give_the_one_process_update(tmp_path, cod
 
 def test_bad_flags_fail_with_one_sentence(tmp_path, codes_dir, capsys):
     other = write_code_dataset(tmp_path / "other", vocab=40)
-    gpt = str(run_train(tmp_path, other, "--max-steps", "1", "--ckpt-every", "1", name="v40") / "checkpoints/last.pt")
-    small = run_train(tmp_path, codes_dir, "--max-steps", "1", "--ckpt-every", "1", "--gpt-model", "GPT-S", name="s")
-    torch.save({"model": {}}, tmp_path / "other.pt")
-    torch.save(torch.zeros(3), tmp_path / "tensor.pt")
+    gpt = last_ckpt(run_train(tmp_path, other, "--max-steps 1 --ckpt-every 1", name="v40"))
+    small = last_ckpt(run_train(tmp_path, codes_dir, "--max-steps 1 --ckpt-every 1 --gpt-model GPT-S", name="s"))
+    save_files(tmp_path, {"other.pt": {"model": {}}, "tensor.pt": torch.zeros(3)})
     for extra, match in [
-        (["--foresight", "explicit", "--foresight-coef", "1,2"], "2 values for 3 targets"),
-        (["--foresight", "explicit", "--foresight-depth", "9"], "outside the model's 1..4 blocks"),
-        (["--foresight", "implicit", "--foresight-encoder", "vq"], "needs --data-path"),
-        (["--global-batch-size", "64"], "larger than the dataset"),
-        (["--foresight", "implicit", "--foresight-level", "output", "--data-path", str(tmp_path)],
-         "use it with --foresight explicit"),
-        (["--gpt-ckpt", gpt], "vocabulary 40, but the codes .* vocabulary 32"),
-        (["--resume", str(tmp_path / "nope.pt")], "--resume .*nope.pt does not exist"),
-        (["--resume", str(tmp_path / "other.pt")], "not a checkpoint of train.py .it lacks optimizer"),
-        (["--max-steps", "2", "--foresight", "explicit", "--resume", gpt, "--code-path", str(other)],
-         "another model or foresight setup"),
-        (["--code-path", str(tmp_path / "empty")], "not a code dataset"),
-        (["--gpt-ckpt", str(small / "checkpoints" / "last.pt")], r"holds a GPT-S model .* not --gpt-model GPT-T"),
-        (["--resume", str(tmp_path / "tensor.pt")], r"tensor.pt is not a checkpoint of train.py"),
+        ("--foresight explicit --foresight-coef 1,2", "2 values for 3 targets"),
+        ("--foresight explicit --foresight-depth 9", "outside the model's 1..4 blocks"),
+        ("--foresight implicit --foresight-encoder vq", "needs --data-path"),
+        ("--global-batch-size 64", "larger than the dataset"),
+        (f"--foresight implicit --foresight-level output --data-path {tmp_path}", "use it with --foresight explicit"),
+        (f"--gpt-ckpt {gpt}", "vocabulary 40, but the codes .* vocabulary 32"),
+        (f"--resume {tmp_path / 'nope.pt'}", "--resume .*nope.pt does not exist"),
+        (f"--resume {tmp_path / 'other.pt'}", "not a checkpoint of train.py .it lacks optimizer"),
+        (f"--max-steps 2 --foresight explicit --resume {gpt} --code-path {other}", "another model or foresight setup"),
+        (f"--code-path {tmp_path / 'empty'}", "not a code dataset"),
+        (f"--gpt-ckpt {small}", r"holds a GPT-S model .* not --gpt-model GPT-T"),
+        (f"--resume {tmp_path / 'tensor.pt'}", r"tensor.pt is not a checkpoint of train.py"),
     ]:
-        assert refused(capsys, TR.main, train_argv(tmp_path, codes_dir, "--max-steps", "1", *extra), match).startswith(
-            "error: ")
+        refused(capsys, TR.main, train_argv(tmp_path, codes_dir, "--max-steps 1", extra), "^error: .*" + match)
     assert not (tmp_path / "run").exists()
 
 
@@ -601,8 +565,8 @@ def test_atomic_writes_leave_ordinary_files_and_the_range_check_reads_in_chunks(
     data.check_range(codes, 100, "c.npy", "code", "the vocabulary", rows=64)
 
 
-def test_a_nan_loss_or_a_full_disk_stops_the_run_and_keeps_only_good_checkpoints(tmp_path, codes_dir, monkeypatch,
-                                                                                  capsys):
+def test_a_nan_loss_or_a_full_disk_stops_the_run_and_keeps_only_good_checkpoints(
+        tmp_path, codes_dir, monkeypatch, capsys):
     real, calls = FS.step_losses, [0]
 
     def poisoned(*a, **k):
@@ -612,9 +576,8 @@ def test_a_nan_loss_or_a_full_disk_stops_the_run_and_keeps_only_good_checkpoints
 
     with monkeypatch.context() as patch:
         patch.setattr(FS, "step_losses", poisoned)
-        msg = refused(capsys, TR.main, train_argv(tmp_path, codes_dir, "--max-steps", "6", "--log-every", "1",
-                                                  "--ckpt-every", "2", name="r"),
-                      r"the loss became nan before step 4.*last good checkpoint is .*last\.pt")
+        argv = train_argv(tmp_path, codes_dir, "--max-steps 6 --log-every 1 --ckpt-every 2", name="r")
+        msg = refused(capsys, TR.main, argv, r"the loss became nan before step 4.*last good checkpoint is .*last\.pt")
     ckpts = sorted(os.listdir(tmp_path / "r" / "checkpoints"))
     assert ckpts == ["0000002.pt", "last.pt"] and state(tmp_path / "r", 2)["steps"] == 2, (ckpts, msg)
 
@@ -623,7 +586,7 @@ def test_a_nan_loss_or_a_full_disk_stops_the_run_and_keeps_only_good_checkpoints
         raise RuntimeError("[enforce fail at inline_container.cc:603] . unexpected pos 64 vs 0\nmore detail")
 
     monkeypatch.setattr(torch, "save", full_disk)
-    msg = refused(capsys, TR.main, train_argv(tmp_path, codes_dir, "--max-steps", "1", "--ckpt-every", "1", name="t"),
+    msg = refused(capsys, TR.main, train_argv(tmp_path, codes_dir, "--max-steps 1 --ckpt-every 1", name="t"),
                   r"could not write .*0000001.pt \(.*enforce fail.*\); is the disk full\?")
     assert not list((tmp_path / "t" / "checkpoints").glob("*.tmp")) and "more detail" not in msg
 
@@ -641,17 +604,15 @@ def test_training_logs_the_offline_quality_metric_without_changing_the_run(tmp_p
     save_tiny_vq(tmp_path / "vq.pt")
     codes, held = (write_code_dataset(tmp_path / name, grid=8, seed=seed, dataset="fashion-mnist",
                                       data_path=str(tmp_path / "fm")) for name, seed in (("c", 0), ("h", 1)))
-    common = ["--max-steps", "4", "--ckpt-every", "4", "--vq-ckpt", str(tmp_path / "vq.pt"), "--ema",
-              "--ema-decay", "0.5", "--foresight", "explicit", "--foresight-warmup", "1"]
-    plain = run_train(tmp_path, codes, *common, name="plain")
-    scored = run_train(tmp_path, codes, *common, "--eval-every", "2", "--eval-samples", "12", "--eval-weights", "both",
-                       "--eval-reference", "fashion-mnist-test", "--eval-codes", str(held), name="scored")
+    common = f"--max-steps 4 --ckpt-every 4 --vq-ckpt {tmp_path / 'vq.pt'} --ema --ema-decay 0.5 --foresight explicit"
+    plain = run_train(tmp_path, codes, common, "--foresight-warmup 1", name="plain")
+    scored = run_train(tmp_path, codes, common, "--foresight-warmup 1 --eval-every 2 --eval-samples 12 --eval-weights "
+                       f"both --eval-reference fashion-mnist-test --eval-codes {held}", name="scored")
     rows = [r for r in metrics(scored) if "eval_fd_classifier" in r]
     assert [r["step"] for r in rows] == [2, 4]
-    for r in rows:
-        for prefix in ("eval_", "eval_raw_"):
-            assert math.isfinite(r[prefix + "fd_classifier"]) and r[prefix + "fd_classifier"] >= 0
-            assert 0 <= r[prefix + "class_agreement"] <= 1 and 1.0 < r[prefix + "heldout_loss"] < 10
+    for r, prefix in ((r, prefix) for r in rows for prefix in ("eval_", "eval_raw_")):
+        assert math.isfinite(r[prefix + "fd_classifier"]) and r[prefix + "fd_classifier"] >= 0
+        assert 0 <= r[prefix + "class_agreement"] <= 1 and 1.0 < r[prefix + "heldout_loss"] < 10
     log = (scored / "log.txt").read_text()
     assert "no FID (offline)" in log and "classifier's FD and class agreement (its test accuracy" in log
     assert_same_weights(state(plain, 4), state(scored, 4))  # scoring draws from its own generator: the same run
@@ -664,24 +625,25 @@ def test_compare_tabulates_seeds_and_draws_the_curve(tmp_path, capsys):
         run = tmp_path / f"{variant}-{seed}"
         (run / "samples").mkdir(parents=True)
         (run / "checkpoints").mkdir()
-        rows = [r for s in (1, 2) for r in [{"step": s, "loss": 2.0}, {"step": s, "eval_class_agreement": 0.5,
-                                                                          "eval_fd_classifier": base / s + seed}]]
+        rows = [r for s in (1, 2) for r in [
+            {"step": s, "loss": 2.0}, {"step": s, "eval_class_agreement": 0.5, "eval_fd_classifier": base / s + seed}]]
         rows.append({"step": 2, "eval_class_agreement": 0.6, "posthoc": "recomputed"})  # a later row wins; notes skip
         (run / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-        args = {"foresight": variant, "seed": seed, "foresight_coef": [2.0]}
-        torch.save({"args": args}, run / "checkpoints" / "last.pt")
+        torch.save({"args": {"foresight": variant, "seed": seed, "foresight_coef": [2.0]}}, last_ckpt(run))
         Image.new("RGB", (20, 10), (200, 0, 0)).save(run / "samples" / "0000002.png")
     compare.main([str(p) for p in sorted(tmp_path.iterdir())] + ["--out", str(tmp_path / "c.png"), "--paired", "none"])
     out = capsys.readouterr().out
     for row in ("| implicit | 2 | -5.000 ± 0.000 (n=3) | +0.000 ± 0.000 (n=3) |",  # 10 + seed against 15 + seed
                 "| variant | step | fd_classifier | class_agreement |", "| implicit | 1 | 21.000 ± 1.000 (n=3)",
-                "| none | 2 | 16.000 ± 1.000 (n=3) | 0.600 ± 0.000 (n=3) |", "| none | 1 | 31.000 ± 1.000 (n=3) | 0.500"):
+                "| none | 2 | 16.000 ± 1.000 (n=3) | 0.600 ± 0.000 (n=3) |",
+                "| none | 1 | 31.000 ± 1.000 (n=3) | 0.500"):
         assert row in out, row
     assert "posthoc" not in out
     figure = np.asarray(Image.open(tmp_path / "c.png"))
     assert figure.shape[1] > 520 + 2 * 20 and (figure[..., 0] > 150).any()
     runs = [str(tmp_path / f"{v}-{s}") for v in ("none", "implicit") for s in range(3)]
-    assert sorted(compare.group_runs(runs, ["foresight", "foresight_coef"])) == ["implicit foresight_coef=[2.0]", "none"]
+    groups = compare.group_runs(runs, ["foresight", "foresight_coef"])
+    assert sorted(groups) == ["implicit foresight_coef=[2.0]", "none"]
     (tmp_path / "none-0" / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": 2.0}) + "\n")  # no evaluation
     for argv, match in (
             ([tmp_path / "implicit-0", "--paired", "baseline"], "--paired baseline is none of the variants"),
@@ -691,7 +653,6 @@ def test_compare_tabulates_seeds_and_draws_the_curve(tmp_path, capsys):
 
 
 # ==== data.py ===========================================================================================
-
 
 def write_cifar(root):
     """cifar-10-python.tar.gz in the official layout, two images a batch; returns (tarball, {batch: (data, labels)})."""
@@ -714,12 +675,6 @@ def write_idx(folder, split, images, labels, image_magic=2051):
         f.write(struct.pack(">iiii", image_magic, *images.shape) + images.tobytes())
     with gzip.open(os.path.join(folder, lbl_file), "wb") as f:
         f.write(struct.pack(">ii", 2049, len(labels)) + labels.astype(np.uint8).tobytes())
-
-
-@pytest.fixture
-def no_system(tmp_path, monkeypatch):
-    # keep the machine's own /usr/share/datasets out of the tests that expect a miss
-    monkeypatch.setattr(data, "SYSTEM_DATASETS", str(tmp_path / "system"))
 
 
 def test_cifar_loads_pixels_and_labels_and_its_download_checks_md5_restarts_a_stale_part_and_reports_offline(
@@ -745,13 +700,11 @@ def test_cifar_loads_pixels_and_labels_and_its_download_checks_md5_restarts_a_st
     # the right MD5: downloaded, renamed from .part, and readable
     monkeypatch.setattr(data, "CIFAR_MD5", hashlib.md5(open(tarball, "rb").read()).hexdigest())
     ds = data.open_dataset("cifar10-test", str(tmp_path / "dl"))
-    assert sorted(os.listdir(tmp_path / "dl")) == [data.CIFAR_FILE] and ds.label(0) == batches["test_batch"][1][0]
-
+    assert sorted(os.listdir(tmp_path / "dl")) == [data.CIFAR_FILE] and ds.label(0) == labels[0]
     (tmp_path / "src.bin").write_bytes(b"abc")
     assert data.file_md5(str(tmp_path / "src.bin")) == "900150983cd24fb0d6963f7d28e17f72"
     dest = str(tmp_path / "dest.bin")
-    with open(dest + ".part", "wb") as f:
-        f.write(b"junk that is not a prefix")
+    Path(dest + ".part").write_bytes(b"junk that is not a prefix")
     # file:// cannot resume (no 206), so the stale .part is rewritten rather than appended to
     data.download_file("file://" + str(tmp_path / "src.bin"), dest, "900150983cd24fb0d6963f7d28e17f72")
     assert open(dest, "rb").read() == b"abc" and not os.path.exists(dest + ".part")
@@ -760,7 +713,8 @@ def test_cifar_loads_pixels_and_labels_and_its_download_checks_md5_restarts_a_st
     assert "\n" not in msg and not os.path.exists(tmp_path / "x")
 
 
-def test_idx_files_load_and_bad_headers_are_refused(tmp_path, no_system):
+def test_idx_files_load_bad_headers_are_refused_and_missing_datasets_say_how_to_get_them(tmp_path, monkeypatch):
+    monkeypatch.setattr(data, "SYSTEM_DATASETS", str(tmp_path / "system"))  # not the machine's /usr/share/datasets
     images, labels = np.random.default_rng(2).integers(0, 256, (5, 28, 28), dtype=np.uint8), np.array([3, 1, 4, 1, 5])
     write_idx(str(tmp_path / "fashion-mnist"), "test", images, labels)
     ds = data.open_dataset("fashion-mnist-test", str(tmp_path))  # found in data_path/<name>/
@@ -773,6 +727,17 @@ def test_idx_files_load_and_bad_headers_are_refused(tmp_path, no_system):
     with gzip.open(os.path.join(tmp_path, "fashion-mnist", data.IDX_FILES["test"][1]), "wb") as f:
         f.write(struct.pack(">ii", 2049, 5) + bytes(3))  # truncated: header says 5, body has 3
     raises(ValueError, "truncated", data.open_dataset, "fashion-mnist", str(tmp_path), split="test")
+    for name, hint in [("cifar10", "cifar-10-python.tar.gz"), ("mnist", "t10k-images-idx3-ubyte.gz"),
+                       ("fashion-mnist", "fashion-mnist")]:
+        msg = raises(FileNotFoundError, "not found", data.open_dataset, name + "-test", str(tmp_path / "empty"),
+                     download=False)
+        assert hint in msg and "\n" not in msg
+    raises(FileNotFoundError, "--data-path", data.open_dataset, "folder", None)
+    raises(FileNotFoundError, "no class sub-folders", data.open_dataset, "folder", str(tmp_path / "bad"))
+    raises(ValueError, "known: cifar10, mnist", data.open_dataset, "svhn")
+    r = subprocess.run([sys.executable, "data.py", "mnist", "--data-path", str(tmp_path / "e"), "--no-download"],
+                       capture_output=True, text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": ""})
+    assert r.returncode != 0 and r.stderr.startswith("error: ") and r.stderr.count("\n") == 1
 
 
 @pytest.mark.skipif(not os.path.isdir("/usr/share/datasets/fashion-mnist"),
@@ -783,12 +748,8 @@ def test_debian_fashion_mnist_copy():
     assert sorted(set(ds.labels.tolist())) == list(range(10))
 
 
-# two classes of two pictures of various sizes
-SIZES = ((40, 30), (25, 50), (64, 64), (33, 33))
-
-
-def test_image_folder_and_view_dataset(tmp_path):
-    make_image_folder(tmp_path / "train", per_class=2, sizes=SIZES)
+def test_image_folder_views_and_code_dataset_read_their_files_and_remake_the_crop_from_matching_images(tmp_path):
+    make_image_folder(tmp_path / "train", per_class=2, sizes=((40, 30), (25, 50), (64, 64), (33, 33)))
     files = sorted((tmp_path / "train").glob("*/*.png"))
     for path in (tmp_path, tmp_path / "train"):  # root with train/, or the folder itself
         ds = data.open_dataset("folder", str(path))
@@ -796,84 +757,32 @@ def test_image_folder_and_view_dataset(tmp_path):
         for i, p in enumerate(files):
             assert ds.label(i) == int(p.parent.name[-1])
             assert np.array_equal(np.asarray(ds.image(i)), np.asarray(Image.open(p).convert("RGB")))
-    src = data.open_dataset("folder", str(tmp_path))
-    assert src.image(3).size == (33, 33)
-    # its views as a dataset
-    all_views = data.ViewDataset(src, 16, "flip")
+    assert ds.image(3).size == (33, 33)
+    all_views = data.ViewDataset(ds, 16, "flip")  # its views as a dataset
     x, label, i, v = all_views[3]
-    assert len(all_views) == 8 and (i, v, label) == (1, 1, src.label(1)) and x.dtype == torch.float32
+    assert len(all_views) == 8 and (i, v, label) == (1, 1, ds.label(1)) and x.dtype == torch.float32
     assert x.shape == (3, 16, 16) and -1 <= x.min() and x.max() <= 1
-    want = torch.from_numpy(data.make_view(src.image(1), 16, "flip", 1)).permute(2, 0, 1)
+    want = torch.from_numpy(data.make_view(ds.image(1), 16, "flip", 1)).permute(2, 0, 1)
     assert torch.allclose((x + 1) * 127.5, want.float(), atol=1e-4)
-    crops = data.ViewDataset(src, 16, "tencrop")
+    crops = data.ViewDataset(ds, 16, "tencrop")
     assert len(crops) == 40 and [crops[k][2:] for k in (0, 9, 10, 39)] == [(0, 0), (0, 9), (1, 0), (3, 9)]
-
-
-def test_missing_datasets_say_how_to_get_them(tmp_path, no_system):
-    for name, hint in [("cifar10", "cifar-10-python.tar.gz"), ("mnist", "t10k-images-idx3-ubyte.gz"),
-                       ("fashion-mnist", "fashion-mnist")]:
-        msg = raises(FileNotFoundError, "not found", data.open_dataset, name + "-test", str(tmp_path / "empty"),
-                     download=False)
-        assert hint in msg and "\n" not in msg
-    raises(FileNotFoundError, "--data-path", data.open_dataset, "folder", None)
-    raises(FileNotFoundError, "no class sub-folders", data.open_dataset, "folder", str(tmp_path))
-    raises(ValueError, "known: cifar10, mnist", data.open_dataset, "svhn")
-    r = subprocess.run([sys.executable, "data.py", "mnist", "--data-path", str(tmp_path / "e"), "--no-download"],
-                       capture_output=True, text=True, cwd=os.path.dirname(os.path.abspath(data.__file__)),
-                       env={**os.environ, "PYTHONPATH": ""})
-    assert r.returncode != 0 and r.stderr.startswith("error: ") and r.stderr.count("\n") == 1
-
-
-def random_image(w, h, seed=3):
-    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8))
-
-
-def test_views_are_reproducible_and_well_formed_and_adm_crop_halves_with_box_and_pads_small_images():
-    img = random_image(50, 41)
-    for views, n in (("none", 1), ("flip", 2), ("tencrop", 10)):
-        assert data.num_views(views) == n
-        crops = [data.make_view(img, 32, views, v) for v in range(n)]
-        for v, c in enumerate(crops):
-            assert c.shape == (32, 32, 3) and c.dtype == np.uint8
-            assert np.array_equal(c, data.make_view(img.copy(), 32, views, v))
-        assert len({c.tobytes() for c in crops}) == n  # all distinct
-    none = data.make_view(img, 32, "none", 0)
-    assert np.array_equal(data.make_view(img, 32, "flip", 1), none[:, ::-1])
-    assert np.array_equal(data.make_view(img, 32, "flip", 0), none)
-    # ten-crop: the mirrored top-left is the mirror of the top-right (torchvision's order)
-    assert np.array_equal(data.make_view(img, 32, "tencrop", 5), data.make_view(img, 32, "tencrop", 1)[:, ::-1])
-    raises(ValueError, "views must be one of", data.make_view, img, 32, "fivecrop", 0)
-    raises(ValueError, "out of range", data.make_view, img, 32, "flip", 2)
-    # 64x80 -> BOX halving to 32x40 (2x2 means), no further resize, then the middle 32 rows
-    img = random_image(64, 80)
-    box = np.asarray(img).astype(np.float64).reshape(40, 2, 32, 2, 3).mean((1, 3))
-    assert np.abs(data.make_view(img, 32, "none", 0).astype(np.float64) - box[4:36]).max() <= 1
-    digit = Image.fromarray(np.random.default_rng(4).integers(1, 256, (28, 28), dtype=np.uint8))
-    v = data.make_view(digit.convert("RGB"), 32, "none", 0)
-    assert np.array_equal(v[2:30, 2:30, 0], np.asarray(digit)) and v[:2].max() == 0
-    assert data.make_view(digit.convert("RGB"), 64, "none", 0).shape == (64, 64, 3)  # resized
-
-
-def test_code_dataset_reads_codes_and_remakes_the_crop_from_matching_images(tmp_path):
-    make_image_folder(tmp_path / "imgs", per_class=2, sizes=SIZES)
+    # a code dataset of these images
     codes = np.arange(4 * 2 * 4).reshape(4, 2, 4)  # every code distinct: (image, view) is read back exactly
     write_code_dataset(tmp_path / "codes", grid=2, vocab=100, classes=2, codes=codes, labels=[0, 0, 1, 1],
-                       data_path=str(tmp_path / "imgs"))
-    ds = data.CodeDataset(str(tmp_path / "codes"))
-    c, label, view = ds[5]
-    assert len(ds) == 8 and ds.meta["grid"] == [2, 2]
+                       data_path=str(tmp_path / "train"))
+    cds = data.CodeDataset(str(tmp_path / "codes"))
+    c, label, view = cds[5]
+    assert len(cds) == 8 and cds.meta["grid"] == [2, 2]
     assert c.dtype == torch.int64 and c.tolist() == codes[2, 1].tolist()
     assert label.item() == 1 and view.item() == 1 and label.dtype == torch.int64
-    clone = pickle.loads(pickle.dumps(ds))  # as a spawned DataLoader worker gets it
+    clone = pickle.loads(pickle.dumps(cds))  # as a spawned DataLoader worker gets it
     assert clone.codes is None and clone[5][0].tolist() == codes[2, 1].tolist()
-
-    ds = data.CodeDataset(str(tmp_path / "codes"), with_images=True)
-    src = data.open_dataset("folder", str(tmp_path / "imgs"))
+    cds = data.CodeDataset(str(tmp_path / "codes"), with_images=True)
     for k in (6, 7):  # image 3, both views
-        c, label, view, img = ds[k]
+        c, label, view, img = cds[k]
         assert view.item() == k - 6 and c.tolist() == codes[3, view.item()].tolist()
         assert img.dtype == torch.uint8 and img.shape == (3, 16, 16)
-        assert np.array_equal(img.permute(1, 2, 0).numpy(), data.make_view(src.image(3), 16, "flip", view.item()))
+        assert np.array_equal(img.permute(1, 2, 0).numpy(), data.make_view(ds.image(3), 16, "flip", view.item()))
     make_image_folder(tmp_path / "other", classes=3, per_class=1)
     raises(ValueError, "do not match", data.CodeDataset, str(tmp_path / "codes"), with_images=True,
            data_path=str(tmp_path / "other"))
@@ -893,19 +802,39 @@ def test_code_dataset_reads_codes_and_remakes_the_crop_from_matching_images(tmp_
         raises(ValueError, match, data.CodeDataset, str(root))
 
 
+def test_views_are_reproducible_and_well_formed_and_adm_crop_halves_with_box_and_pads_small_images():
+    img = Image.fromarray(np.random.default_rng(3).integers(0, 256, (41, 50, 3), dtype=np.uint8))
+    for views, n in (("none", 1), ("flip", 2), ("tencrop", 10)):
+        assert data.num_views(views) == n
+        crops = [data.make_view(img, 32, views, v) for v in range(n)]
+        for v, c in enumerate(crops):
+            assert c.shape == (32, 32, 3) and c.dtype == np.uint8
+            assert np.array_equal(c, data.make_view(img.copy(), 32, views, v))
+        assert len({c.tobytes() for c in crops}) == n  # all distinct
+    none = data.make_view(img, 32, "none", 0)
+    assert np.array_equal(data.make_view(img, 32, "flip", 1), none[:, ::-1])
+    assert np.array_equal(data.make_view(img, 32, "flip", 0), none)
+    # ten-crop: the mirrored top-left is the mirror of the top-right (torchvision's order)
+    assert np.array_equal(data.make_view(img, 32, "tencrop", 5), data.make_view(img, 32, "tencrop", 1)[:, ::-1])
+    raises(ValueError, "views must be one of", data.make_view, img, 32, "fivecrop", 0)
+    raises(ValueError, "out of range", data.make_view, img, 32, "flip", 2)
+    # 64x80 -> BOX halving to 32x40 (2x2 means), no further resize, then the middle 32 rows
+    img = Image.fromarray(np.random.default_rng(3).integers(0, 256, (80, 64, 3), dtype=np.uint8))
+    box = np.asarray(img).astype(np.float64).reshape(40, 2, 32, 2, 3).mean((1, 3))
+    assert np.abs(data.make_view(img, 32, "none", 0).astype(np.float64) - box[4:36]).max() <= 1
+    digit = Image.fromarray(np.random.default_rng(4).integers(1, 256, (28, 28), dtype=np.uint8))
+    v = data.make_view(digit.convert("RGB"), 32, "none", 0)
+    assert np.array_equal(v[2:30, 2:30, 0], np.asarray(digit)) and v[:2].max() == 0
+    assert data.make_view(digit.convert("RGB"), 64, "none", 0).shape == (64, 64, 3)  # resized
+
+
 # ==== tokenizer.py ======================================================================================
 
-
-@pytest.fixture(scope="module")
-def vq_fixture():
+def test_vq_fixture_parity_load_vq_reads_llamagen_and_our_formats_and_vq16_preset_has_llamagen_keys(tmp_path):
     ref = torch.load(TESTDATA / "llamagen_vq_tiny.pt", weights_only=True)
-    vq = V.VQModel(V.VQConfig(**ref["config"]))
-    M.load_state_dict_strict(vq, ref["state_dict"], "fixture")
-    return vq.eval(), ref
-
-
-def test_vq_fixture_parity_and_vq16_preset_has_llamagen_keys_and_shapes(vq_fixture):
-    vq, ref = vq_fixture
+    cfg, sd = V.VQConfig(**ref["config"]), ref["state_dict"]
+    vq = V.VQModel(cfg).eval()
+    M.load_state_dict_strict(vq, sd, "fixture")
     codes = vq.encode(ref["images"])
     assert codes.dtype == torch.long and torch.equal(codes, ref["codes"])
     with torch.no_grad():
@@ -917,21 +846,9 @@ def test_vq_fixture_parity_and_vq16_preset_has_llamagen_keys_and_shapes(vq_fixtu
     assert vq.encoder_features(ref["images"]).shape == (2, ref["config"]["z_channels"], 8, 8)
     assert vq.grid_size(32) == 8
     raises(ValueError, "multiple of", vq.grid_size, 30)
-    with torch.device("meta"):  # no memory, no init cost
-        vq = V.VQModel(V.get_config("VQ-16"))
-        assert V.VQModel(V.get_config("VQ-8")).grid_size(256) == 32
-        assert V.VQModel(V.get_config("VQ-S")).grid_size(32) == 8
-    assert {k: tuple(v.shape) for k, v in vq.state_dict().items()} == read_shapes("llamagen_vq16_state_dict.txt")
-    assert vq.grid_size(256) == 16
-
-
-def test_load_vq_reads_llamagen_and_our_formats_and_explains_mismatches(tmp_path, vq_fixture):
-    vq, ref = vq_fixture
-    cfg, sd = V.VQConfig(**ref["config"]), ref["state_dict"]
     broken = {**{k: v for k, v in sd.items() if k != "encoder.conv_in.bias"}, "extra.weight": torch.zeros(1)}
-    for name, ckpt in (("llamagen.pt", {"model": sd}), ("bare.pt", sd), ("broken.pt", {"model": broken}),
-                       ("ours.pt", {"model": sd, "config": asdict(cfg), "steps": 3})):
-        torch.save(ckpt, tmp_path / name)
+    save_files(tmp_path, {"llamagen.pt": {"model": sd}, "bare.pt": sd, "broken.pt": {"model": broken},
+                          "ours.pt": {"model": sd, "config": asdict(cfg), "steps": 3}})
     for path, preset in (("llamagen.pt", cfg), ("bare.pt", cfg), ("ours.pt", None)):
         loaded = V.load_vq(str(tmp_path / path), preset=preset)
         assert not loaded.training and torch.equal(loaded.encode(ref["images"]), ref["codes"])
@@ -942,6 +859,12 @@ def test_load_vq_reads_llamagen_and_our_formats_and_explains_mismatches(tmp_path
             ("broken.pt", cfg, ValueError, r"missing keys: encoder.conv_in.bias; unexpected keys: extra.weight"),
             ("nope.pt", None, FileNotFoundError, "does not exist")):
         raises(error, match, V.load_vq, str(tmp_path / path), preset=preset)
+    with torch.device("meta"):  # no memory, no init cost
+        vq = V.VQModel(V.get_config("VQ-16"))
+        assert V.VQModel(V.get_config("VQ-8")).grid_size(256) == 32
+        assert V.VQModel(V.get_config("VQ-S")).grid_size(32) == 8
+    assert {k: tuple(v.shape) for k, v in vq.state_dict().items()} == read_shapes("llamagen_vq16_state_dict.txt")
+    assert vq.grid_size(256) == 16
 
 
 def vq_train(monkeypatch, folder, out, flags):
@@ -951,7 +874,7 @@ def vq_train(monkeypatch, folder, out, flags):
                   f"{flags}".split())
 
 
-def test_training_reduces_reconstruction_loss_and_resumes(tmp_path, monkeypatch):
+def test_tokenizer_training_reduces_the_loss_resumes_bit_identically_and_reports_rfid(tmp_path, monkeypatch):
     folder, out = make_image_folder(tmp_path / "images"), tmp_path / "run"
     flags = ("--global-batch-size 8 --lr 2e-3 --log-every 10 --sample-every 60 --ckpt-every 30 --disc-start 50 "
              "--disc-weight 0.05 --grid-images 4 --l1-weight 0.1 --steps")
@@ -968,10 +891,8 @@ def test_training_reduces_reconstruction_loss_and_resumes(tmp_path, monkeypatch)
     last = vq_train(monkeypatch, folder, out, flags + " 65 --resume auto")
     assert Path(last) == out / "checkpoints" / "0000065.pt" and "resuming from" in (out / "log.txt").read_text()
     assert metrics(out)[-1]["step"] == 65 and torch.load(last, weights_only=True)["steps"] == 65
-
-
-def test_tokenizer_resume_is_bit_identical_and_rfid_is_reported_when_inception_weights_exist(tmp_path, monkeypatch):
-    folder = make_image_folder(tmp_path / "images", per_class=10)
+    # an interrupted run resumed is bit-identical to the uninterrupted one
+    folder = make_image_folder(tmp_path / "images10", per_class=10)
     flags = "--global-batch-size 4 --views flip --disc-start -1 --rfid-images 0 --log-every 2 --ckpt-every 3 --steps"
     full = vq_train(monkeypatch, folder, tmp_path / "full", flags + " 8")
     vq_train(monkeypatch, folder, tmp_path / "half", flags + " 3")  # "killed" after step 3, mid-epoch
@@ -989,11 +910,15 @@ def test_tokenizer_resume_is_bit_identical_and_rfid_is_reported_when_inception_w
     assert [r["step"] for r in rows if "rfid" in r] == [2] and math.isfinite(rows[-1]["rfid"]) and rows[-1]["rfid"] >= 0
 
 
-def test_extract_writes_what_code_dataset_reads(tmp_path):
+def extract_argv(folder, codes, vq, extra=""):
+    return (f"extract --dataset folder --data-path {folder} --image-size 16 --code-path {codes} --vq-ckpt {vq} "
+            f"{extra}").split()
+
+
+def test_extract_writes_what_code_dataset_reads_and_a_bad_checkpoint_or_image_ends_in_one_sentence(tmp_path, capsys):
     folder, out = make_image_folder(tmp_path / "images", per_class=5), tmp_path / "codes"
     vq = save_tiny_vq(tmp_path / "vq.pt")
-    argv = (f"extract --vq-ckpt {tmp_path / 'vq.pt'} --dataset folder --data-path {folder} --image-size 16 "
-            f"--views flip --code-path {out} --batch-size 3").split()
+    argv = extract_argv(folder, out, tmp_path / "vq.pt", "--views flip --batch-size 3")
     T.main(argv)
     meta = json.loads((out / "meta.json").read_text())
     assert (meta["grid"], meta["vocab_size"], meta["num_views"], meta["num_images"], meta["num_classes"],
@@ -1014,28 +939,23 @@ def test_extract_writes_what_code_dataset_reads(tmp_path):
     assert json.loads((out / "meta.json").read_text())["num_views"] == 1
     assert (out / "meta.json").stat().st_mtime_ns >= before
     assert np.load(out / "codes.npy", mmap_mode="r").shape == (10, 1, 64)
-
-
-def test_a_wrong_checkpoint_or_an_unreadable_image_ends_with_one_sentence_and_no_codes(tmp_path, capsys):
-    folder, codes = make_image_folder(tmp_path / "images", per_class=3), tmp_path / "codes"
-    (tmp_path / "notes.txt").write_text("not a checkpoint")
-    torch.save({"model": {"tok_embeddings.weight": torch.zeros(4, 4)}, "config": {"n_layer": 2}}, tmp_path / "gpt.pt")
-    torch.save({"model": V.VQModel(TINY_VQ).state_dict()}, tmp_path / "bare.pt")
-    save_tiny_vq(tmp_path / "vq.pt")
-    extract = f"extract --dataset folder --data-path {folder} --image-size 16 --code-path {codes} --vq-ckpt "
+    # a wrong checkpoint or an unreadable image ends with one sentence and no codes
+    folder, codes = make_image_folder(tmp_path / "images3", per_class=3), tmp_path / "codes3"
+    save_files(tmp_path, {"notes.txt": b"not a checkpoint", "bare.pt": {"model": V.VQModel(TINY_VQ).state_dict()},
+                          "gpt.pt": {"model": {"tok_embeddings.weight": torch.zeros(4, 4)}, "config": {"n_layer": 2}}})
     for name, extra, message in [("notes.txt", "", "not a readable PyTorch checkpoint"),
                                  ("gpt.pt", "", "not a VQ tokenizer's"), ("bare.pt", "", "stores no config"),
-                                 ("bare.pt", " --vq-model VQ-S", "does not fit the model"),
+                                 ("bare.pt", "--vq-model VQ-S", "does not fit the model"),
                                  ("missing.pt", "", "does not exist")]:
-        assert refused(capsys, T.main, f"{extract}{tmp_path / name}{extra}".split(), message).startswith(
-            "error: --vq-ckpt")
+        refused(capsys, T.main, extract_argv(folder, codes, tmp_path / name, extra), "^error: --vq-ckpt.*" + message)
     assert not codes.exists()  # nothing was written
     train = f"train --dataset folder --data-path {folder} --image-size 16 --results-dir "
     refused(capsys, T.main, f"{train}{tmp_path / 'run'} --resume {tmp_path / 'bare.pt'}".split(),
             "is not a checkpoint of `tokenizer.py train`")
     png = folder / "class1" / "1.png"
     png.write_bytes(png.read_bytes()[:60])
-    refused(capsys, T.main, f"{extract}{tmp_path / 'vq.pt'} --batch-size 2".split(), r"cannot read the image .*1\.png")
+    refused(capsys, T.main, extract_argv(folder, codes, tmp_path / "vq.pt", "--batch-size 2"),
+            r"cannot read the image .*1\.png")
     assert not (codes / "codes.npy").exists() and not (codes / "meta.json").exists()
     refused(capsys, T.main, f"{train}{tmp_path / 'vq'} --global-batch-size 2 --steps 4 --num-workers 1".split(),
             r"^error: .*cannot read the image .*1\.png")
@@ -1043,42 +963,9 @@ def test_a_wrong_checkpoint_or_an_unreadable_image_ends_with_one_sentence_and_no
 
 # ==== sample.py =========================================================================================
 
-
-@pytest.fixture(scope="module")
-def ckpts(tmp_path_factory):
-    root = tmp_path_factory.mktemp("sample_ckpts")
-    save_tiny_vq(root / "vq.pt", config=SAMPLE_VQ)
-    return {"vq": str(root / "vq.pt"), "gpt": save_gpt(root / "gpt.pt", str(root / "vq.pt"))}
-
-
 def read_png(path):
     with Image.open(path) as im:
         return np.asarray(im)
-
-
-def test_grid_png_is_reproducible_and_holds_the_given_classes_samples(ckpts, tmp_path):
-    common = ["--gpt-ckpt", ckpts["gpt"], "--num-samples", "5", "--nrow", "3", "--batch-size", "2", "--ema"]
-    S.main(common + ["--vq-ckpt", ckpts["vq"], "--out", str(tmp_path / "a.png")])
-    S.main(common + ["--out", str(tmp_path / "b.png")])  # the tokenizer the checkpoint recorded
-    S.main(common + ["--out", str(tmp_path / "c.png"), "--seed", "1"])
-    a, b, c = (read_png(tmp_path / f"{n}.png") for n in "abc")
-    # 2 rows x 3 columns of 8x8 images with 2 px gaps around each
-    assert a.shape == (2 + 2 * 10, 2 + 3 * 10, 3) and a.dtype == np.uint8
-    assert np.array_equal(a, b) and not np.array_equal(a, c)
-    assert a[2:10, 2:10].std() > 0 and np.all(a[:2] == 0)  # a picture inside, black padding around
-    S.main(["--gpt-ckpt", ckpts["gpt"], "--num-samples", "3", "--nrow", "3", "--batch-size", "3",
-            "--classes", "4,0,2", "--cfg-scale", "1.5", "--top-k", "8", "--out", str(tmp_path / "g.png")])
-    images = V.sample_images(M.load_gpt(ckpts["gpt"]), V.load_vq(ckpts["vq"]), [4, 0, 2], cfg_scale=1.5, top_k=8,
-                             generator=S.chunk_generator(0, 0, torch.device("cpu")))
-    assert images.shape == (3, 8, 8, 3) and images.dtype == np.uint8
-    grid = read_png(tmp_path / "g.png")
-    for i in range(3):
-        assert np.array_equal(grid[2:10, 2 + 10 * i:10 + 10 * i], images[i])
-
-
-def fid_args(ckpts, sample_dir, *extra):
-    return ["--gpt-ckpt", ckpts["gpt"], "--vq-ckpt", ckpts["vq"], "--num-fid-samples", "7", "--batch-size", "3",
-            "--sample-dir", str(sample_dir), *extra]
 
 
 def fid_samples(folder):
@@ -1086,58 +973,75 @@ def fid_samples(folder):
         return z["arr_0"], z["labels"]
 
 
-def test_fid_npz_shape_resume_and_sharding(ckpts, tmp_path, monkeypatch):
+def test_sample_grid_png_fid_npz_resume_sharding_refusals_and_llamagen_checkpoints(tmp_path, monkeypatch, capsys):
+    save_tiny_vq(tmp_path / "vq.pt", config=SAMPLE_VQ)
+    vq, gpt = str(tmp_path / "vq.pt"), save_gpt(tmp_path / "gpt.pt", str(tmp_path / "vq.pt"))
+    # a grid PNG: reproducible, the tokenizer the checkpoint recorded by default, the given classes' samples
+    common = ["--gpt-ckpt", gpt, "--num-samples", "5", "--nrow", "3", "--batch-size", "2", "--ema"]
+    S.main(common + ["--vq-ckpt", vq, "--out", str(tmp_path / "a.png")])
+    S.main(common + ["--out", str(tmp_path / "b.png")])
+    S.main(common + ["--out", str(tmp_path / "c.png"), "--seed", "1"])
+    a, b, c = (read_png(tmp_path / f"{n}.png") for n in "abc")
+    # 2 rows x 3 columns of 8x8 images with 2 px gaps around each
+    assert a.shape == (2 + 2 * 10, 2 + 3 * 10, 3) and a.dtype == np.uint8
+    assert np.array_equal(a, b) and not np.array_equal(a, c)
+    assert a[2:10, 2:10].std() > 0 and np.all(a[:2] == 0)  # a picture inside, black padding around
+    S.main(["--gpt-ckpt", gpt, "--num-samples", "3", "--nrow", "3", "--batch-size", "3",
+            "--classes", "4,0,2", "--cfg-scale", "1.5", "--top-k", "8", "--out", str(tmp_path / "g.png")])
+    images = V.sample_images(M.load_gpt(gpt), V.load_vq(vq), [4, 0, 2], cfg_scale=1.5, top_k=8,
+                             generator=S.chunk_generator(0, 0, torch.device("cpu")))
+    assert images.shape == (3, 8, 8, 3) and images.dtype == np.uint8
+    grid = read_png(tmp_path / "g.png")
+    for i in range(3):
+        assert np.array_equal(grid[2:10, 2 + 10 * i:10 + 10 * i], images[i])
+
+    def fid_args(sample_dir, *extra):  # FID samples: an ADM .npz and PNGs
+        return ["--gpt-ckpt", gpt, "--vq-ckpt", vq, "--num-fid-samples", "7", "--batch-size", "3",
+                "--sample-dir", str(sample_dir), *extra]
     d = tmp_path / "fid"
-    S.main(fid_args(ckpts, d))
+    S.main(fid_args(d))
     arr, labels = fid_samples(d)
     assert arr.shape == (7, 8, 8, 3) and arr.dtype == np.uint8 and labels.tolist() == [0, 1, 2, 3, 4, 0, 1]
     assert sorted(p.name for p in d.glob("*.png")) == [f"{i:06d}.png" for i in range(7)]
     assert np.array_equal(read_png(d / "000005.png"), arr[5])
-    # resumption: deleted PNGs come back identical, the others are left alone
-    (d / "000001.png").unlink()
+    (d / "000001.png").unlink()  # resumption: deleted PNGs come back identical, the others are left alone
     (d / "000006.png").unlink()
     (d / "samples.npz").rename(tmp_path / "first.npz")
     kept = (d / "000003.png").stat().st_mtime_ns
-    S.main(fid_args(ckpts, d))
+    S.main(fid_args(d))
     assert np.array_equal(fid_samples(d)[0], arr) and (d / "000003.png").stat().st_mtime_ns == kept
-
     # two ranks (threads meeting at a real barrier) make the same images as one process
     meet, cpu = threading.Barrier(2, timeout=60), torch.device("cpu")
-    monkeypatch.setattr(S, "barrier", lambda world: meet.wait())
-    args = S.build_parser().parse_args(fid_args(ckpts, tmp_path / "fid2"))
-    S.check_args(args)
-    gpt, vq = S.load_models(args, cpu)
-    ranks = [threading.Thread(target=S.make_fid_samples, args=(args, gpt, vq, r, 2, cpu)) for r in (0, 1)]
-    for t in ranks:
-        t.start()
-    for t in ranks:
-        t.join()
-    monkeypatch.undo()
+    with monkeypatch.context() as patch:
+        patch.setattr(S, "barrier", lambda world: meet.wait())
+        args = S.build_parser().parse_args(fid_args(tmp_path / "fid2"))
+        S.check_args(args)
+        models = S.load_models(args, cpu)
+        ranks = [threading.Thread(target=S.make_fid_samples, args=(args, *models, r, 2, cpu)) for r in (0, 1)]
+        for t in ranks:
+            t.start()
+        for t in ranks:
+            t.join()
     assert np.array_equal(fid_samples(tmp_path / "fid2")[0], arr)
-
     # other settings in the same folder are refused; with --overwrite every old PNG is made again
     (d / "samples.npz").unlink()
-    raises(SystemExit, "seed: 0 there, 3 now", S.main, fid_args(ckpts, d, "--seed", "3"))
-    S.main(fid_args(ckpts, d, "--seed", "3", "--overwrite"))
-    S.main(fid_args(ckpts, tmp_path / "fid3", "--seed", "3"))
+    raises(SystemExit, "seed: 0 there, 3 now", S.main, fid_args(d, "--seed", "3"))
+    S.main(fid_args(d, "--seed", "3", "--overwrite"))
+    S.main(fid_args(tmp_path / "fid3", "--seed", "3"))
     again = fid_samples(d)[0]
     assert np.array_equal(again, fid_samples(tmp_path / "fid3")[0]) and not np.array_equal(again, arr)
-    raises(SystemExit, "already exists; pass --overwrite", S.main, fid_args(ckpts, d, "--seed", "3"))
-
-
-def test_mismatches_and_existing_outputs_are_one_sentence_and_llamagen_needs_gpt_model(ckpts, tmp_path, capsys):
-    big_vocab = save_gpt(tmp_path / "v32.pt", ckpts["vq"], vocab_size=32)
+    raises(SystemExit, "already exists; pass --overwrite", S.main, fid_args(d, "--seed", "3"))
+    big_vocab = save_gpt(tmp_path / "v32.pt", vq, vocab_size=32)  # mismatches and existing outputs: one sentence
     moved = save_gpt(tmp_path / "moved.pt", str(tmp_path / "gone" / "vq.pt"))
-    (tmp_path / "mine.png").write_bytes(b"user data")
     (tmp_path / "foreign").mkdir()
-    (tmp_path / "foreign" / "000000.png").write_bytes(b"not ours")
+    save_files(tmp_path, {"mine.png": b"user data", "foreign/000000.png": b"not ours"})
     x = ["--out", str(tmp_path / "x.png")]
     for argv, match in [
         (["--gpt-ckpt", big_vocab, *x], r"vocabulary has 32 tokens but the tokenizer's codebook has 16"),
-        (["--gpt-ckpt", ckpts["gpt"], "--image-size", "16", *x],
+        (["--gpt-ckpt", gpt, "--image-size", "16", *x],
          r"--image-size 16 makes a 8x8 token grid .* GPT's grid is 4x4 \(image size 8"),
-        (["--gpt-ckpt", ckpts["gpt"], "--out", str(tmp_path / "mine.png")], "already exists; pass --overwrite"),
-        (fid_args(ckpts, tmp_path / "foreign"), "PNGs this script did not make"),
+        (["--gpt-ckpt", gpt, "--out", str(tmp_path / "mine.png")], "already exists; pass --overwrite"),
+        (fid_args(tmp_path / "foreign"), "PNGs this script did not make"),
         (["--gpt-ckpt", moved, *x], "trained with the tokenizer .*gone.* give its path with --vq-ckpt"),
     ]:
         refused(capsys, S.main, argv, match)
@@ -1148,9 +1052,8 @@ def test_mismatches_and_existing_outputs_are_one_sentence_and_llamagen_needs_gpt
                        cwd=ROOT)
     assert r.returncode == 1 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
     assert "32" in r.stderr and "16" in r.stderr
-    # a LlamaGen checkpoint needs and takes --gpt-model
-    ll = save_gpt(tmp_path / "c2i_T_8.pt", llamagen=True)
-    base = ["--gpt-ckpt", ll, "--vq-ckpt", ckpts["vq"], "--num-samples", "2", "--out", str(tmp_path / "l.png")]
+    ll = save_gpt(tmp_path / "c2i_T_8.pt", llamagen=True)  # a LlamaGen checkpoint needs and takes --gpt-model
+    base = ["--gpt-ckpt", ll, "--vq-ckpt", vq, "--num-samples", "2", "--out", str(tmp_path / "l.png")]
     raises(SystemExit, "give --gpt-model", S.main, base)
     S.main(base + ["--gpt-model", "GPT-T", "--image-size", "8"])
     assert read_png(tmp_path / "l.png").shape == (2 + 10, 2 + 2 * 10, 3)  # one row of two
@@ -1159,7 +1062,6 @@ def test_mismatches_and_existing_outputs_are_one_sentence_and_llamagen_needs_gpt
 
 
 # ==== fid.py ============================================================================================
-
 
 def fill_by_recipe(model, seed=2015, he=False):
     """The fixtures' fill_recipe, one generator walking the state_dict in order: he=False gives
@@ -1177,15 +1079,13 @@ def fill_by_recipe(model, seed=2015, he=False):
     return model
 
 
-@pytest.fixture(scope="module")
-def random_weights(tmp_path_factory):
-    """The random fixture's network: a weights file in the real file's layout, and the network loaded from it."""
-    path = str(tmp_path_factory.mktemp("weights") / fid.WEIGHTS_NAME)
-    torch.save(fill_by_recipe(fid.FIDInceptionV3()).state_dict(), path)
-    return path, fid.load_inception(path)
-
-
-def test_fid_inception_matches_pytorch_fid(random_weights):
+def test_fid_inception_matches_pytorch_fid_and_serves_the_cli_evaluate_and_cached_dataset_reference(
+        tmp_path, capsys, monkeypatch):
+    # the random fixture's network: a weights file in the real file's layout, and the network loaded from it
+    (tmp_path / "w").mkdir()
+    weights = str(tmp_path / "w" / fid.WEIGHTS_NAME)
+    torch.save(fill_by_recipe(fid.FIDInceptionV3()).state_dict(), weights)
+    model = fid.load_inception(weights)
     # the random fixture, and the oracle made with pytorch-fid 0.3.0 (its made_by, fill_recipe) on weights that let
     # it see what the first cannot: pooling kinds, resize corners, input scaling
     ref = torch.load(TESTDATA / "fid_inception_random.pt", weights_only=True)
@@ -1195,7 +1095,7 @@ def test_fid_inception_matches_pytorch_fid(random_weights):
     he = fill_by_recipe(fid.FIDInceptionV3(), seed=oracle["seed"], he=True).eval()
     he = he.to(memory_format=torch.channels_last).fold_batchnorm()
     # float [0, 1] NCHW and uint8 NHWC input through the whole extraction path (channels_last, folded batch norm)
-    for net, images, fixture, batch in ((random_weights[1], ref["images"], ref, 3),
+    for net, images, fixture, batch in ((model, ref["images"], ref, 3),
                                         (he, oracle["images_uint8_nhwc"].numpy(), oracle, 4)):
         pool3, logits = fid.extract(net, images, batch_size=batch, progress=False)
         ref_pool3, ref_logits = fixture["pool3"].numpy(), fixture["logits"].numpy()
@@ -1209,82 +1109,8 @@ def test_fid_inception_matches_pytorch_fid(random_weights):
     assert he.Mixed_7c.branch_pool.folded_weight is None
     plain, _ = fid.extract(he, oracle["images_uint8_nhwc"][3:].numpy(), progress=False)
     assert np.abs(plain - pool3[3:]).max() <= 1e-5 * np.abs(ref_pool3).max()
-    raises(ValueError, r"\[0, 1\]", fid.extract, random_weights[1], ref["images"] * 2 - 1, progress=False)
-
-
-def numpy_sqrtm_fid(mu1, s1, mu2, s2):  # the usual formula: tr sqrtm(S1 S2) = sum of roots of S1 S2's eigenvalues
-    eig = np.linalg.eigvals(s1 @ s2)
-    return float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * np.sqrt(np.clip(eig.real, 0, None)).sum())
-
-
-def random_cov(rng, d, eigenvalues):
-    q, _ = np.linalg.qr(rng.standard_normal((d, d)))
-    return (q * eigenvalues) @ q.T
-
-
-def test_frechet_distance_matches_numpy_sqrtm_is_zero_on_itself_grows_with_a_shift_and_refuses_no_covariance():
-    for seed, case in enumerate(["well", "ill", "rank-deficient"]):
-        rng, d = np.random.default_rng(seed), 48
-        mu1, mu2 = rng.standard_normal(d), rng.standard_normal(d)
-        if case == "well":
-            s1, s2 = random_cov(rng, d, rng.uniform(0.5, 2, d)), random_cov(rng, d, rng.uniform(0.5, 2, d))
-        elif case == "ill":
-            s1, s2 = random_cov(rng, d, np.logspace(-9, 3, d)), random_cov(rng, d, np.logspace(-8, 2, d))
-        else:  # covariances of fewer samples than dimensions, as FID of small sets
-            s1 = np.cov(rng.standard_normal((20, d)), rowvar=False)
-            s2 = np.cov(rng.standard_normal((30, d)) * 2, rowvar=False)
-        ours, ref = fid.frechet_distance(mu1, s1, mu2, s2), numpy_sqrtm_fid(mu1, s1, mu2, s2)
-        assert abs(ours - ref) <= 1e-6 * abs(ref), case
-
-    x = np.random.default_rng(0).standard_normal((400, 16)).astype(np.float32)
-    x *= np.linspace(0.1, 3, 16, dtype=np.float32)
-    mu, sigma = fid.stats(x, chunk=64)
-    x64 = x.astype(np.float64)
-    assert np.allclose(mu, x64.mean(0)) and np.allclose(sigma, np.cov(x64, rowvar=False))
-    assert abs(fid.frechet_distance(mu, sigma, mu, sigma)) < 1e-9
-    shift = np.full(16, 0.25)
-    for k in (1, 4):  # the squared distance of the means
-        assert fid.frechet_distance(mu, sigma, mu + k * shift, sigma) == pytest.approx(k * k * shift @ shift, rel=1e-6)
-
-    rng = np.random.default_rng(0)
-    x = rng.standard_normal((50, 8))
-    mu, sigma = x.mean(0), np.cov(x, rowvar=False)
-    nan_sigma, skew = sigma.copy(), sigma.copy()
-    nan_sigma[2, 3] = np.nan
-    skew[0, 1] += 1.0
-    for bad_mu, bad_sigma, words in ((mu, nan_sigma, "NaN"), (mu, -np.eye(8), "negative eigenvalues"),
-                                     (mu, skew, "not symmetric"), (mu * np.inf, sigma, "NaN or infinite"),
-                                     (mu[:4], sigma[:4, :4], "do not match")):
-        assert "\n" not in raises(ValueError, words, fid.frechet_distance, mu, sigma, bad_mu, bad_sigma)
-    # round-off negatives of a real covariance (and a float32 copy of it) pass
-    low_rank = np.cov(rng.standard_normal((5, 8)), rowvar=False)
-    assert fid.frechet_distance(mu, sigma, mu, low_rank.astype(np.float32)) > 0
-
-
-def test_inception_score_and_precision_recall_on_known_answers():
-    assert fid.inception_score(np.zeros((100, 1008))) == pytest.approx(1.0)
-    confident, halves = np.zeros((100, 1008)), np.zeros((100, 1008))
-    confident[np.arange(100), np.arange(100) % 10] = 50.0  # each split of 10 sees the 10 classes once
-    assert fid.inception_score(confident) == pytest.approx(10.0, rel=1e-6)
-    # ten splits: a set whose halves each see one class only scores lower than the whole would
-    halves[np.arange(100), (np.arange(100) >= 50).astype(int)] = 50.0
-    assert fid.inception_score(halves) == pytest.approx(1.0, abs=1e-6)
-    assert fid.inception_score(halves, splits=1) == pytest.approx(2.0, rel=1e-6)
-
-    rng = np.random.default_rng(0)
-    real = rng.standard_normal((60, 8)).astype(np.float32)
-    assert fid.precision_recall(real, real.copy()) == (1.0, 1.0)
-    assert fid.precision_recall(real, real + 100) == (0.0, 0.0)
-    fake = np.concatenate([real[:30], rng.standard_normal((30, 8)).astype(np.float32) + 100])
-    precision, recall = fid.precision_recall(real, fake)
-    assert precision == pytest.approx(0.5)
-    assert fid.precision_recall(real, fake, block_size=7) == (precision, recall)  # blocks change nothing
-    raises(ValueError, "more than 3", fid.precision_recall, real[:3], fake)
-
-
-def test_fid_cli_and_evaluate_and_cached_dataset_reference(tmp_path, random_weights, capsys, monkeypatch):
-    weights, model = random_weights
-    reference = np.random.default_rng(0).integers(0, 256, (5, 16, 16, 3), dtype=np.uint8)
+    raises(ValueError, r"\[0, 1\]", fid.extract, model, ref["images"] * 2 - 1, progress=False)
+    reference = np.random.default_rng(0).integers(0, 256, (5, 16, 16, 3), dtype=np.uint8)  # the CLI
     samples = str(make_image_folder(tmp_path / "samples", classes=1, per_class=4))
     np.savez(tmp_path / "ref.npz", arr_0=reference)
     stats_path = tmp_path / "samples_stats.npz"
@@ -1301,7 +1127,6 @@ def test_fid_cli_and_evaluate_and_cached_dataset_reference(tmp_path, random_weig
     swapped = fid.evaluate(reference, str(stats_path), model=model, batch_size=4)
     assert swapped["fid"] == pytest.approx(metrics["fid"], rel=1e-6)
     assert (swapped["precision"], swapped["recall"]) == (metrics["recall"], metrics["precision"])
-
     # statistics alone: FID without the network (its weights file is absent); no precision or recall
     np.savez(tmp_path / "a.npz", mu=np.zeros(8), sigma=np.eye(8), pool3=np.zeros((5, 8), np.float32))
     np.savez(tmp_path / "b.npz", mu=np.ones(8), sigma=np.eye(8))
@@ -1317,21 +1142,18 @@ def test_fid_cli_and_evaluate_and_cached_dataset_reference(tmp_path, random_weig
                         ([str(tmp_path / "float.npz"), str(stats_path), "--inception-weights", weights],
                          "arr_0 must hold uint8")):
         refused(capsys, fid.main, argv, match)
-
     # a dataset as the reference: its statistics are computed once, then read from the cache
-    monkeypatch.setattr(fid.data, "open_dataset", lambda name, data_path=None, **kw:
-                        data.ArraySource("toy", reference, np.zeros(5), ["x"]))
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    first = fid.load_side("toy-train", lambda: model, batch_size=4, image_size=12)
-    assert os.path.isfile(os.path.join(fid.cache_dir(), "toy-train-12px.npz")) and first.num_images == 5
-    again = fid.load_side("toy-train", lambda: pytest.fail("the cached statistics should have been used"),
-                          image_size=12)
+    with monkeypatch.context() as patch:
+        patch.setattr(fid.data, "open_dataset", lambda name, data_path=None, **kw:
+                      data.ArraySource("toy", reference, np.zeros(5), ["x"]))
+        patch.setenv("XDG_CACHE_HOME", str(tmp_path))
+        first = fid.load_side("toy-train", lambda: model, batch_size=4, image_size=12)
+        assert os.path.isfile(os.path.join(fid.cache_dir(), "toy-train-12px.npz")) and first.num_images == 5
+        again = fid.load_side("toy-train", lambda: pytest.fail("the cached statistics should have been used"),
+                              image_size=12)
     assert np.allclose(again.mu, first.mu) and np.allclose(again.pool3, first.pool3)
     assert again.inception_score == pytest.approx(first.inception_score)
-
-
-def test_weights_errors_are_one_sentence(tmp_path, monkeypatch, capsys):
-    (tmp_path / "garbage.pth").write_bytes(b"not a checkpoint at all" * 10)
+    (tmp_path / "garbage.pth").write_bytes(b"not a checkpoint at all" * 10)  # weights errors are one sentence
     torch.save({"fc.weight": torch.zeros(1008, 2048)}, tmp_path / "small.pth")
     whole = (tmp_path / "small.pth").read_bytes()
     (tmp_path / "truncated.pth").write_bytes(whole[: len(whole) // 2])
@@ -1347,8 +1169,52 @@ def test_weights_errors_are_one_sentence(tmp_path, monkeypatch, capsys):
     assert fid.WEIGHTS_URL in msg and os.path.join(str(tmp_path / "hub"), "checkpoints") in msg
 
 
-def test_frechet_distance_of_degenerate_covariances_in_both_orders_on_failing_eigensolvers_and_cli(
+def numpy_sqrtm_fid(mu1, s1, mu2, s2):  # the usual formula: tr sqrtm(S1 S2) = sum of roots of S1 S2's eigenvalues
+    eig = np.linalg.eigvals(s1 @ s2)
+    return float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * np.sqrt(np.clip(eig.real, 0, None)).sum())
+
+
+def random_cov(rng, d, eigenvalues):
+    q, _ = np.linalg.qr(rng.standard_normal((d, d)))
+    return (q * eigenvalues) @ q.T
+
+
+def test_frechet_distance_matches_numpy_sqrtm_even_degenerate_is_zero_on_itself_grows_with_a_shift_and_refuses(
         tmp_path, capsys, monkeypatch):
+    for seed, case in enumerate(["well", "ill", "rank-deficient"]):
+        rng, d = np.random.default_rng(seed), 48
+        mu1, mu2 = rng.standard_normal(d), rng.standard_normal(d)
+        if case == "well":
+            s1, s2 = random_cov(rng, d, rng.uniform(0.5, 2, d)), random_cov(rng, d, rng.uniform(0.5, 2, d))
+        elif case == "ill":
+            s1, s2 = random_cov(rng, d, np.logspace(-9, 3, d)), random_cov(rng, d, np.logspace(-8, 2, d))
+        else:  # covariances of fewer samples than dimensions, as FID of small sets
+            s1 = np.cov(rng.standard_normal((20, d)), rowvar=False)
+            s2 = np.cov(rng.standard_normal((30, d)) * 2, rowvar=False)
+        ours, ref = fid.frechet_distance(mu1, s1, mu2, s2), numpy_sqrtm_fid(mu1, s1, mu2, s2)
+        assert abs(ours - ref) <= 1e-6 * abs(ref), case
+    x = np.random.default_rng(0).standard_normal((400, 16)).astype(np.float32)
+    x *= np.linspace(0.1, 3, 16, dtype=np.float32)
+    mu, sigma = fid.stats(x, chunk=64)
+    x64 = x.astype(np.float64)
+    assert np.allclose(mu, x64.mean(0)) and np.allclose(sigma, np.cov(x64, rowvar=False))
+    assert abs(fid.frechet_distance(mu, sigma, mu, sigma)) < 1e-9
+    shift = np.full(16, 0.25)
+    for k in (1, 4):  # the squared distance of the means
+        assert fid.frechet_distance(mu, sigma, mu + k * shift, sigma) == pytest.approx(k * k * shift @ shift, rel=1e-6)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((50, 8))
+    mu, sigma = x.mean(0), np.cov(x, rowvar=False)
+    nan_sigma, skew = sigma.copy(), sigma.copy()
+    nan_sigma[2, 3] = np.nan
+    skew[0, 1] += 1.0
+    for bad_mu, bad_sigma, words in ((mu, nan_sigma, "NaN"), (mu, -np.eye(8), "negative eigenvalues"),
+                                     (mu, skew, "not symmetric"), (mu * np.inf, sigma, "NaN or infinite"),
+                                     (mu[:4], sigma[:4, :4], "do not match")):
+        assert "\n" not in raises(ValueError, words, fid.frechet_distance, mu, sigma, bad_mu, bad_sigma)
+    # round-off negatives of a real covariance (and a float32 copy of it) pass
+    low_rank = np.cov(rng.standard_normal((5, 8)), rowvar=False)
+    assert fid.frechet_distance(mu, sigma, mu, low_rank.astype(np.float32)) > 0
     # 2048-d statistics as MKL's eigh fails on them: exactly-zero rows and columns, low rank
     rng, d = np.random.default_rng(0), 2048
     sparse = np.zeros((64, d), np.float32)  # 64 samples, 50 non-zero feature columns
@@ -1363,7 +1229,6 @@ def test_frechet_distance_of_degenerate_covariances_in_both_orders_on_failing_ei
             assert abs(fid.frechet_distance(*stats[first], *stats[second]) - ref) <= 1e-6 * abs(ref), (first, second)
         mu, sigma = stats[low]  # a set with itself
         assert abs(fid.frechet_distance(mu, sigma, mu, sigma)) <= 1e-9 * np.trace(sigma)
-
     for name in ("sparse", "dense"):
         fid.Side(name, *stats[name], num_images=64).save(str(tmp_path / f"{name}.npz"))
     fid.main([str(tmp_path / "sparse.npz"), str(tmp_path / "dense.npz"), "--json",
@@ -1371,7 +1236,6 @@ def test_frechet_distance_of_degenerate_covariances_in_both_orders_on_failing_ei
     assert json.loads(capsys.readouterr().out)["fid"] == pytest.approx(refs["sparse"], rel=1e-6)
     np.savez(tmp_path / "bad.npz", mu=np.zeros(d), sigma=-np.eye(d))
     refused(capsys, fid.main, [str(tmp_path / "bad.npz"), str(tmp_path / "dense.npz")], "not a covariance")
-
     for module in (torch.linalg, np.linalg):  # torch's LAPACK fails: numpy's takes over; both: eigvals(S1 S2)
         def eigh(*args, _error=module.LinAlgError, **kwargs):
             raise _error("failed to converge: too many repeated eigenvalues")
@@ -1379,8 +1243,27 @@ def test_frechet_distance_of_degenerate_covariances_in_both_orders_on_failing_ei
         assert fid.frechet_distance(*stats["dense"], *stats["sparse"]) == pytest.approx(refs["sparse"], rel=1e-6)
 
 
-# ==== fid.py: the offline classifier metric =============================================================
+def test_inception_score_and_precision_recall_on_known_answers():
+    assert fid.inception_score(np.zeros((100, 1008))) == pytest.approx(1.0)
+    confident, halves = np.zeros((100, 1008)), np.zeros((100, 1008))
+    confident[np.arange(100), np.arange(100) % 10] = 50.0  # each split of 10 sees the 10 classes once
+    assert fid.inception_score(confident) == pytest.approx(10.0, rel=1e-6)
+    # ten splits: a set whose halves each see one class only scores lower than the whole would
+    halves[np.arange(100), (np.arange(100) >= 50).astype(int)] = 50.0
+    assert fid.inception_score(halves) == pytest.approx(1.0, abs=1e-6)
+    assert fid.inception_score(halves, splits=1) == pytest.approx(2.0, rel=1e-6)
+    rng = np.random.default_rng(0)
+    real = rng.standard_normal((60, 8)).astype(np.float32)
+    assert fid.precision_recall(real, real.copy()) == (1.0, 1.0)
+    assert fid.precision_recall(real, real + 100) == (0.0, 0.0)
+    fake = np.concatenate([real[:30], rng.standard_normal((30, 8)).astype(np.float32) + 100])
+    precision, recall = fid.precision_recall(real, fake)
+    assert precision == pytest.approx(0.5)
+    assert fid.precision_recall(real, fake, block_size=7) == (precision, recall)  # blocks change nothing
+    raises(ValueError, "more than 3", fid.precision_recall, real[:3], fake)
 
+
+# ==== fid.py: the offline classifier metric =============================================================
 
 def toy_source(rng, n):
     """n 28x28 gray pictures of two classes: class 0 bright at the top, class 1 at the bottom, on noise."""
@@ -1414,7 +1297,6 @@ def test_classifier_trains_deterministically_is_cached_and_scores_samples_and_fl
     assert all(torch.equal(v, again.state_dict()[k]) for k, v in net.state_dict().items())
     assert again.test_accuracy == net.test_accuracy and torch.equal(again.ref_sigma, net.ref_sigma)
     raises(FileNotFoundError, "quality.py toy --floors", quality.load_classifier, "toy", seed=1, train_if_missing=False)
-
     # its metrics separate real from noise and check labels
     test, labels = toy_views(splits["test"]), splits["test"].labels
     itself = quality.classifier_metrics(test, labels, "toy", classifier=net)
@@ -1432,7 +1314,6 @@ def test_classifier_trains_deterministically_is_cached_and_scores_samples_and_fl
     assert np.allclose(gray_features, quality.classify(net, fresh)[0], atol=1e-5)
     assert quality.classify(net, fresh.repeat(2, axis=1).repeat(2, axis=2))[1].tolist() == gray_classes.tolist()
     raises(ValueError, "128 images and 3 labels", quality.classifier_metrics, fresh, [0, 1, 0], "toy", classifier=net)
-
     # the CLI: samples with their labels, then the floors (a random tokenizer's reconstructions are far off)
     np.savez(tmp_path / "samples.npz", arr_0=test, labels=labels)
     quality.main([str(tmp_path / "samples.npz"), "toy-test", "--json", "--device", "cpu"])
@@ -1462,31 +1343,21 @@ def projections(state, n=4):
     return (torch.randn(n, flat.numel(), generator=g, dtype=torch.float64) @ flat).tolist()
 
 
-def behaviour_signature(tmp_path):
+def test_weights_and_samples_match_the_recorded_behaviour(tmp_path):
     folder = make_image_folder(tmp_path / "images", classes=3, per_class=8)
     save_tiny_vq(tmp_path / "vq.pt")
-    codes = tmp_path / "codes"
-    write_code_dataset(codes, n=24, grid=8)
-    labels = np.repeat(np.arange(3), 8)  # the folder's order: sorted classes, 8 images each
-    np.save(codes / "labels.npy", labels)
-    meta = json.loads((codes / "meta.json").read_text())
-    (codes / "meta.json").write_text(json.dumps({**meta, "data_path": str(folder)}))
-    out = {}
-    for variant in (["none"], ["explicit", "--foresight-warmup", "2"], ["implicit", "--foresight-encoder", "vq"]):
-        exp = run_train(tmp_path, codes, "--max-steps", "6", "--ckpt-every", "6", "--lr", "1e-3", "--ema",
-                        "--ema-decay", "0.9", "--vq-ckpt", str(tmp_path / "vq.pt"), "--foresight", *variant,
-                        name=variant[0])
-        ckpt = state(exp, 6)
-        out[variant[0]] = {key: projections(ckpt[key]) for key in ("model", "ema", "foresight") if ckpt.get(key)}
-    gpt = M.load_gpt(str(tmp_path / "explicit" / "checkpoints" / "last.pt"), use_ema=True)
+    codes = write_code_dataset(tmp_path / "codes", n=24, grid=8, data_path=str(folder))
+    np.save(codes / "labels.npy", np.repeat(np.arange(3), 8))  # the folder's order: sorted classes, 8 images each
+    got = {}
+    for variant in ("none", "explicit --foresight-warmup 2", "implicit --foresight-encoder vq"):
+        name = variant.split()[0]
+        ckpt = state(run_train(tmp_path, codes, "--max-steps 6 --ckpt-every 6 --lr 1e-3 --ema --ema-decay 0.9",
+                               "--vq-ckpt", tmp_path / "vq.pt", "--foresight", variant, name=name), 6)
+        got[name] = {key: projections(ckpt[key]) for key in ("model", "ema", "foresight") if ckpt.get(key)}
+    gpt = M.load_gpt(last_ckpt(tmp_path / "explicit"), use_ema=True)
     tokens = gpt.generate(torch.tensor([0, 1, 2, 0, 1, 2, 0, 1]), cfg_scale=2.0,
                           generator=torch.Generator().manual_seed(0))
-    out["samples"] = tokens.tolist()
-    return out
-
-
-def test_weights_and_samples_match_the_recorded_behaviour(tmp_path):
-    got = behaviour_signature(tmp_path)
+    got["samples"] = tokens.tolist()
     if os.environ.get("MIRAI_RECORD_SIGNATURE"):  # only when the behaviour is meant to change
         SIGNATURE.write_text(json.dumps(got, indent=1))
     want = json.loads(SIGNATURE.read_text())
@@ -1500,7 +1371,6 @@ def test_weights_and_samples_match_the_recorded_behaviour(tmp_path):
 
 
 # ==== bench.py: the GPU check's code paths, at toy shapes on the CPU (what it measures is not tested) ====
-
 
 def test_gpu_check_runs_its_rows_at_toy_shapes_and_official_checkouts_import_side_by_side(tmp_path, capsys):
     import bench
@@ -1528,7 +1398,6 @@ def test_gpu_check_runs_its_rows_at_toy_shapes_and_official_checkouts_import_sid
 
 # ==== The main job end to end: tokenizer -> codes -> each foresight variant -> samples -> statistics ======
 
-
 def test_the_whole_pipeline_end_to_end(tmp_path, monkeypatch, capsys):
     folder, out = make_image_folder(tmp_path / "images", classes=2, per_class=16), tmp_path / "run"
     common = ["--dataset", "folder", "--data-path", str(folder), "--out", str(out), "--image-size", "16",
@@ -1541,9 +1410,8 @@ def test_the_whole_pipeline_end_to_end(tmp_path, monkeypatch, capsys):
     assert meta["grid"] == [4, 4] and meta["num_views"] == 2 and meta["num_images"] == 32
     for variant in ("none", "explicit", "implicit"):
         exp = out / f"gpt-{variant}"
-        assert (exp / "samples" / "0000010.png").is_file() and (exp / "checkpoints" / "last.pt").is_file()
-        if variant != "none":
-            assert "foresight" in metrics(exp)[-1]
+        assert (exp / "samples" / "0000010.png").is_file() and os.path.isfile(last_ckpt(exp))
+        assert variant == "none" or "foresight" in metrics(exp)[-1]
     # a small run's defaults: Mirai-E waits 10% of the run with lambda 1, Mirai-I starts at once with lambda 2
     assert "lambda [1.0, 1.0, 1.0], warm-up 1 steps" in (out / "gpt-explicit" / "log.txt").read_text()
     assert "lambda [2.0], warm-up 0 steps" in (out / "gpt-implicit" / "log.txt").read_text()
@@ -1554,13 +1422,12 @@ def test_the_whole_pipeline_end_to_end(tmp_path, monkeypatch, capsys):
     said = capsys.readouterr().out
     assert "stage 1/3" not in said and "stage 2/3" not in said and "(resuming)" in said
     assert (out / "codes" / "codes.npy").stat().st_mtime_ns == codes_made
-
     # samples: a grid and an ADM .npz, then their statistics with a (random) Inception network
-    S.main(["--gpt-ckpt", str(out / "gpt-explicit" / "checkpoints" / "last.pt"), "--ema", "--num-samples", "4",
-            "--out", str(tmp_path / "grid.png")])
+    S.main(["--gpt-ckpt", last_ckpt(out / "gpt-explicit"), "--ema", "--num-samples", "4", "--out",
+            str(tmp_path / "grid.png")])
     assert Image.open(tmp_path / "grid.png").size[0] > 16
-    S.main(["--gpt-ckpt", str(out / "gpt-implicit" / "checkpoints" / "last.pt"), "--ema",
-            "--num-fid-samples", "6", "--sample-dir", str(tmp_path / "fid")])
+    S.main(["--gpt-ckpt", last_ckpt(out / "gpt-implicit"), "--ema", "--num-fid-samples", "6", "--sample-dir",
+            str(tmp_path / "fid")])
     arr = np.load(tmp_path / "fid" / "samples.npz")["arr_0"]
     assert arr.shape == (6, 16, 16, 3) and arr.dtype == np.uint8
     random_inception(monkeypatch)
