@@ -204,7 +204,7 @@ def run_settings(a, fs, dim):
     return out
 
 
-def check_resume(path, ckpt, args, gpt, fs, depth, meta):
+def check_resume(path, ckpt, args, gpt, fs, meta):
     """Refuse, in one sentence naming each field with both values, a resume that would be another run."""
     def differences(old, new, flag=lambda k: k):
         return [f"{flag(k)} {old.get(k)!r} (now {new.get(k)!r})" for k in sorted({*old, *new}) if old.get(k) != new.get(k)]
@@ -296,7 +296,7 @@ def _train(args, rank, world, device):
                  if not isinstance(ckpt, dict) or k not in ckpt]
         if lacks:
             raise ValueError(f"--resume {resume} is not a checkpoint of train.py (it lacks {', '.join(lacks)})")
-        check_resume(resume, ckpt, args, gpt, fs, depth, meta)
+        check_resume(resume, ckpt, args, gpt, fs, meta)
         gpt.load_state_dict(ckpt["model"])
         if ema is not None:
             ema.load_state_dict(ckpt["ema"] if ckpt.get("ema") is not None else ckpt["model"])
