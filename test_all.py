@@ -1327,6 +1327,7 @@ def test_classifier_trains_deterministically_is_cached_and_scores_samples_and_fl
     fd = [float(row.split("fd_classifier")[1].split()[0]) for row in (real_row, recon_row)]
     assert float(real_row.split("class_agreement")[1]) >= 0.95 and fd[1] > fd[0]
     refused(capsys, quality.main, [str(tmp_path / "vq.pt"), "toy"], "not an .npz of images")
+    refused(capsys, quality.main, [str(tmp_path / "samples.npz")], "give the dataset whose classifier scores SAMPLES")
 
 
 # ==== The same numbers: weights after a fixed tiny run of each variant, and a fixed sample batch, as
