@@ -482,8 +482,9 @@ def test_ddp_and_gradient_accumulation_give_the_one_process_update(
             port, launchers = s.getsockname()[1], []
         for node in range(nodes):  # output to files: a full pipe of one launcher would stall them all
             log = tempfile.TemporaryFile("w+")
-            cmd = [sys.executable, "-m", "torch.distributed.run", f"--nnodes={nodes}", f"--node_rank={node}",
-                   f"--nproc_per_node={per_node}", "--master_addr=127.0.0.1", f"--master_port={port}",
+            where = ["--standalone"] if nodes == 1 else [  # one node: torchrun picks a free port itself, no race
+                f"--nnodes={nodes}", f"--node_rank={node}", "--master_addr=127.0.0.1", f"--master_port={port}"]
+            cmd = [sys.executable, "-m", "torch.distributed.run", *where, f"--nproc_per_node={per_node}",
                    str(ROOT / "train.py"), *train_argv(tmp_path, codes_dir, SPLIT)]
             launchers.append((subprocess.Popen(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=log,
                                                stderr=subprocess.STDOUT), log))
