@@ -1,10 +1,11 @@
 """Every test of the project. CPU only, tiny models, data the tests write themselves or testdata/.
 
-Run: python -m pytest -q test_all.py
-"""
+Run: python -m pytest -q test_all.py"""
 import argparse
+import functools
 import gzip
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -17,6 +18,7 @@ import sys
 import tarfile
 import tempfile
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -90,8 +92,7 @@ def last_ckpt(exp):
 
 
 def make_image_folder(root, classes=2, per_class=8, size=16, seed=0, sizes=None):
-    """An ImageNet-style folder of smooth, class-dependent pictures (a reconstructable signal); `sizes` gives
-    each picture its own (width, height), in order, per_class to a class."""
+    """An ImageNet-style folder of smooth, class-dependent pictures; `sizes`: each one's (width, height) in order."""
     rng = np.random.default_rng(seed)
     for k, (w, h) in enumerate(sizes or [(size, size)] * (classes * per_class)):
         c, i = divmod(k, per_class)
@@ -104,8 +105,7 @@ def make_image_folder(root, classes=2, per_class=8, size=16, seed=0, sizes=None)
 
 
 def write_code_dataset(root, n=48, grid=4, vocab=32, classes=3, views=2, seed=0, codes=None, labels=None, **meta):
-    """A code dataset as `tokenizer.py extract` writes it; unless `codes` are given a learnable one: each class
-    a fixed token pattern, a few tokens noised per view."""
+    """A code dataset as `tokenizer.py extract` writes it; without `codes`, a learnable one (a noised class pattern)."""
     labels = np.arange(n) % classes if labels is None else np.asarray(labels)
     if codes is None:
         rng = np.random.default_rng(seed)
@@ -146,6 +146,11 @@ def refused(capsys, main, argv, match):
     return msg
 
 
+def cli(*parts):
+    """An argv of flags and values: strings are split at spaces (paths hold none)."""
+    return " ".join(map(str, parts)).split()
+
+
 def raises(error, match, fn, /, *args, **kw):
     """fn(*args, **kw) raises `error` with a message that `match` finds; returns the message."""
     with pytest.raises(error, match=match) as e:
@@ -162,8 +167,7 @@ def test_llamagen_fixture_parity_and_load_gpt_reads_llamagen_and_our_formats_and
     gpt = M.GPT(M.GPTConfig(**{k: c[k] for k in keys}, grid_size=int(c["block_size"] ** 0.5))).eval()
     gpt.load_state_dict(sd, strict=True)
     idx, cond = ref["idx"][:, :-1], ref["cond"]
-    with torch.no_grad():
-        logits, null = (gpt(idx, y)[0] for y in (cond, torch.full_like(cond, gpt.config.num_classes)))
+    logits, null = (gpt(idx, y)[0].detach() for y in (cond, torch.full_like(cond, gpt.config.num_classes)))
     assert logits.shape == ref["logits"].shape
     torch.testing.assert_close(logits, ref["logits"], atol=1e-4, rtol=0)
     torch.testing.assert_close(null, ref["logits_null_class"], atol=1e-4, rtol=0)
@@ -174,8 +178,7 @@ def test_llamagen_fixture_parity_and_load_gpt_reads_llamagen_and_our_formats_and
     save_files(tmp_path, {"bare.pt": sd, "llamagen.pt": {"model": sd}, "ema_only.pt": {"ema": sd}, "ours.pt": ours,
                           "d.pt": broken, "junk.pt": b"not a checkpoint"})
     for name in ("bare.pt", "llamagen.pt", "ema_only.pt"):
-        loaded = M.load_gpt(tmp_path / name, **tiny)
-        assert all(torch.equal(loaded.state_dict()[k], v) for k, v in sd.items())
+        assert all(torch.equal(M.load_gpt(tmp_path / name, **tiny).state_dict()[k], v) for k, v in sd.items()), name
     assert torch.equal(M.load_gpt(tmp_path / "ours.pt").output.weight, gpt.output.weight)
     assert torch.equal(M.load_gpt(tmp_path / "ours.pt", use_ema=True).output.weight, gpt.output.weight + 1)
     raises(ValueError, "give --gpt-model", M.load_gpt, tmp_path / "llamagen.pt")
@@ -224,7 +227,6 @@ def test_forward_gives_a_uniform_first_loss_the_hidden_state_after_a_block_and_d
     torch.testing.assert_close(hidden, gpt.layers[0](gpt.embed(idx[:, :-1], cond), gpt.rope[:9]))
     none, _, early = gpt(idx[:, :-1], cond, hidden_layer=1, stop_at_hidden=True)  # a teacher's forward stops there
     assert none is None and torch.equal(early, hidden)
-    # eval mode is deterministic, train mode drops labels
     gpt = tiny_gpt(token_dropout_p=0.0, resid_dropout_p=0.0, ffn_dropout_p=0.0, class_dropout_prob=0.5)
     idx, cond = torch.randint(0, 16, (64, 9))[:, :-1], torch.randint(0, 5, (64,))
     a, b = (gpt(idx, cond)[0] for _ in range(2))
@@ -237,8 +239,7 @@ def test_forward_gives_a_uniform_first_loss_the_hidden_state_after_a_block_and_d
 
 
 def reference_generate(gpt, cond, cfg_scale, first_unguided=None):
-    """Greedy CFG generation without a cache: a full forward for every token; from token
-    first_unguided on (if given), the conditional logits alone."""
+    """Greedy CFG generation, a full forward a token (no cache); from token first_unguided on, conditional logits."""
     seq, null = torch.zeros(cond.shape[0], 0, dtype=torch.long), torch.full_like(cond, gpt.config.num_classes)
     for t in range(gpt.config.block_size):
         with torch.no_grad():
@@ -256,8 +257,7 @@ def test_kv_cache_generation_equals_full_forward_cfg_interval_stops_guidance_and
     gpt = tiny_gpt()  # a generator makes sampling reproducible
     a, b, c = (gpt.generate(torch.arange(5).repeat(4), cfg_scale=2.0, generator=torch.Generator().manual_seed(s))
                for s in (1, 1, 2))
-    assert torch.equal(a, b) and not torch.equal(a, c)
-    assert a.shape == (20, 9) and a.min() >= 0 and a.max() < 16
+    assert torch.equal(a, b) and not torch.equal(a, c) and a.shape == (20, 9) and a.min() >= 0 and a.max() < 16
     cond = torch.tensor([0, 1, 2, 3])
     guided = gpt.generate(cond, cfg_scale=4.0, top_k=1)
     assert not torch.equal(guided, gpt.generate(cond, cfg_scale=1.0, top_k=1))
@@ -267,8 +267,7 @@ def test_kv_cache_generation_equals_full_forward_cfg_interval_stops_guidance_and
     assert torch.equal(mixed[:, :4], guided[:, :4])
     assert torch.equal(mixed, reference_generate(gpt, cond, 4.0, first_unguided=4))
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]])).repeat(2000, 1)  # top-k and top-p filtering
-    g = torch.Generator().manual_seed(0)
-    # top_p 0.7: 0.5 < 0.7, 0.8 crosses
+    g = torch.Generator().manual_seed(0)  # top_p 0.7: 0.5 < 0.7, 0.8 crosses
     for kw, drawn in ((dict(top_k=2), {0, 1}), (dict(top_p=0.7), {0, 1}), (dict(top_p=0.4), {0}),
                       ({}, {0, 1, 2, 3}), (dict(temperature=0.0), {0})):
         assert set(M.sample_logits(logits, generator=g, **kw).tolist()) == drawn, kw
@@ -321,8 +320,7 @@ def test_neighbours_are_masked_at_edges_never_wrapped_and_explicit_implicit_and_
     assert torch.equal(s, t) and s.tolist() == list(range(8))
     hidden, feats = torch.randn(2, 9, 8), torch.randn(2, 9, 5)
     torch.testing.assert_close(fs(hidden, feats), direct_cos_loss(fs, hidden, feats, [(0, 0)], False, 3))
-    feats2 = feats.clone()  # moving patch (r, c) changes exactly the loss term of the student at r*W + c + 1
-    feats2[:, 8] = torch.randn(2, 5)  # the last cell is never read: no student pairs with it
+    feats2 = torch.cat([feats[:, :8], torch.randn(2, 1, 5)], dim=1)  # the last cell: no student pairs with it
     torch.testing.assert_close(fs(hidden, feats2), fs(hidden, feats))
     torch.manual_seed(0)  # output level: the heads predict the neighbours' next token
     fs = FS.Foresight("output", dim=8, grid=3, k=3, proj_dim=16, vocab_size=7)
@@ -389,9 +387,9 @@ def codes_dir(tmp_path_factory):
 
 
 def train_argv(tmp, codes, *extra, name="run"):
-    """train.py's argv for a tiny GPT-T run; `extra`: flags and values, strings split at spaces (paths hold none)."""
-    return (f"--code-path {codes} --results-dir {tmp} --exp-name {name} --gpt-model GPT-T --global-batch-size 8 "
-            f"--log-every 5 --ckpt-every 1000 --no-progress {' '.join(map(str, extra))}").split()
+    """train.py's argv for a tiny GPT-T run, then `extra` (flags and values, as cli takes them)."""
+    return cli(f"--code-path {codes} --results-dir {tmp} --exp-name {name} --gpt-model GPT-T --global-batch-size 8",
+               "--log-every 5 --ckpt-every 1000 --no-progress", *extra)
 
 
 def run_train(tmp, codes, *extra, name="run"):
@@ -422,8 +420,7 @@ def test_each_variant_reduces_the_loss_and_a_warmup_keeps_the_foresight_heads_un
     assert rows[-1]["loss"] < rows[0]["loss"] - 0.5
     assert set(ckpt) >= {"model", "ema", "optimizer", "steps", "epoch", "args", "gpt_config", "rng"}
     assert ckpt["steps"] == 40 and ckpt["epoch"] == 40 // 6 and ckpt["step_in_epoch"] == 40 % 6
-    # what LlamaGen reads: a bare GPT state_dict under "model"
-    assert set(ckpt["model"]) == set(M.GPT(M.GPTConfig(**ckpt["gpt_config"])).state_dict())
+    assert set(ckpt["model"]) == set(M.GPT(M.GPTConfig(**ckpt["gpt_config"])).state_dict())  # as LlamaGen reads it
     if variant.endswith("0.9"):
         assert "foresight" not in rows[0] and rows[-1]["foresight"][0] < rows[1]["foresight"][0]
     if variant.endswith("100"):  # the 3 heads' 6 tensors each were never stepped
@@ -458,7 +455,6 @@ def test_resume_is_bit_identical_and_a_resume_that_would_change_the_run_is_refus
     for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
         assert torch.equal(sa["exp_avg_sq"], sb["exp_avg_sq"])
 
-
 # dropout off: then how the batch of a step is split cannot change its update
 SPLIT = ("--max-steps 3 --ckpt-every 3 --lr 1e-3 --dropout-p 0 --token-dropout-p 0 --class-dropout-prob 0 "
          "--foresight explicit --foresight-warmup 1 --ema-decay 0.5")
@@ -470,8 +466,7 @@ def one_process(tmp_path_factory, codes_dir):
 
 
 @pytest.mark.parametrize("nodes,per_node,accum", [(1, 2, 1), (2, 1, 1), (1, 1, 2)])
-def test_ddp_and_gradient_accumulation_give_the_one_process_update(
-        tmp_path, codes_dir, one_process, nodes, per_node, accum):
+def test_ddp_and_grad_accumulation_equal_one_process_training(tmp_path, codes_dir, one_process, nodes, per_node, accum):
     # DDP with two gloo processes; (2, 1): two torchrun launchers as on two "machines" of one process each, so
     # local rank 0 twice and global ranks 0 and 1; (1, 1, 2): one process, two accumulated half batches
     if accum > 1:
@@ -566,15 +561,12 @@ def test_atomic_writes_leave_ordinary_files_and_the_range_check_reads_in_chunks(
     data.check_range(codes, 100, "c.npy", "code", "the vocabulary", rows=64)
 
 
-def test_a_nan_loss_or_a_full_disk_stops_the_run_and_keeps_only_good_checkpoints(
-        tmp_path, codes_dir, monkeypatch, capsys):
-    real, calls = FS.step_losses, [0]
+def test_a_nan_loss_or_full_disk_stops_the_run_keeping_only_good_checkpoints(tmp_path, codes_dir, monkeypatch, capsys):
+    real, calls = FS.step_losses, itertools.count(1)
 
     def poisoned(*a, **k):
-        calls[0] += 1
         loss, ntp, fs_losses = real(*a, **k)
-        return (loss * float("nan"), ntp * float("nan"), fs_losses) if calls[0] > 3 else (loss, ntp, fs_losses)
-
+        return (loss * float("nan"), ntp * float("nan"), fs_losses) if next(calls) > 3 else (loss, ntp, fs_losses)
     with monkeypatch.context() as patch:
         patch.setattr(FS, "step_losses", poisoned)
         argv = train_argv(tmp_path, codes_dir, "--max-steps 6 --log-every 1 --ckpt-every 2", name="r")
@@ -585,7 +577,6 @@ def test_a_nan_loss_or_a_full_disk_stops_the_run_and_keeps_only_good_checkpoints
     def full_disk(obj, f, *a, **k):
         f.write(b"half a checkpoint")
         raise RuntimeError("[enforce fail at inline_container.cc:603] . unexpected pos 64 vs 0\nmore detail")
-
     monkeypatch.setattr(torch, "save", full_disk)
     msg = refused(capsys, TR.main, train_argv(tmp_path, codes_dir, "--max-steps 1 --ckpt-every 1", name="t"),
                   r"could not write .*0000001.pt \(.*enforce fail.*\); is the disk full\?")
@@ -598,9 +589,8 @@ def test_training_logs_the_offline_quality_metric_without_changing_the_run(tmp_p
     rng = np.random.default_rng(0)  # Fashion-MNIST's files: class c is a bright band at rows 6c..6c+8, on noise
     for split, n in (("train", 300), ("test", 60)):
         labels = np.arange(n) % 3
-        images = rng.integers(0, 60, (n, 28, 28)).astype(np.uint8)
-        for i, c in enumerate(labels):
-            images[i, 6 * c:6 * c + 8] += 150
+        row = np.arange(28)[None, :, None] - 6 * labels[:, None, None]  # the row's offset into its class's band
+        images = (rng.integers(0, 60, (n, 28, 28)) + 150 * ((row >= 0) & (row < 8))).astype(np.uint8)
         write_idx(tmp_path / "fm", split, images, labels)
     save_tiny_vq(tmp_path / "vq.pt")
     codes, held = (write_code_dataset(tmp_path / name, grid=8, seed=seed, dataset="fashion-mnist",
@@ -621,7 +611,6 @@ def test_training_logs_the_offline_quality_metric_without_changing_the_run(tmp_p
 
 def test_compare_tabulates_seeds_and_draws_the_curve(tmp_path, capsys):
     import compare
-
     for variant, base, seed in ((v, b, s) for v, b in (("none", 30.0), ("implicit", 20.0)) for s in range(3)):
         run = tmp_path / f"{variant}-{seed}"
         (run / "samples").mkdir(parents=True)
@@ -657,30 +646,26 @@ def test_compare_tabulates_seeds_and_draws_the_curve(tmp_path, capsys):
 
 def write_cifar(root):
     """cifar-10-python.tar.gz in the official layout, two images a batch; returns (tarball, {batch: (data, labels)})."""
-    rng, folder, batches = np.random.default_rng(0), os.path.join(root, data.CIFAR_DIR), {}
-    os.makedirs(folder)
+    rng, folder, batches = np.random.default_rng(0), root / data.CIFAR_DIR, {}
+    folder.mkdir()
     for name in data.CIFAR_BATCHES["train"] + data.CIFAR_BATCHES["test"]:
         d, labels = batches[name] = rng.integers(0, 256, (2, 3072), dtype=np.uint8), rng.integers(0, 10, 2).tolist()
-        with open(os.path.join(folder, name), "wb") as f:
-            pickle.dump({"batch_label": name, "labels": labels, "data": d, "filenames": ["0.png", "1.png"]}, f,
-                        protocol=2)
-    with tarfile.open(os.path.join(root, data.CIFAR_FILE), "w:gz") as tar:
+        batch = {"batch_label": name, "labels": labels, "data": d, "filenames": ["0.png", "1.png"]}
+        (folder / name).write_bytes(pickle.dumps(batch, protocol=2))
+    with tarfile.open(root / data.CIFAR_FILE, "w:gz") as tar:
         tar.add(folder, arcname=data.CIFAR_DIR)
-    return os.path.join(root, data.CIFAR_FILE), batches
+    return str(root / data.CIFAR_FILE), batches
 
 
 def write_idx(folder, split, images, labels, image_magic=2051):
     os.makedirs(folder, exist_ok=True)
-    img_file, lbl_file = data.IDX_FILES[split]
-    with gzip.open(os.path.join(folder, img_file), "wb") as f:
-        f.write(struct.pack(">iiii", image_magic, *images.shape) + images.tobytes())
-    with gzip.open(os.path.join(folder, lbl_file), "wb") as f:
-        f.write(struct.pack(">ii", 2049, len(labels)) + labels.astype(np.uint8).tobytes())
+    img_file, lbl_file = (Path(folder) / name for name in data.IDX_FILES[split])
+    img_file.write_bytes(gzip.compress(struct.pack(">iiii", image_magic, *images.shape) + images.tobytes()))
+    lbl_file.write_bytes(gzip.compress(struct.pack(">ii", 2049, len(labels)) + labels.astype(np.uint8).tobytes()))
 
 
-def test_cifar_loads_pixels_and_labels_and_its_download_checks_md5_restarts_a_stale_part_and_reports_offline(
-        tmp_path, monkeypatch):
-    tarball, batches = write_cifar(str(tmp_path))
+def test_cifar_loads_pixels_and_labels_download_checks_md5_restarts_stale_parts_reports_offline(tmp_path, monkeypatch):
+    tarball, batches = write_cifar(tmp_path)
     for path in (str(tmp_path), tarball, os.path.join(str(tmp_path), data.CIFAR_DIR)):
         train = data.open_dataset("cifar10", path)
         assert len(train) == 10 and train.num_classes == 10 and train.name == "cifar10"
@@ -698,15 +683,13 @@ def test_cifar_loads_pixels_and_labels_and_its_download_checks_md5_restarts_a_st
     monkeypatch.setattr(data, "CIFAR_MD5", "0" * 32)
     raises(ValueError, "MD5", data.open_dataset, "cifar10", str(tmp_path / "dl"))
     assert os.listdir(tmp_path / "dl") == []
-    # the right MD5: downloaded, renamed from .part, and readable
     monkeypatch.setattr(data, "CIFAR_MD5", hashlib.md5(open(tarball, "rb").read()).hexdigest())
-    ds = data.open_dataset("cifar10-test", str(tmp_path / "dl"))
+    ds = data.open_dataset("cifar10-test", str(tmp_path / "dl"))  # the right MD5: downloaded, renamed from .part
     assert sorted(os.listdir(tmp_path / "dl")) == [data.CIFAR_FILE] and ds.label(0) == labels[0]
     (tmp_path / "src.bin").write_bytes(b"abc")
     assert data.file_md5(str(tmp_path / "src.bin")) == "900150983cd24fb0d6963f7d28e17f72"
     dest = str(tmp_path / "dest.bin")
-    Path(dest + ".part").write_bytes(b"junk that is not a prefix")
-    # file:// cannot resume (no 206), so the stale .part is rewritten rather than appended to
+    Path(dest + ".part").write_bytes(b"junk that is not a prefix")  # file:// cannot resume: it is rewritten
     data.download_file("file://" + str(tmp_path / "src.bin"), dest, "900150983cd24fb0d6963f7d28e17f72")
     assert open(dest, "rb").read() == b"abc" and not os.path.exists(dest + ".part")
     msg = raises(FileNotFoundError, "by hand", data.download_file, "file://" + str(tmp_path / "nowhere.tar.gz"),
@@ -725,8 +708,8 @@ def test_idx_files_load_bad_headers_are_refused_and_missing_datasets_say_how_to_
     assert all(np.array_equal(np.asarray(img)[:, :, c], images[2]) for c in range(3))
     write_idx(str(tmp_path / "bad"), "train", images, labels, image_magic=2049)
     raises(ValueError, "magic number 2049, expected 2051", data.open_dataset, "mnist", str(tmp_path / "bad"))
-    with gzip.open(os.path.join(tmp_path, "fashion-mnist", data.IDX_FILES["test"][1]), "wb") as f:
-        f.write(struct.pack(">ii", 2049, 5) + bytes(3))  # truncated: header says 5, body has 3
+    labels_file = tmp_path / "fashion-mnist" / data.IDX_FILES["test"][1]
+    labels_file.write_bytes(gzip.compress(struct.pack(">ii", 2049, 5) + bytes(3)))  # the header says 5, the body has 3
     raises(ValueError, "truncated", data.open_dataset, "fashion-mnist", str(tmp_path), split="test")
     for name, hint in [("cifar10", "cifar-10-python.tar.gz"), ("mnist", "t10k-images-idx3-ubyte.gz"),
                        ("fashion-mnist", "fashion-mnist")]:
@@ -767,7 +750,6 @@ def test_image_folder_views_and_code_dataset_read_their_files_and_remake_the_cro
     assert torch.allclose((x + 1) * 127.5, want.float(), atol=1e-4)
     crops = data.ViewDataset(ds, 16, "tencrop")
     assert len(crops) == 40 and [crops[k][2:] for k in (0, 9, 10, 39)] == [(0, 0), (0, 9), (1, 0), (3, 9)]
-    # a code dataset of these images
     codes = np.arange(4 * 2 * 4).reshape(4, 2, 4)  # every code distinct: (image, view) is read back exactly
     write_code_dataset(tmp_path / "codes", grid=2, vocab=100, classes=2, codes=codes, labels=[0, 0, 1, 1],
                        data_path=str(tmp_path / "train"))
@@ -868,18 +850,18 @@ def test_vq_fixture_parity_load_vq_reads_llamagen_and_our_formats_and_vq16_prese
     assert vq.grid_size(256) == 16
 
 
-def vq_train(monkeypatch, folder, out, flags):
-    """`tokenizer.py train` of TINY_VQ (as preset VQ-T) on 16 px images."""
-    monkeypatch.setitem(V.VQ_PRESETS, "VQ-T", TINY_VQ)
+def vq_train(folder, out, flags):
+    """`tokenizer.py train` of TINY_VQ (the test registers it as preset VQ-T) on 16 px images."""
     return T.main(f"train --dataset folder --data-path {folder} --image-size 16 --vq-model VQ-T --results-dir {out} "
                   f"{flags}".split())
 
 
 def test_tokenizer_training_reduces_the_loss_resumes_bit_identically_and_reports_rfid(tmp_path, monkeypatch):
+    monkeypatch.setitem(V.VQ_PRESETS, "VQ-T", TINY_VQ)
     folder, out = make_image_folder(tmp_path / "images"), tmp_path / "run"
     flags = ("--global-batch-size 8 --lr 2e-3 --log-every 10 --sample-every 60 --ckpt-every 30 --disc-start 50 "
              "--disc-weight 0.05 --grid-images 4 --l1-weight 0.1 --steps")
-    last = vq_train(monkeypatch, folder, out, flags + " 60")
+    last = vq_train(folder, out, flags + " 60")
     rows = metrics(out)
     before_gan = rows[4]
     assert Path(last) == out / "checkpoints" / "0000060.pt" and [m["step"] for m in rows] == [10, 20, 30, 40, 50, 60]
@@ -887,26 +869,24 @@ def test_tokenizer_training_reduces_the_loss_resumes_bit_identically_and_reports
     assert "d_loss" in rows[-1] and "d_loss" not in before_gan  # the GAN switched on at step 50
     assert rows[-1]["rec"] < rows[0]["rec"] and 0 < rows[-1]["usage"] <= 1
     assert (out / "samples" / "recon_0000060.png").is_file() and V.load_vq(last).config == TINY_VQ
-    raises(SystemExit, "already holds checkpoints; pass --resume auto", vq_train, monkeypatch, folder, out,
-           flags + " 65")
-    last = vq_train(monkeypatch, folder, out, flags + " 65 --resume auto")
+    raises(SystemExit, "already holds checkpoints; pass --resume auto", vq_train, folder, out, flags + " 65")
+    last = vq_train(folder, out, flags + " 65 --resume auto")
     assert Path(last) == out / "checkpoints" / "0000065.pt" and "resuming from" in (out / "log.txt").read_text()
     assert metrics(out)[-1]["step"] == 65 and torch.load(last, weights_only=True)["steps"] == 65
     # an interrupted run resumed is bit-identical to the uninterrupted one
     folder = make_image_folder(tmp_path / "images10", per_class=10)
     flags = "--global-batch-size 4 --views flip --disc-start -1 --rfid-images 0 --log-every 2 --ckpt-every 3 --steps"
-    full = vq_train(monkeypatch, folder, tmp_path / "full", flags + " 8")
-    vq_train(monkeypatch, folder, tmp_path / "half", flags + " 3")  # "killed" after step 3, mid-epoch
-    half = vq_train(monkeypatch, folder, tmp_path / "half", flags + " 8 --resume auto")
+    full = vq_train(folder, tmp_path / "full", flags + " 8")
+    vq_train(folder, tmp_path / "half", flags + " 3")  # "killed" after step 3, mid-epoch
+    half = vq_train(folder, tmp_path / "half", flags + " 8 --resume auto")
     a, b = (torch.load(p, weights_only=True)["model"] for p in (full, half))
     assert all(torch.equal(a[k], b[k]) for k in a)
-    # rFID: without Inception weights one notice, with them a number
     folder = make_image_folder(tmp_path / "images4", per_class=4)
     flags = "--global-batch-size 4 --steps 2 --log-every 2 --ckpt-every 2 --disc-start -1 --rfid-images 6"
-    vq_train(monkeypatch, folder, tmp_path / "without", flags)  # no weights here: one notice, training goes on
+    vq_train(folder, tmp_path / "without", flags)  # no weights here: one notice, training goes on
     assert "rFID skipped: FID Inception weights not found" in (tmp_path / "without" / "log.txt").read_text()
     random_inception(monkeypatch)
-    vq_train(monkeypatch, folder, tmp_path / "with", flags)
+    vq_train(folder, tmp_path / "with", flags)
     rows = metrics(tmp_path / "with")
     assert [r["step"] for r in rows if "rfid" in r] == [2] and math.isfinite(rows[-1]["rfid"]) and rows[-1]["rfid"] >= 0
 
@@ -932,8 +912,7 @@ def test_extract_writes_what_code_dataset_reads_and_a_bad_checkpoint_or_image_en
         codes, label, view, image = ds[k]
         assert torch.equal(codes, vq.encode(image.float().unsqueeze(0) / 127.5 - 1.0).flatten())
         assert label.item() == k // 2 // 5 and view.item() == k % 2  # classes are sorted, 5 images each
-    # a flipped crop gives other codes than the plain one (the views are not duplicates)
-    assert not torch.equal(ds[0][0], ds[1][0])
+    assert not torch.equal(ds[0][0], ds[1][0])  # a flipped crop gives other codes than the plain one
     raises(SystemExit, "already holds codes.npy; pass --overwrite", T.main, argv)
     before = (out / "meta.json").stat().st_mtime_ns
     T.main(argv + ["--overwrite", "--views", "none"])
@@ -978,27 +957,23 @@ def test_sample_grid_png_fid_npz_resume_sharding_refusals_and_llamagen_checkpoin
     save_tiny_vq(tmp_path / "vq.pt", config=SAMPLE_VQ)
     vq, gpt = str(tmp_path / "vq.pt"), save_gpt(tmp_path / "gpt.pt", str(tmp_path / "vq.pt"))
     # a grid PNG: reproducible, the tokenizer the checkpoint recorded by default, the given classes' samples
-    common = ["--gpt-ckpt", gpt, "--num-samples", "5", "--nrow", "3", "--batch-size", "2", "--ema"]
-    S.main(common + ["--vq-ckpt", vq, "--out", str(tmp_path / "a.png")])
-    S.main(common + ["--out", str(tmp_path / "b.png")])
-    S.main(common + ["--out", str(tmp_path / "c.png"), "--seed", "1"])
+    for n, extra in (("a", f"--vq-ckpt {vq}"), ("b", ""), ("c", "--seed 1")):
+        S.main(cli(f"--gpt-ckpt {gpt} --num-samples 5 --nrow 3 --batch-size 2 --ema --out {tmp_path}/{n}.png", extra))
     a, b, c = (read_png(tmp_path / f"{n}.png") for n in "abc")
     # 2 rows x 3 columns of 8x8 images with 2 px gaps around each
     assert a.shape == (2 + 2 * 10, 2 + 3 * 10, 3) and a.dtype == np.uint8
     assert np.array_equal(a, b) and not np.array_equal(a, c)
     assert a[2:10, 2:10].std() > 0 and np.all(a[:2] == 0)  # a picture inside, black padding around
-    S.main(["--gpt-ckpt", gpt, "--num-samples", "3", "--nrow", "3", "--batch-size", "3",
-            "--classes", "4,0,2", "--cfg-scale", "1.5", "--top-k", "8", "--out", str(tmp_path / "g.png")])
+    S.main(cli(f"--gpt-ckpt {gpt} --num-samples 3 --nrow 3 --batch-size 3 --classes 4,0,2 --cfg-scale 1.5 --top-k 8",
+               "--out", tmp_path / "g.png"))
     images = V.sample_images(M.load_gpt(gpt), V.load_vq(vq), [4, 0, 2], cfg_scale=1.5, top_k=8,
                              generator=S.chunk_generator(0, 0, torch.device("cpu")))
     assert images.shape == (3, 8, 8, 3) and images.dtype == np.uint8
     grid = read_png(tmp_path / "g.png")
-    for i in range(3):
-        assert np.array_equal(grid[2:10, 2 + 10 * i:10 + 10 * i], images[i])
+    assert all(np.array_equal(grid[2:10, 2 + 10 * i:10 + 10 * i], images[i]) for i in range(3))
 
-    def fid_args(sample_dir, *extra):  # FID samples: an ADM .npz and PNGs
-        return ["--gpt-ckpt", gpt, "--vq-ckpt", vq, "--num-fid-samples", "7", "--batch-size", "3",
-                "--sample-dir", str(sample_dir), *extra]
+    def fid_args(folder, *extra):  # FID samples: an ADM .npz and PNGs
+        return cli(f"--gpt-ckpt {gpt} --vq-ckpt {vq} --num-fid-samples 7 --batch-size 3 --sample-dir", folder, *extra)
     d = tmp_path / "fid"
     S.main(fid_args(d))
     arr, labels = fid_samples(d)
@@ -1013,61 +988,55 @@ def test_sample_grid_png_fid_npz_resume_sharding_refusals_and_llamagen_checkpoin
     assert np.array_equal(fid_samples(d)[0], arr) and (d / "000003.png").stat().st_mtime_ns == kept
     # two ranks (threads meeting at a real barrier) make the same images as one process
     meet, cpu = threading.Barrier(2, timeout=60), torch.device("cpu")
-    with monkeypatch.context() as patch:
+    with monkeypatch.context() as patch, ThreadPoolExecutor(2) as ranks:
         patch.setattr(S, "barrier", lambda world: meet.wait())
         args = S.build_parser().parse_args(fid_args(tmp_path / "fid2"))
         S.check_args(args)
         models = S.load_models(args, cpu)
-        ranks = [threading.Thread(target=S.make_fid_samples, args=(args, *models, r, 2, cpu)) for r in (0, 1)]
-        for t in ranks:
-            t.start()
-        for t in ranks:
-            t.join()
+        list(ranks.map(lambda rank: S.make_fid_samples(args, *models, rank, 2, cpu), (0, 1)))
     assert np.array_equal(fid_samples(tmp_path / "fid2")[0], arr)
     # other settings in the same folder are refused; with --overwrite every old PNG is made again
     (d / "samples.npz").unlink()
-    raises(SystemExit, "seed: 0 there, 3 now", S.main, fid_args(d, "--seed", "3"))
-    S.main(fid_args(d, "--seed", "3", "--overwrite"))
-    S.main(fid_args(tmp_path / "fid3", "--seed", "3"))
+    raises(SystemExit, "seed: 0 there, 3 now", S.main, fid_args(d, "--seed 3"))
+    S.main(fid_args(d, "--seed 3 --overwrite"))
+    S.main(fid_args(tmp_path / "fid3", "--seed 3"))
     again = fid_samples(d)[0]
     assert np.array_equal(again, fid_samples(tmp_path / "fid3")[0]) and not np.array_equal(again, arr)
-    raises(SystemExit, "already exists; pass --overwrite", S.main, fid_args(d, "--seed", "3"))
+    raises(SystemExit, "already exists; pass --overwrite", S.main, fid_args(d, "--seed 3"))
     big_vocab = save_gpt(tmp_path / "v32.pt", vq, vocab_size=32)  # mismatches and existing outputs: one sentence
     moved = save_gpt(tmp_path / "moved.pt", str(tmp_path / "gone" / "vq.pt"))
     (tmp_path / "foreign").mkdir()
     save_files(tmp_path, {"mine.png": b"user data", "foreign/000000.png": b"not ours"})
-    x = ["--out", str(tmp_path / "x.png")]
+    x = cli("--out", tmp_path / "x.png")
     for argv, match in [
-        (["--gpt-ckpt", big_vocab, *x], r"vocabulary has 32 tokens but the tokenizer's codebook has 16"),
-        (["--gpt-ckpt", gpt, "--image-size", "16", *x],
+        (cli("--gpt-ckpt", big_vocab, *x), r"vocabulary has 32 tokens but the tokenizer's codebook has 16"),
+        (cli("--gpt-ckpt", gpt, "--image-size 16", *x),
          r"--image-size 16 makes a 8x8 token grid .* GPT's grid is 4x4 \(image size 8"),
-        (["--gpt-ckpt", gpt, "--out", str(tmp_path / "mine.png")], "already exists; pass --overwrite"),
+        (cli("--gpt-ckpt", gpt, "--out", tmp_path / "mine.png"), "already exists; pass --overwrite"),
         (fid_args(tmp_path / "foreign"), "PNGs this script did not make"),
-        (["--gpt-ckpt", moved, *x], "trained with the tokenizer .*gone.* give its path with --vq-ckpt"),
+        (cli("--gpt-ckpt", moved, *x), "trained with the tokenizer .*gone.* give its path with --vq-ckpt"),
     ]:
         refused(capsys, S.main, argv, match)
     assert (tmp_path / "mine.png").read_bytes() == b"user data" and not (tmp_path / "x.png").exists()
     assert (tmp_path / "foreign" / "000000.png").read_bytes() == b"not ours"
-    # the real CLI: one line on stderr, no traceback
     r = subprocess.run([sys.executable, "sample.py", "--gpt-ckpt", big_vocab, *x], capture_output=True, text=True,
                        cwd=ROOT)
     assert r.returncode == 1 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
     assert "32" in r.stderr and "16" in r.stderr
     ll = save_gpt(tmp_path / "c2i_T_8.pt", llamagen=True)  # a LlamaGen checkpoint needs and takes --gpt-model
-    base = ["--gpt-ckpt", ll, "--vq-ckpt", vq, "--num-samples", "2", "--out", str(tmp_path / "l.png")]
+    base = cli(f"--gpt-ckpt {ll} --vq-ckpt {vq} --num-samples 2 --out {tmp_path}/l.png")
     raises(SystemExit, "give --gpt-model", S.main, base)
-    S.main(base + ["--gpt-model", "GPT-T", "--image-size", "8"])
+    S.main(base + cli("--gpt-model GPT-T --image-size 8"))
     assert read_png(tmp_path / "l.png").shape == (2 + 10, 2 + 2 * 10, 3)  # one row of two
     raises(SystemExit, "does not record which tokenizer", S.main,
-           ["--gpt-ckpt", ll, "--gpt-model", "GPT-T", "--image-size", "8", "--out", str(tmp_path / "m.png")])
+           cli(f"--gpt-ckpt {ll} --gpt-model GPT-T --image-size 8 --out {tmp_path}/m.png"))
 
 
 # ==== fid.py ============================================================================================
 
 def fill_by_recipe(model, seed=2015, he=False):
-    """The fixtures' fill_recipe, one generator walking the state_dict in order: he=False gives
-    shared/reference/fid_inception_random.pt's network, he=True testdata/fid_inception_oracle.pt's, whose output
-    stays dependent on the input (the first one's barely is)."""
+    """The fixtures' fill_recipe, one generator walking the state_dict in order: he=False gives the random fixture's
+    network, he=True testdata/fid_inception_oracle.pt's, whose output depends on the input (the first barely)."""
     g = torch.Generator().manual_seed(seed)
     state = model.state_dict()
     for name, t in state.items():
@@ -1080,17 +1049,13 @@ def fill_by_recipe(model, seed=2015, he=False):
     return model
 
 
-def test_fid_inception_matches_pytorch_fid_and_serves_the_cli_evaluate_and_cached_dataset_reference(
-        tmp_path, capsys, monkeypatch):
-    # the random fixture's network: a weights file in the real file's layout, and the network loaded from it
-    (tmp_path / "w").mkdir()
-    weights = str(tmp_path / "w" / fid.WEIGHTS_NAME)
+def test_fid_inception_matches_pytorch_fid_and_serves_cli_evaluate_and_cached_references(tmp_path, capsys, monkeypatch):
+    weights = str(tmp_path / fid.WEIGHTS_NAME)
     torch.save(fill_by_recipe(fid.FIDInceptionV3()).state_dict(), weights)
     model = fid.load_inception(weights)
     # the random fixture, and the oracle made with pytorch-fid 0.3.0 (its made_by, fill_recipe) on weights that let
     # it see what the first cannot: pooling kinds, resize corners, input scaling
-    ref = torch.load(TESTDATA / "fid_inception_random.pt", weights_only=True)
-    oracle = torch.load(TESTDATA / "fid_inception_oracle.pt", weights_only=True)
+    ref, oracle = (torch.load(TESTDATA / f"fid_inception_{k}.pt", weights_only=True) for k in ("random", "oracle"))
     keys = [(k, tuple(v.shape)) for k, v in fid.FIDInceptionV3().state_dict().items()]
     assert keys == [(k, tuple(s)) for k, s in ref["state_dict_keys"]]
     he = fill_by_recipe(fid.FIDInceptionV3(), seed=oracle["seed"], he=True).eval()
@@ -1117,17 +1082,16 @@ def test_fid_inception_matches_pytorch_fid_and_serves_the_cli_evaluate_and_cache
     stats_path = tmp_path / "samples_stats.npz"
     fid.main([samples, str(tmp_path / "ref.npz"), "--inception-weights", weights, "--batch-size", "3",
               "--device", "cpu", "--save-stats", str(stats_path), "--json"])
-    metrics = json.loads(capsys.readouterr().out)
-    assert metrics["fid"] > 0 and metrics["is"] >= 1.0 - 1e-9
-    assert (metrics["num_samples"], metrics["num_reference"]) == (4, 5)
-    assert 0 <= metrics["precision"] <= 1 and 0 <= metrics["recall"] <= 1
+    got = json.loads(capsys.readouterr().out)
+    assert got["fid"] > 0 and got["is"] >= 1.0 - 1e-9 and (got["num_samples"], got["num_reference"]) == (4, 5)
+    assert 0 <= got["precision"] <= 1 and 0 <= got["recall"] <= 1
     saved = np.load(stats_path)
     assert saved["mu"].dtype == np.float64 and saved["sigma"].shape == (2048, 2048)
     assert saved["pool3"].shape == (4, 2048)
     # the Python API with the roles swapped: FID is symmetric, precision and recall trade places
     swapped = fid.evaluate(reference, str(stats_path), model=model, batch_size=4)
-    assert swapped["fid"] == pytest.approx(metrics["fid"], rel=1e-6)
-    assert (swapped["precision"], swapped["recall"]) == (metrics["recall"], metrics["precision"])
+    assert swapped["fid"] == pytest.approx(got["fid"], rel=1e-6)
+    assert (swapped["precision"], swapped["recall"]) == (got["recall"], got["precision"])
     # statistics alone: FID without the network (its weights file is absent); no precision or recall
     np.savez(tmp_path / "a.npz", mu=np.zeros(8), sigma=np.eye(8), pool3=np.zeros((5, 8), np.float32))
     np.savez(tmp_path / "b.npz", mu=np.ones(8), sigma=np.eye(8))
@@ -1288,8 +1252,7 @@ def test_classifier_trains_deterministically_is_cached_and_scores_samples_and_fl
     monkeypatch.setattr(quality, "CLASSIFIER_BATCH", 32)
     net = quality.load_classifier("toy", progress=False)
     assert net.test_accuracy >= 0.95 and (net.dataset, net.image_size, net.num_test) == ("toy", 32, 128)
-    assert not net.training
-    assert os.listdir(fid.cache_dir()) == ["toy-32px-classifier.pt"]  # written atomically: no temporary left
+    assert not net.training and os.listdir(fid.cache_dir()) == ["toy-32px-classifier.pt"]  # no temporary file left
     twin = quality.train_classifier("toy", progress=False)  # the same seed, the same network
     assert all(torch.equal(v, twin.state_dict()[k]) for k, v in net.state_dict().items())
     # from here on (the CLI too) the cached classifier serves
@@ -1298,23 +1261,23 @@ def test_classifier_trains_deterministically_is_cached_and_scores_samples_and_fl
     assert all(torch.equal(v, again.state_dict()[k]) for k, v in net.state_dict().items())
     assert again.test_accuracy == net.test_accuracy and torch.equal(again.ref_sigma, net.ref_sigma)
     raises(FileNotFoundError, "quality.py toy --floors", quality.load_classifier, "toy", seed=1, train_if_missing=False)
-    # its metrics separate real from noise and check labels
     test, labels = toy_views(splits["test"]), splits["test"].labels
-    itself = quality.classifier_metrics(test, labels, "toy", classifier=net)
+    score = functools.partial(quality.classifier_metrics, dataset="toy", classifier=net)
+    itself = score(test, labels)
     assert abs(itself["fd_classifier"]) < 1e-6 and itself["class_agreement"] >= 0.95
     rng = np.random.default_rng(5)
     fresh_source = toy_source(rng, 128)
     fresh = toy_views(fresh_source)
-    real = quality.classifier_metrics(fresh, fresh_source.labels, "toy", classifier=net)
-    noise = quality.classifier_metrics(rng.integers(0, 256, (128, 32, 32, 3), dtype=np.uint8), None, "toy", classifier=net)
+    real = score(fresh, fresh_source.labels)
+    noise = score(rng.integers(0, 256, (128, 32, 32, 3), dtype=np.uint8), None)
     assert noise["fd_classifier"] > 10 * real["fd_classifier"] and noise["class_agreement"] is None
-    shuffled = quality.classifier_metrics(fresh, rng.permutation(fresh_source.labels), "toy", classifier=net)
+    shuffled = score(fresh, rng.permutation(fresh_source.labels))
     assert real["class_agreement"] >= 0.95 and 0.3 <= shuffled["class_agreement"] <= 0.7
     # one channel, or another size (resized with antialiasing), is the same picture to the classifier
     gray_features, gray_classes = quality.classify(net, fresh[..., :1])
     assert np.allclose(gray_features, quality.classify(net, fresh)[0], atol=1e-5)
     assert quality.classify(net, fresh.repeat(2, axis=1).repeat(2, axis=2))[1].tolist() == gray_classes.tolist()
-    raises(ValueError, "128 images and 3 labels", quality.classifier_metrics, fresh, [0, 1, 0], "toy", classifier=net)
+    raises(ValueError, "128 images and 3 labels", score, fresh, [0, 1, 0])
     # the CLI: samples with their labels, then the floors (a random tokenizer's reconstructions are far off)
     np.savez(tmp_path / "samples.npz", arr_0=test, labels=labels)
     quality.main([str(tmp_path / "samples.npz"), "toy-test", "--json", "--device", "cpu"])
@@ -1376,7 +1339,6 @@ def test_weights_and_samples_match_the_recorded_behaviour(tmp_path):
 
 def test_gpu_check_runs_its_rows_at_toy_shapes_and_official_checkouts_import_side_by_side(tmp_path, capsys):
     import bench
-
     bench.main(["--device", "cpu", "--gpu-check", "--small", "--no-compile", "--threads", "1"])
     out = capsys.readouterr().out
     for row in ("train step baseline", "train step Mirai-E", "train step Mirai-I", "DINOv2-B/14 shapes",
@@ -1402,9 +1364,8 @@ def test_gpu_check_runs_its_rows_at_toy_shapes_and_official_checkouts_import_sid
 
 def test_the_whole_pipeline_end_to_end(tmp_path, monkeypatch, capsys):
     folder, out = make_image_folder(tmp_path / "images", classes=2, per_class=16), tmp_path / "run"
-    common = ["--dataset", "folder", "--data-path", str(folder), "--out", str(out), "--image-size", "16",
-              "--vq-steps", "4", "--max-steps", "10", "--global-batch-size", "4", "--no-progress",
-              "--num-sample-images", "4", "--foresight-proj-dim", "32"]
+    common = cli("--dataset folder --data-path", folder, "--out", out, "--image-size 16 --vq-steps 4 --max-steps 10",
+                 "--global-batch-size 4 --no-progress --num-sample-images 4 --foresight-proj-dim 32")
     for variant in ("none", "explicit", "implicit"):
         TR.main(common + ["--foresight", variant])
     assert (out / "vq" / "checkpoints" / "0000004.pt").is_file()
@@ -1425,11 +1386,10 @@ def test_the_whole_pipeline_end_to_end(tmp_path, monkeypatch, capsys):
     assert "stage 1/3" not in said and "stage 2/3" not in said and "(resuming)" in said
     assert (out / "codes" / "codes.npy").stat().st_mtime_ns == codes_made
     # samples: a grid and an ADM .npz, then their statistics with a (random) Inception network
-    S.main(["--gpt-ckpt", last_ckpt(out / "gpt-explicit"), "--ema", "--num-samples", "4", "--out",
-            str(tmp_path / "grid.png")])
+    S.main(cli("--gpt-ckpt", last_ckpt(out / "gpt-explicit"), "--ema --num-samples 4 --out", tmp_path / "grid.png"))
     assert Image.open(tmp_path / "grid.png").size[0] > 16
-    S.main(["--gpt-ckpt", last_ckpt(out / "gpt-implicit"), "--ema", "--num-fid-samples", "6", "--sample-dir",
-            str(tmp_path / "fid")])
+    S.main(cli("--gpt-ckpt", last_ckpt(out / "gpt-implicit"), "--ema --num-fid-samples 6 --sample-dir",
+               tmp_path / "fid"))
     arr = np.load(tmp_path / "fid" / "samples.npz")["arr_0"]
     assert arr.shape == (6, 16, 16, 3) and arr.dtype == np.uint8
     random_inception(monkeypatch)
