@@ -3,6 +3,7 @@ Speed and memory figures, printed as one table. Not a test: numbers depend on th
 
     python bench.py                  # CPU, the reference config: dim 256, 6 layers, 8x8 grid, batch 32
     python bench.py --device cuda    # on a GPU, with MFU where the device's peak is known
+    python bench.py --official REF --compile   # beside LlamaGen's and Mirai-Code's steps, both compiled
     python bench.py --device cuda --gpu-check          # GPT-B at ImageNet-256 shapes: the H200 check
     python bench.py --device cpu --gpu-check --small --no-compile   # its code paths at toy sizes
 """
@@ -223,6 +224,7 @@ def gpu_check(args, device):
         name = torch.cuda.get_device_name(device)
         peak = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
     tokens = args.batch * args.grid**2
+    args.compile = False  # their steps stay eager here; ours are timed both ways below
     extra, official_sample = official_steps(args, device) if args.official else ({}, None)
     for compiled in ([False] if args.no_compile else [False, True]):
         args.compile = compiled
@@ -321,12 +323,14 @@ def official_steps(args, device):
     torch.manual_seed(0)
     base = lg_gpt.Transformer(lg_gpt.ModelArgs(**shape)).to(device).train()
     base_opt = lg_train.creat_optimizer(base, 0.05, 1e-4, (0.9, 0.95), quiet)
+    compiled = getattr(args, "compile", False)  # as their train scripts do by default: torch.compile(model)
+    base_fwd = torch.compile(base) if compiled else base
 
     amp = dict(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")  # as their scripts
 
     def base_step():  # the loop body of LlamaGen's train_c2i.py
         with torch.autocast(**amp):
-            _, loss = base(cond_idx=y, idx=x[:, :-1], targets=x)
+            _, loss = base_fwd(cond_idx=y, idx=x[:, :-1], targets=x)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(base.parameters(), 1.0)
         base_opt.step()
@@ -339,10 +343,11 @@ def official_steps(args, device):
     for m in (ema, teacher):
         m.requires_grad_(False)
     mirai_opt = mi_train.creat_optimizer(mirai, 0.05, 1e-4, (0.9, 0.95), quiet)
+    mirai_fwd = torch.compile(mirai) if compiled else mirai
 
     def mirai_step():  # the loop body of Mirai-Code's train_c2i_Mirai_E.py after its warm-up (--use-prev-iter-ema)
         with torch.autocast(**amp):
-            _, zs, loss = mirai(cond_idx=y, idx=x[:, :-1], targets=x)
+            _, zs, loss = mirai_fwd(cond_idx=y, idx=x[:, :-1], targets=x)
             with torch.no_grad():
                 target = teacher.forward_ema(cond_idx=y, idx=x[:, :-1], targets=None)
         losses = mi_train.calculate_foresight_loss([target], zs)  # its offsets assume 16x16 tokens: the same work
@@ -391,6 +396,9 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--official", default=None,
                    help="a folder holding checkouts of LlamaGen and Mirai-Code: their steps and sampling, side by side")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the trained models: ours, and with --official theirs (their scripts' "
+                        "default); --gpu-check times ours both ways by itself")
     p.add_argument("--skip", default="", help="comma-separated rows to leave out: train,sample,inception,memory")
     p.add_argument("--gpu-check", action="store_true",
                    help="GPT-B, batch 64, 16x16 tokens, bf16, with and without torch.compile; DINOv2-B; sampling at "
