@@ -455,6 +455,7 @@ def test_resume_is_bit_identical_and_a_resume_that_would_change_the_run_is_refus
     for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
         assert torch.equal(sa["exp_avg_sq"], sb["exp_avg_sq"])
 
+
 # dropout off: then how the batch of a step is split cannot change its update
 SPLIT = ("--max-steps 3 --ckpt-every 3 --lr 1e-3 --dropout-p 0 --token-dropout-p 0 --class-dropout-prob 0 "
          "--foresight explicit --foresight-warmup 1 --ema-decay 0.5")
