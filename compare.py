@@ -154,7 +154,7 @@ def last_grids(groups, height):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("runs", nargs="+", help="run folders (each with metrics.jsonl)")
-    p.add_argument("--metric", default="eval_fd_classifier", help="what the figure shows")
+    p.add_argument("--metric", default="fd_classifier", help="what the figure shows: a column of the tables")
     p.add_argument("--group-by", default="foresight", help="comma-separated training flags that make a variant")
     p.add_argument("--out", default=None, help="the PNG: the figure beside the last sample grids")
     p.add_argument("--paired", metavar="VARIANT", help="also each variant's difference to VARIANT (e.g. none), seed by seed")
@@ -166,16 +166,20 @@ def main(argv=None):
     groups = group_runs(args.runs, args.group_by.split(","))
     if not groups:
         raise SystemExit("error: none of the runs has evaluation rows in its metrics.jsonl (train with --eval-every)")
-    names = sorted({k for runs in groups.values() for _, _, rows in runs for r in rows.values() for k, v in r.items()
-                    if k.startswith("eval_") and isinstance(v, (int, float))},  # not notes beside the metrics
-                   key=lambda k: ("raw_" in k, k.replace("raw_", "") != args.metric, k.replace("raw_", "")))
+    names = {k for runs in groups.values() for _, _, rows in runs for r in rows.values() for k, v in r.items()
+             if k.startswith("eval_") and isinstance(v, (int, float))}  # not notes beside the metrics
+    metric = args.metric if args.metric in names else "eval_" + args.metric  # the tables' names work too
+    if metric not in names:
+        raise SystemExit(f"error: --metric {args.metric} is none of the runs' evaluations "
+                         f"({', '.join(sorted(k.removeprefix('eval_') for k in names))})")
+    names = sorted(names, key=lambda k: ("raw_" in k, k.replace("raw_", "") != metric, k.replace("raw_", "")))
     print(table(groups, names))
     if args.paired:
         if args.paired not in groups:
             raise SystemExit(f"error: --paired {args.paired} is none of the variants ({', '.join(groups)})")
         print("\n" + paired(groups, args.paired, names))
     if args.out:
-        figure = plot(summarise(groups, args.metric), args.metric)
+        figure = plot(summarise(groups, metric), metric)
         panels = [figure] + last_grids(groups, figure.height)
         h = max(p.height for p in panels)
         canvas = Image.new("RGB", (sum(p.width for p in panels) + 10 * (len(panels) - 1), h), "white")

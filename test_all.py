@@ -630,14 +630,19 @@ def test_compare_tabulates_seeds_and_draws_the_curve(tmp_path, capsys):
                 "| none | 1 | 31.000 ± 1.000 (n=3) | 0.500"):
         assert row in out, row
     assert "posthoc" not in out
-    figure = np.asarray(Image.open(tmp_path / "c.png"))
+    figure = np.asarray(Image.open(tmp_path / "c.png")).astype(int)
     assert figure.shape[1] > 520 + 2 * 20 and (figure[..., 0] > 150).any()
+    assert (np.ptp(figure[:, :520], axis=-1) > 100).sum() > 200  # the curves: coloured lines left of the grids
+    runs = [str(p) for p in sorted(tmp_path.iterdir()) if p.is_dir()]
+    compare.main(runs + ["--metric", "class_agreement", "--out", str(tmp_path / "a.png")])
+    assert "wrote" in capsys.readouterr().out  # a column of the tables names the figure's metric
     runs = [str(tmp_path / f"{v}-{s}") for v in ("none", "implicit") for s in range(3)]
     groups = compare.group_runs(runs, ["foresight", "foresight_coef"])
     assert sorted(groups) == ["implicit foresight_coef=[2.0]", "none"]
     (tmp_path / "none-0" / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": 2.0}) + "\n")  # no evaluation
     for argv, match in (
             ([tmp_path / "implicit-0", "--paired", "baseline"], "--paired baseline is none of the variants"),
+            ([tmp_path / "implicit-0", "--metric", "fid"], r"--metric fid is none of .*\(class_agreement, fd_c"),
             ([tmp_path / "none-0"], "none of the runs has evaluation rows"),
             ([tmp_path / "nowhere" / "gpt-*"], r"nowhere/gpt-\* is not a run folder \(no metrics.jsonl\)")):
         raises(SystemExit, match, compare.main, [str(a) for a in argv])
