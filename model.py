@@ -144,31 +144,28 @@ class Attention(nn.Module):
         self.attn_dropout_p = cfg.attn_dropout_p
         self.resid_dropout = nn.Dropout(cfg.resid_dropout_p)
 
-    def forward(self, x, rope, cache=None, pos=None):
+    def forward(self, x, rope, cache=None, pos=None, mask=None):
         """Causal self-attention over x (B, L, dim).
 
         With cache=(k_cache, v_cache) of shape (B, n_kv_head, max_len, head_dim), x holds the tokens at
-        positions pos..pos+L-1: their keys/values are written into the cache, and the queries attend to
-        everything cached so far; so a decode step needs no (L, L) mask at all.
+        positions pos (L,): their keys/values are written there, and the queries attend to the whole
+        cache through mask (L, max_len), True where a key is visible. Every decode step has the same
+        shapes, so torch.compile (and CUDA graphs) can capture one.
         """
         B, L, _ = x.shape
         hq, hk, d = self.n_head, self.n_kv_head, self.head_dim
         qk, v = self.wqkv(x).split([(hq + hk) * d, hk * d], dim=-1)
         q, k = apply_rotary(qk.view(B, L, hq + hk, d), rope).transpose(1, 2).split([hq, hk], dim=1)  # one rotation
         v = v.view(B, L, hk, d).transpose(1, 2)
-        causal = True
         if cache is not None:
-            k_cache, v_cache = cache
-            k_cache[:, :, pos : pos + L] = k
-            v_cache[:, :, pos : pos + L] = v
-            k, v = k_cache[:, :, : pos + L], v_cache[:, :, : pos + L]
-            causal = L > 1  # one query at the newest position may see every cached key
-            assert pos == 0 or L == 1, "prefill must start at position 0"
+            cache[0].index_copy_(2, pos, k)
+            cache[1].index_copy_(2, pos, v)
+            k, v = cache
         if hk != hq:
             k = k.repeat_interleave(hq // hk, dim=1)
             v = v.repeat_interleave(hq // hk, dim=1)
         y = F.scaled_dot_product_attention(
-            q, k, v, is_causal=causal, dropout_p=self.attn_dropout_p if self.training else 0.0
+            q, k, v, attn_mask=mask, is_causal=mask is None, dropout_p=self.attn_dropout_p if self.training else 0.0
         )
         y = self.wo(y.transpose(1, 2).reshape(B, L, hq * d))
         return self.resid_dropout(y) if self.training else y
@@ -197,11 +194,11 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.drop_path = DropPath(drop_path)
 
-    def forward(self, x, rope, cache=None, pos=None):
+    def forward(self, x, rope, cache=None, pos=None, mask=None):
         if not self.training:  # decoding: no dropout or drop-path modules to call per token
-            h = x + self.attention(self.attention_norm(x), rope, cache, pos)
+            h = x + self.attention(self.attention_norm(x), rope, cache, pos, mask)
             return h + self.feed_forward(self.ffn_norm(h))
-        h = x + self.drop_path(self.attention(self.attention_norm(x), rope, cache, pos))
+        h = x + self.drop_path(self.attention(self.attention_norm(x), rope))
         return h + self.drop_path(self.feed_forward(self.ffn_norm(h)))
 
 
@@ -301,28 +298,22 @@ class GPT(nn.Module):
     # Generation with a KV cache
 
     def _step(self, x, cache, pos):
-        rope = self.rope[pos : pos + x.shape[1]]
+        """Logits after the tokens x (B, L, dim) at positions pos (L,), with the KV cache."""
+        mask = torch.arange(cache[0][0].shape[2], device=x.device) <= pos[:, None]  # causal, over what is cached
         for layer, c in zip(self.layers, cache):
-            x = layer(x, rope, c, pos)
+            x = layer(x, self.rope.index_select(0, pos), c, pos, mask)
         return self.output(self.norm(x[:, -1])).float()
 
     @torch.inference_mode()
-    def generate(
-        self,
-        cond,
-        cfg_scale=1.0,
-        cfg_interval=-1,
-        temperature=1.0,
-        top_k=0,
-        top_p=1.0,
-        generator=None,
-        num_tokens=None,
-    ):
+    def generate(self, cond, cfg_scale=1.0, cfg_interval=-1, temperature=1.0, top_k=0, top_p=1.0, generator=None,
+                 num_tokens=None, compile=False):
         """Sample (B, N) tokens for class labels cond (B,).
 
         Guidance mixes logits as uncond + (cond - uncond) * cfg_scale with the batch doubled (null class
         in the second half). With cfg_interval >= 0, guidance stops after that many decode steps
         (LlamaGen's convention) and the unconditional half is dropped from the cache to save work.
+        compile=True runs the decode step through torch.compile (with CUDA graphs on a GPU): the first
+        call compiles; the same computation, up to the rounding of inductor's fused kernels.
         """
         was_training = self.training
         self.eval()
@@ -332,19 +323,24 @@ class GPT(nn.Module):
         guided = cfg_scale > 1.0
         if guided:
             cond = torch.cat([cond, torch.full_like(cond, cfg.num_classes)])
-        hk = cfg.n_kv_head or cfg.n_head
-        dtype = self.tok_embeddings.weight.dtype
-        max_len = cfg.cls_token_num + n - 1
-        shape = (cond.shape[0], hk, max_len, cfg.head_dim)
-        dev = cond.device
-        cache = [(torch.zeros(shape, dtype=dtype, device=dev), torch.zeros(shape, dtype=dtype, device=dev)) for _ in self.layers]
+        dev, dtype = cond.device, self.tok_embeddings.weight.dtype
+        if torch.is_autocast_enabled(dev.type):  # keys and values come out of autocast's matmuls in its dtype
+            dtype = torch.get_autocast_dtype(dev.type)
+        shape = (cond.shape[0], cfg.n_kv_head or cfg.n_head, cfg.cls_token_num + n - 1, cfg.head_dim)
+        cache = getattr(self, "_static_cache", None) if compile else None  # a CUDA graph replays at fixed addresses
+        if cache is None or (cache[0][0].shape, cache[0][0].dtype, cache[0][0].device) != (shape, dtype, dev):
+            cache = [(torch.zeros(shape, dtype=dtype, device=dev), torch.zeros(shape, dtype=dtype, device=dev)) for _ in self.layers]
+        step = self._step
+        if compile:  # the cache is kept for the next call (stale entries are masked out) and written in place
+            self._static_cache = cache
+            for t in (t for kv in cache for t in kv):
+                torch._dynamo.mark_static_address(t)
+            step = torch.compile(self._step, fullgraph=True, mode="reduce-overhead" if dev.type == "cuda" else None)
         out = torch.empty(B, n, dtype=torch.long, device=dev)
-
-        x = self.embed(None, cond, drop_labels=False)
-        pos = 0
+        x, pos = self.embed(None, cond, drop_labels=False), torch.arange(cfg.cls_token_num, device=dev)
         for i in range(n):
-            logits = self._step(x, cache, pos)
-            pos += x.shape[1]
+            logits = step(x, cache, pos)
+            pos = pos[-1:] + 1
             if guided:
                 c, u = logits.chunk(2)
                 logits = u + (c - u) * cfg_scale

@@ -249,11 +249,19 @@ def reference_generate(gpt, cond, cfg_scale, first_unguided=None):
     return seq
 
 
-def test_kv_cache_generation_equals_full_forward_cfg_interval_stops_guidance_and_top_k_top_p_filter():
+def test_kv_cache_generation_equals_full_forward_cfg_interval_stops_guidance_and_top_k_top_p_filter(monkeypatch):
+    compile = torch.compile  # the compiled decode step, traced whole by dynamo (no C++ build: the eager backend)
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: compile(fn, backend="eager", **kw))
     for n_kv_head in (None, 2):
         gpt, cond = tiny_gpt(n_kv_head=n_kv_head), torch.tensor([0, 3, 4])
         for cfg in (3.0, 1.0):
             assert torch.equal(gpt.generate(cond, cfg_scale=cfg, top_k=1), reference_generate(gpt, cond, cfg)), cfg
+        for kw in (dict(cfg_scale=3.0), dict(cfg_scale=3.0, cfg_interval=2)):
+            a, b = (gpt.generate(cond, generator=torch.Generator().manual_seed(0), compile=c, **kw) for c in (True, False))
+            assert torch.equal(a, b), kw
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # the cache takes autocast's dtype (bf16 rounding may
+            for c in (True, False):                          # flip near-ties between the two, so no equality here)
+                assert gpt.generate(cond, cfg_scale=3.0, compile=c).shape == (3, 9)
     gpt = tiny_gpt()  # a generator makes sampling reproducible
     a, b, c = (gpt.generate(torch.arange(5).repeat(4), cfg_scale=2.0, generator=torch.Generator().manual_seed(s))
                for s in (1, 1, 2))
@@ -962,8 +970,11 @@ def fid_samples(folder):
 def test_sample_grid_png_fid_npz_resume_sharding_refusals_and_llamagen_checkpoints(tmp_path, monkeypatch, capsys):
     save_tiny_vq(tmp_path / "vq.pt", config=SAMPLE_VQ)
     vq, gpt = str(tmp_path / "vq.pt"), save_gpt(tmp_path / "gpt.pt", str(tmp_path / "vq.pt"))
-    # a grid PNG: reproducible, the tokenizer the checkpoint recorded by default, the given classes' samples
-    for n, extra in (("a", f"--vq-ckpt {vq}"), ("b", ""), ("c", "--seed 1")):
+    # a grid PNG: reproducible, compiled or not (dynamo's trace, eager backend), the tokenizer the checkpoint
+    # recorded by default, the given classes' samples
+    compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: compile(fn, backend="eager", **kw))
+    for n, extra in (("a", f"--vq-ckpt {vq}"), ("b", "--compile"), ("c", "--seed 1")):
         S.main(cli(f"--gpt-ckpt {gpt} --num-samples 5 --nrow 3 --batch-size 2 --ema --out {tmp_path}/{n}.png", extra))
     a, b, c = (read_png(tmp_path / f"{n}.png") for n in "abc")
     # 2 rows x 3 columns of 8x8 images with 2 px gaps around each

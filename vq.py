@@ -283,11 +283,10 @@ def to_uint8(x):
     return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 
-def sample_images(gpt, vq, labels, cfg_scale=1.0, cfg_interval=-1, temperature=1.0, top_k=0, top_p=1.0,
-                  generator=None):
-    """Class labels (B,) -> (B, H, W, 3) uint8 images: GPT tokens decoded by the tokenizer."""
+def sample_images(gpt, vq, labels, generator=None, **sampling):
+    """Class labels (B,) -> (B, H, W, 3) uint8 images: GPT tokens (generate() with the `sampling` keywords)
+    decoded by the tokenizer."""
     labels = torch.as_tensor(labels, dtype=torch.long, device=gpt.tok_embeddings.weight.device)
-    tokens = gpt.generate(labels, cfg_scale=cfg_scale, cfg_interval=cfg_interval, temperature=temperature,
-                          top_k=top_k, top_p=top_p, generator=generator)
+    tokens = gpt.generate(labels, generator=generator, **sampling)
     g = gpt.config.grid_size
     return to_uint8(vq.decode_code(tokens.to(next(vq.parameters()).device), grid=(g, g)))
