@@ -148,16 +148,22 @@ class Attention(nn.Module):
         """Causal self-attention over x (B, L, dim).
 
         With cache=(k_cache, v_cache) of shape (B, n_kv_head, max_len, head_dim), x holds the tokens at
-        positions pos (L,): their keys/values are written there, and the queries attend to the whole
-        cache through mask (L, max_len), True where a key is visible. Every decode step has the same
-        shapes, so torch.compile (and CUDA graphs) can capture one.
+        positions pos..pos+L-1 (an int): their keys/values are written into the cache, and the queries attend
+        to everything cached so far, so a decode step needs no (L, L) mask. For a compiled step, pos is the
+        (L,) tensor of positions and mask (L, max_len) says which cached keys each query sees: the whole
+        cache is read, so every decode step has the same shapes (what torch.compile and CUDA graphs need).
         """
         B, L, _ = x.shape
         hq, hk, d = self.n_head, self.n_kv_head, self.head_dim
         qk, v = self.wqkv(x).split([(hq + hk) * d, hk * d], dim=-1)
         q, k = apply_rotary(qk.view(B, L, hq + hk, d), rope).transpose(1, 2).split([hq, hk], dim=1)  # one rotation
         v = v.view(B, L, hk, d).transpose(1, 2)
-        if cache is not None:
+        if cache is not None and mask is None:
+            k_cache, v_cache = cache
+            k_cache[:, :, pos : pos + L] = k
+            v_cache[:, :, pos : pos + L] = v
+            k, v = k_cache[:, :, : pos + L], v_cache[:, :, : pos + L]
+        elif cache is not None:
             cache[0].index_copy_(2, pos, k)
             cache[1].index_copy_(2, pos, v)
             k, v = cache
@@ -165,7 +171,7 @@ class Attention(nn.Module):
             k = k.repeat_interleave(hq // hk, dim=1)
             v = v.repeat_interleave(hq // hk, dim=1)
         y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=mask is None, dropout_p=self.attn_dropout_p if self.training else 0.0
+            q, k, v, attn_mask=mask, is_causal=mask is None and L > 1, dropout_p=self.attn_dropout_p if self.training else 0.0
         )
         y = self.wo(y.transpose(1, 2).reshape(B, L, hq * d))
         return self.resid_dropout(y) if self.training else y
@@ -298,10 +304,14 @@ class GPT(nn.Module):
     # Generation with a KV cache
 
     def _step(self, x, cache, pos):
-        """Logits after the tokens x (B, L, dim) at positions pos (L,), with the KV cache."""
-        mask = torch.arange(cache[0][0].shape[2], device=x.device) <= pos[:, None]  # causal, over what is cached
+        """Logits after the tokens x (B, L, dim) at positions pos (an int: the first one; or the (L,) tensor of
+        them, for a compiled step: see Attention), with the KV cache."""
+        if torch.is_tensor(pos):
+            rope, mask = self.rope.index_select(0, pos), torch.arange(cache[0][0].shape[2], device=x.device) <= pos[:, None]
+        else:
+            rope, mask = self.rope[pos : pos + x.shape[1]], None
         for layer, c in zip(self.layers, cache):
-            x = layer(x, self.rope.index_select(0, pos), c, pos, mask)
+            x = layer(x, rope, c, pos, mask)
         return self.output(self.norm(x[:, -1])).float()
 
     @torch.inference_mode()
@@ -337,10 +347,10 @@ class GPT(nn.Module):
                 torch._dynamo.mark_static_address(t)
             step = torch.compile(self._step, fullgraph=True, mode="reduce-overhead" if dev.type == "cuda" else None)
         out = torch.empty(B, n, dtype=torch.long, device=dev)
-        x, pos = self.embed(None, cond, drop_labels=False), torch.arange(cfg.cls_token_num, device=dev)
+        x, pos = self.embed(None, cond, drop_labels=False), torch.arange(cfg.cls_token_num, device=dev) if compile else 0
         for i in range(n):
             logits = step(x, cache, pos)
-            pos = pos[-1:] + 1
+            pos = pos[-1:] + 1 if compile else pos + x.shape[1]
             if guided:
                 c, u = logits.chunk(2)
                 logits = u + (c - u) * cfg_scale
