@@ -95,6 +95,8 @@ def bench_train_steps(args, device, extra=None):
         return step
 
     steps = {**{m: make_step(m) for m in heads}, **(extra or {})}
+    if getattr(args, "dropout_floor", False):  # the baseline step in eval mode: no dropout masks drawn or applied
+        steps["no dropout"] = lambda: (gpt.eval(), steps["none"](), gpt.train())
     memory = {}
     for m in steps:  # warm-up (and compilation), with each variant's own peak memory on a GPU
         if device.type == "cuda":
@@ -419,6 +421,7 @@ def main(argv=None):
 
     rows = []  # (figure, value, unit, note)
     gpt = None
+    args.dropout_floor = not args.gpu_check
     if args.gpu_check:
         rows, skip = gpu_check(args, device), {"train", "sample", "inception", "memory"}
     extra, official_sample = official_steps(args, device) if args.official and not args.gpu_check else ({}, None)
@@ -431,6 +434,9 @@ def main(argv=None):
             if peak:
                 note += f", MFU {train_flops(args, gpt) / t['none'] / (peak * 1e12):.1%} of {name}'s {peak} TFLOPS"
         rows.append(("train step: baseline", t["none"], "s", note))
+        if "no dropout" in t:
+            rows.append(("train step: baseline, dropout off", t["no dropout"], "s", "the floor of any faster dropout" + (
+                f": {t['no dropout'] / t['official baseline']:.2f}x LlamaGen's step with dropout" if extra else "")))
         rows.append(("train step: Mirai-E", t["explicit"], "s",
                      f"{t['explicit'] / t['none']:.2f}x baseline (depth {args.foresight_depth}, K={args.foresight_k}, P={args.proj_dim})"))
         rows.append(("train step: Mirai-I", t["implicit"], "s",

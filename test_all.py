@@ -1362,6 +1362,10 @@ def test_gpu_check_runs_its_rows_at_toy_shapes_and_official_checkouts_import_sid
                 "sampling, batch 8", "FID Inception"):
         assert row in out, out
     assert re.search(r"Mirai-E .*tokens/s, \d+\.\d\dx baseline", out)
+    bench.main(cli("--dim 32 --n-layer 2 --n-head 2 --vocab 16 --batch 2 --foresight-depth 1 --proj-dim 8",
+                   "--teacher-dim 8 --warmup 0 --iters 1 --threads 1 --skip sample,inception,memory"))  # the CPU rows
+    out = capsys.readouterr().out
+    assert re.search(r"train step: baseline, dropout off +\d+\.\d+ +s", out) and "Mirai-I teacher: VQ-S" in out, out
     # --official: LlamaGen's and Mirai-Code's checkouts both hold a package `autoregressive`; imported side by side,
     # they leave nothing behind
     for repo in ("LlamaGen", "Mirai-Code"):
