@@ -197,7 +197,8 @@ def build_parser():
     p.add_argument("--top-k", type=NONNEG_INT, default=0, help="0: no top-k filtering")
     p.add_argument("--top-p", type=arg_type(float, 0, 1, lo_open=True), default=1.0, help="1.0: no nucleus filtering")
     p.add_argument("--compile", action="store_true",
-                   help="torch.compile the decode step (CUDA graphs on a GPU): the same tokens, faster at large batches")
+                   help="torch.compile the decode step (CUDA graphs on a GPU): the same computation, though inductor's "
+                        "kernels may round differently")
     p.add_argument("--seed", "--global-seed", dest="seed", type=NONNEG_INT, default=0)
     p.add_argument("--batch-size", "--per-proc-batch-size", dest="batch_size", type=POSITIVE_INT, default=32,
                    help="samples per forward; part of what decides the samples (it shapes the random stream)")
