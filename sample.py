@@ -125,6 +125,8 @@ def settings_of(args, gpt, device):
     s = {k: getattr(args, k) for k in keys}
     s.update(gpt_ckpt=os.path.abspath(args.gpt_ckpt), vq_ckpt=os.path.abspath(args.vq_ckpt),
              grid_size=gpt.config.grid_size, num_classes=gpt.config.num_classes, device=device.type)
+    if args.compile:  # inductor's kernels may round differently (recorded only when on: older folders still match)
+        s["compile"] = True
     return s
 
 
