@@ -128,17 +128,18 @@ def peak_memory(args, device):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "MiB", "peak RSS of this process (all rows so far)"
 
 
-def bench_inception(args, device):
+def bench_inception(device, n, size):
+    """Images/s of the FID Inception on batches of n random size x size images (resized to 299), after a warm-up."""
     import fid
 
     model = fid.FIDInceptionV3().eval().to(device, memory_format=torch.channels_last).fold_batchnorm()
-    imgs = np.random.default_rng(0).integers(0, 256, (2 * args.fid_batch, 32, 32, 3), dtype=np.uint8)
-    fid.extract(model, imgs[: args.fid_batch], batch_size=args.fid_batch, device=device, progress=False)
+    imgs = np.random.default_rng(0).integers(0, 256, (2 * n, size, size, 3), dtype=np.uint8)
+    fid.extract(model, imgs[:n], batch_size=n, device=device, progress=False)
     sync(device)
     t = time.perf_counter()
-    fid.extract(model, imgs[args.fid_batch :], batch_size=args.fid_batch, device=device, progress=False)
+    fid.extract(model, imgs[n:], batch_size=n, device=device, progress=False)
     sync(device)
-    return args.fid_batch / (time.perf_counter() - t)
+    return n / (time.perf_counter() - t)
 
 
 def bench_vq_teacher(args, device):
@@ -216,69 +217,83 @@ class ViTB14(torch.nn.Module):
         return self.blocks(self.patch(x).flatten(2).transpose(1, 2))
 
 
-def gpu_check(args, device):
-    """Rows of the GPU check: train steps with and without torch.compile (tokens/s, MFU, peak memory),
-    the DINOv2-B teacher, sampling at two batch sizes with CFG, FID Inception at full size."""
-    shapes = GPU_CHECK_SMALL if args.small else GPU_CHECK
-    for k, v in shapes.items():
-        setattr(args, k, v)
-    args.warmup, args.iters = (1, 2) if args.small else (3, 10)
-    rows, peak = [], None
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        peak = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
-    tokens = args.batch * args.grid**2
-    args.compile = False  # their steps stay eager here; ours are timed both ways below
-    extra, official_sample = official_steps(args, device) if args.official else ({}, None)
-    for compiled in ([False] if args.no_compile else [False, True]):
-        args.compile = compiled
-        t, gpt = bench_train_steps(args, device, {} if compiled else extra)
-        mem = bench_train_steps.memory
-        for mode, label in (("none", "baseline"), ("explicit", "Mirai-E"), ("implicit", "Mirai-I")):
-            note = f"{tokens / t[mode]:,.0f} tokens/s"
-            if mode == "none" and peak:
-                note += f", MFU {train_flops(args, gpt) / t[mode] / (peak * 1e12):.1%} of {peak} TFLOPS"
-            if mode != "none":
-                note += f", {t[mode] / t['none']:.2f}x baseline"
-            if mem[mode] is not None:
-                note += f", peak {mem[mode]:.1f} GiB"
-            rows.append((f"train step {label}{' (compiled)' if compiled else ''}", t[mode], "s", note))
-        for name in extra if not compiled else ():
-            ours = t["none" if name == "official baseline" else "explicit"]
-            rows.append((f"  {name} (eager)", t[name], "s", f"ours (eager) {ours / t[name]:.2f}x its time"))
-    vit = ViTB14(*((48, 2, 4) if args.small else ())).to(device).eval()
-    imgs = torch.randn(args.batch, 3, 14 * args.grid, 14 * args.grid, device=device)
+def guarded(what, fn, *args):
+    """fn(*args); if it raises, one row naming the error instead, so that a section that breaks on a new device
+    costs the GPU check only its own rows."""
+    try:
+        return fn(*args)
+    except Exception as e:  # noqa: BLE001  (the check goes on; the row says what broke)
+        print_row((what, float("nan"), "", f"failed: {type(e).__name__}: {(str(e).splitlines() or [''])[0][:160]}"))
+
+
+def gpu_train_rows(args, device, extra, peak):
+    """The three variants' steps (and the official ones beside them): tokens/s, MFU, peak memory. -> our GPT."""
+    t, gpt = bench_train_steps(args, device, extra)
+    mem, tokens, tag = bench_train_steps.memory, args.batch * args.grid**2, " (compiled)" if args.compile else ""
+    for mode, label in (("none", "baseline"), ("explicit", "Mirai-E"), ("implicit", "Mirai-I")):
+        note = f"{tokens / t[mode]:,.0f} tokens/s"
+        if mode == "none" and peak:
+            note += f", MFU {train_flops(args, gpt) / t[mode] / (peak * 1e12):.1%} of {peak} TFLOPS"
+        if mode != "none":
+            note += f", {t[mode] / t['none']:.2f}x baseline"
+        if mem[mode] is not None:
+            note += f", peak {mem[mode]:.1f} GiB"
+        print_row((f"train step {label}{tag}", t[mode], "s", note))
+    for name in extra:
+        ours = t["none" if name == "official baseline" else "explicit"]
+        print_row((f"  {name} (eager)", t[name], "s", f"ours (eager) {ours / t[name]:.2f}x its time"))
+    return gpt
+
+
+def gpu_sample_rows(args, device, gpt, official_sample, theirs):
+    """Images/s of generate() at two batch sizes with CFG (compiled: CUDA graphs), beside LlamaGen's generate()
+    (timed once, in the eager pass, into `theirs`)."""
     amp = dict(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
-    with torch.no_grad(), torch.autocast(**amp):
-        enc = timeit(lambda: vit(imgs), device, args.warmup, args.iters)
-    rows.append(("Mirai-I teacher: DINOv2-B/14 shapes", enc, "s", f"random weights, batch {args.batch} at {14 * args.grid} px"))
-    gpt = gpt.eval()
     for batch in ((4, 8) if args.small else (64, 256)):
         cond = torch.arange(batch, device=device) % args.num_classes
         g = torch.Generator(device=device).manual_seed(0)
-        sec = {}
-        for compiled in ([False] if args.no_compile else [False, True]):  # compiled: CUDA graphs on a GPU
-            with torch.autocast(**amp):
-                sec[compiled] = timeit(lambda: gpt.generate(cond, cfg_scale=2.0, generator=g, compile=compiled),
-                                       device, 1, 1 if args.small else 3)
-            rows.append((f"sampling, batch {batch}{' (compiled)' if compiled else ''}", batch / sec[compiled],
-                         "images/s", f"CFG 2.0, KV cache, {args.grid**2} tokens"))
-        if official_sample is not None:
-            theirs = timeit(lambda: official_sample(batch), device, 1, 1 if args.small else 3)
-            rows.append((f"  official generate(), batch {batch}", batch / theirs, "images/s",
-                         f"ours {theirs / min(sec.values()):.2f}x its speed"))
-    import fid
+        with torch.autocast(**amp):
+            sec = timeit(lambda: gpt.generate(cond, cfg_scale=2.0, generator=g, compile=args.compile), device, 1,
+                         1 if args.small else 3)
+        if official_sample is not None and batch not in theirs:
+            theirs[batch] = timeit(lambda: official_sample(batch), device, 1, 1 if args.small else 3)
+        note = f"CFG 2.0, KV cache, {args.grid**2} tokens"
+        if batch in theirs:
+            note += f"; LlamaGen's generate() {batch / theirs[batch]:.1f} images/s: ours {theirs[batch] / sec:.2f}x its speed"
+        print_row((f"sampling, batch {batch}{' (compiled)' if args.compile else ''}", batch / sec, "images/s", note))
 
-    inception = fid.FIDInceptionV3().eval().to(device, memory_format=torch.channels_last).fold_batchnorm()
+
+def gpu_other_rows(args, device):
+    """The Mirai-I teacher's cost (DINOv2-B/14's shapes, random weights) and FID Inception at full size."""
+    vit = ViTB14(*((48, 2, 4) if args.small else ())).to(device).eval()
+    imgs = torch.randn(args.batch, 3, 14 * args.grid, 14 * args.grid, device=device)
+    with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        enc = timeit(lambda: vit(imgs), device, args.warmup, args.iters)
+    print_row(("Mirai-I teacher: DINOv2-B/14 shapes", enc, "s", f"random weights, batch {args.batch} at {14 * args.grid} px"))
     n = 8 if args.small else 256
-    pics = np.random.default_rng(0).integers(0, 256, (2 * n, args.image_size, args.image_size, 3), dtype=np.uint8)
-    fid.extract(inception, pics[:n], batch_size=n // 2, device=device, progress=False)
-    sync(device)
-    t0 = time.perf_counter()
-    fid.extract(inception, pics[n:], batch_size=n // 2, device=device, progress=False)
-    sync(device)
-    rows.append(("FID Inception", n / (time.perf_counter() - t0), "images/s", f"{args.image_size} px resized to 299"))
-    return rows
+    print_row(("FID Inception", bench_inception(device, n, args.image_size), "images/s",
+               f"batch {n}, {args.image_size} px resized to 299"))
+
+
+def gpu_check(args, device):
+    """The GPU check's rows, each printed as it comes: the eager sections first, then the compiled ones (their
+    compilation takes minutes), so that a run cut short keeps what it measured."""
+    for k, v in (GPU_CHECK_SMALL if args.small else GPU_CHECK).items():
+        setattr(args, k, v)
+    args.warmup, args.iters = (1, 2) if args.small else (3, 10)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
+    peak = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
+    print_header(args, device)
+    args.compile = False  # their steps stay eager; ours are timed both ways
+    official = guarded("official code", official_steps, args, device) if args.official else None
+    (extra, official_sample), theirs = official or ({}, None), {}
+    gpt = guarded("train steps", gpu_train_rows, args, device, extra, peak) or build_gpt(args, device)
+    guarded("sampling", gpu_sample_rows, args, device, gpt.eval(), official_sample, theirs)
+    guarded("teacher and FID", gpu_other_rows, args, device)
+    if not args.no_compile:
+        args.compile = True
+        guarded("train steps (compiled)", gpu_train_rows, args, device, {}, peak)
+        guarded("sampling (compiled)", gpu_sample_rows, args, device, gpt.eval(), None, theirs)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -419,12 +434,10 @@ def main(argv=None):
     device = torch.device(args.device)
     skip = set(args.skip.split(","))
 
-    rows = []  # (figure, value, unit, note)
-    gpt = None
-    args.dropout_floor = not args.gpu_check
-    if args.gpu_check:
-        rows, skip = gpu_check(args, device), {"train", "sample", "inception", "memory"}
-    extra, official_sample = official_steps(args, device) if args.official and not args.gpu_check else ({}, None)
+    if args.gpu_check:  # its rows are printed as they come (a GPU's time is short; a run cut short keeps them)
+        return gpu_check(args, device)
+    rows, gpt, args.dropout_floor = [], None, True  # rows: (figure, value, unit, note)
+    extra, official_sample = official_steps(args, device) if args.official else ({}, None)
     if "train" not in skip:
         t, gpt = bench_train_steps(args, device, extra)
         note = f"batch {args.batch} x {args.grid**2} tokens"
@@ -459,17 +472,26 @@ def main(argv=None):
             rows.append(("  official: LlamaGen generate()", r["official"], "tokens/s",
                          f"ours {r['cached'] / r['official']:.2f}x its speed"))
     if "inception" not in skip:
-        rows.append(("FID Inception", bench_inception(args, device), "images/s", f"32 px inputs resized to 299, batch {args.fid_batch}"))
+        rows.append(("FID Inception", bench_inception(device, args.fid_batch, 32), "images/s",
+                     f"32 px inputs resized to 299, batch {args.fid_batch}"))
     if "memory" not in skip:
         value, unit, note = peak_memory(args, device)
         rows.append(("peak memory, baseline train step", value, unit, note))
 
+    print_header(args, device)
+    for row in rows:
+        print_row(row)
+
+
+def print_header(args, device):
     print(f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} threads; "
           f"GPT dim {args.dim}, {args.n_layer} layers, {args.n_head} heads, vocab {args.vocab}, {args.grid}x{args.grid} grid")
-    w = max(len(r[0]) for r in rows)
-    print(f"{'figure':<{w}}  {'value':>10}  {'unit':<9} note")
-    for name, value, unit, note in rows:
-        print(f"{name:<{w}}  {value:>10.3f}  {unit:<9} {note}")
+    print(f"{'figure':<40}  {'value':>10}  {'unit':<9} note")
+
+
+def print_row(row):
+    name, value, unit, note = row
+    print(f"{name:<40}  {value:>10.3f}  {unit:<9} {note}", flush=True)
 
 
 if __name__ == "__main__":
