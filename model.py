@@ -171,7 +171,8 @@ class Attention(nn.Module):
             k = k.repeat_interleave(hq // hk, dim=1)
             v = v.repeat_interleave(hq // hk, dim=1)
         y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=mask is None and L > 1, dropout_p=self.attn_dropout_p if self.training else 0.0
+            q, k, v, attn_mask=mask, is_causal=mask is None and L > 1,
+            dropout_p=self.attn_dropout_p if self.training else 0.0,
         )
         y = self.wo(y.transpose(1, 2).reshape(B, L, hq * d))
         return self.resid_dropout(y) if self.training else y
@@ -307,7 +308,8 @@ class GPT(nn.Module):
         """Logits after the tokens x (B, L, dim) at positions pos (an int: the first one; or the (L,) tensor of
         them, for a compiled step: see Attention), with the KV cache."""
         if torch.is_tensor(pos):
-            rope, mask = self.rope.index_select(0, pos), torch.arange(cache[0][0].shape[2], device=x.device) <= pos[:, None]
+            rope = self.rope.index_select(0, pos)
+            mask = torch.arange(cache[0][0].shape[2], device=x.device) <= pos[:, None]  # (L, max_len)
         else:
             rope, mask = self.rope[pos : pos + x.shape[1]], None
         for layer, c in zip(self.layers, cache):
@@ -339,15 +341,17 @@ class GPT(nn.Module):
         shape = (cond.shape[0], cfg.n_kv_head or cfg.n_head, cfg.cls_token_num + n - 1, cfg.head_dim)
         cache = getattr(self, "_static_cache", None) if compile else None  # a CUDA graph replays at fixed addresses
         if cache is None or (cache[0][0].shape, cache[0][0].dtype, cache[0][0].device) != (shape, dtype, dev):
-            cache = [(torch.zeros(shape, dtype=dtype, device=dev), torch.zeros(shape, dtype=dtype, device=dev)) for _ in self.layers]
+            cache = [tuple(torch.zeros(shape, dtype=dtype, device=dev) for _ in "kv") for _ in self.layers]
         step = self._step
         if compile:  # the cache is kept for the next call (stale entries are masked out) and written in place
             self._static_cache = cache
             for t in (t for kv in cache for t in kv):
                 torch._dynamo.mark_static_address(t)
-            step = torch.compile(self._step, fullgraph=True, mode="reduce-overhead" if dev.type == "cuda" else None)
+            mode = "reduce-overhead" if dev.type == "cuda" else None
+            step = torch.compile(self._step, fullgraph=True, dynamic=False, mode=mode)
         out = torch.empty(B, n, dtype=torch.long, device=dev)
-        x, pos = self.embed(None, cond, drop_labels=False), torch.arange(cfg.cls_token_num, device=dev) if compile else 0
+        x = self.embed(None, cond, drop_labels=False)
+        pos = torch.arange(cfg.cls_token_num, device=dev) if compile else 0  # see _step
         for i in range(n):
             logits = step(x, cache, pos)
             pos = pos[-1:] + 1 if compile else pos + x.shape[1]
