@@ -54,7 +54,7 @@ def build_gpt(args, device):
 # Figures
 
 
-def bench_train_steps(args, device, extra=None):
+def bench_train_steps(args, device, extra=None, dropout_floor=False):
     """Seconds per training step of the baseline, Mirai-E and Mirai-I, interleaved so that a machine
     that gets busier or quieter during the run moves all three alike."""
     gpt = build_gpt(args, device).train()
@@ -95,7 +95,7 @@ def bench_train_steps(args, device, extra=None):
         return step
 
     steps = {**{m: make_step(m) for m in heads}, **(extra or {})}
-    if getattr(args, "dropout_floor", False):  # the baseline step in eval mode: no dropout masks drawn or applied
+    if dropout_floor:  # the baseline step in eval mode: no dropout masks drawn or applied
         steps["no dropout"] = lambda: (gpt.eval(), steps["none"](), gpt.train())
     memory = {}
     for m in steps:  # warm-up (and compilation), with each variant's own peak memory on a GPU
@@ -152,8 +152,13 @@ def bench_vq_teacher(args, device):
     return timeit(lambda: teacher(imgs), device, 1, max(3, args.iters // 2))
 
 
-# Dense bf16 peak of known devices, for MFU.
 PEAK_BF16_TFLOPS = {"H200": 989, "H100": 989, "A100": 312, "L40S": 362, "A10": 125, "4090": 165, "V100": 125}
+
+
+def device_peak(device):
+    """-> (the device's name, its dense bf16 TFLOPS for MFU; None on a CPU or a GPU not in PEAK_BF16_TFLOPS)."""
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else str(device)
+    return name, next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
 
 
 def train_flops(args, gpt):
@@ -281,8 +286,7 @@ def gpu_check(args, device):
     for k, v in (GPU_CHECK_SMALL if args.small else GPU_CHECK).items():
         setattr(args, k, v)
     args.warmup, args.iters = (1, 2) if args.small else (3, 10)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
-    peak = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
+    peak = device_peak(device)[1]
     print_header(args, device)
     args.compile = False  # their steps stay eager; ours are timed both ways
     official = guarded("official code", official_steps, args, device) if args.official else None
@@ -436,16 +440,14 @@ def main(argv=None):
 
     if args.gpu_check:  # its rows are printed as they come (a GPU's time is short; a run cut short keeps them)
         return gpu_check(args, device)
-    rows, gpt, args.dropout_floor = [], None, True  # rows: (figure, value, unit, note)
+    rows, gpt = [], None  # rows: (figure, value, unit, note)
     extra, official_sample = official_steps(args, device) if args.official else ({}, None)
     if "train" not in skip:
-        t, gpt = bench_train_steps(args, device, extra)
+        t, gpt = bench_train_steps(args, device, extra, dropout_floor=True)
         note = f"batch {args.batch} x {args.grid**2} tokens"
-        if device.type == "cuda":
-            name = torch.cuda.get_device_name(device)
-            peak = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
-            if peak:
-                note += f", MFU {train_flops(args, gpt) / t['none'] / (peak * 1e12):.1%} of {name}'s {peak} TFLOPS"
+        name, peak = device_peak(device)
+        if peak:
+            note += f", MFU {train_flops(args, gpt) / t['none'] / (peak * 1e12):.1%} of {name}'s {peak} TFLOPS"
         rows.append(("train step: baseline", t["none"], "s", note))
         if "no dropout" in t:
             rows.append(("train step: baseline, dropout off", t["no dropout"], "s", "the floor of any faster dropout" + (

@@ -151,6 +151,12 @@ def cli(*parts):
     return " ".join(map(str, parts)).split()
 
 
+def trace_compile(monkeypatch):
+    """torch.compile through dynamo's whole-graph trace with the eager backend: the compiled code paths, no C++ build."""
+    compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: compile(fn, backend="eager", **kw))
+
+
 def raises(error, match, fn, /, *args, **kw):
     """fn(*args, **kw) raises `error` with a message that `match` finds; returns the message."""
     with pytest.raises(error, match=match) as e:
@@ -250,8 +256,7 @@ def reference_generate(gpt, cond, cfg_scale, first_unguided=None):
 
 
 def test_kv_cache_generation_equals_full_forward_cfg_interval_stops_guidance_and_top_k_top_p_filter(monkeypatch):
-    compile = torch.compile  # the compiled decode step, traced whole by dynamo (no C++ build: the eager backend)
-    monkeypatch.setattr(torch, "compile", lambda fn, **kw: compile(fn, backend="eager", **kw))
+    trace_compile(monkeypatch)  # the compiled decode step
     for n_kv_head in (None, 2):
         gpt, cond = tiny_gpt(n_kv_head=n_kv_head), torch.tensor([0, 3, 4])
         for cfg in (3.0, 1.0):
@@ -972,8 +977,7 @@ def test_sample_grid_png_fid_npz_resume_sharding_refusals_and_llamagen_checkpoin
     vq, gpt = str(tmp_path / "vq.pt"), save_gpt(tmp_path / "gpt.pt", str(tmp_path / "vq.pt"))
     # a grid PNG: reproducible, compiled or not (dynamo's trace, eager backend), the tokenizer the checkpoint
     # recorded by default, the given classes' samples
-    compile = torch.compile
-    monkeypatch.setattr(torch, "compile", lambda fn, **kw: compile(fn, backend="eager", **kw))
+    trace_compile(monkeypatch)
     for n, extra in (("a", f"--vq-ckpt {vq}"), ("b", "--compile"), ("c", "--seed 1")):
         S.main(cli(f"--gpt-ckpt {gpt} --num-samples 5 --nrow 3 --batch-size 2 --ema --out {tmp_path}/{n}.png", extra))
     a, b, c = (read_png(tmp_path / f"{n}.png") for n in "abc")
