@@ -9,14 +9,19 @@ Speed and memory figures, printed as one table. Not a test: numbers depend on th
 """
 import argparse
 import copy
+import os
 import resource
+import sys
 import time
+import types
 
 import numpy as np
 import torch
 
+import fid
 import foresight as FS
 import model as M
+import vq as V
 
 # ----------------------------------------------------------------------------------------------------
 # Timing helpers
@@ -41,12 +46,15 @@ def timeit(fn, device, warmup, iters):
     return sorted(times)[len(times) // 2]
 
 
+def bf16(device, on_cpu=False):
+    """bf16 autocast on a GPU (as both codes' training scripts), on a CPU only where asked (--bf16: training steps)."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda" or on_cpu)
+
+
 def build_gpt(args, device):
     torch.manual_seed(0)
-    cfg = M.GPTConfig(
-        dim=args.dim, n_layer=args.n_layer, n_head=args.n_head, vocab_size=args.vocab,
-        grid_size=args.grid, num_classes=args.num_classes,
-    )
+    cfg = M.GPTConfig(dim=args.dim, n_layer=args.n_layer, n_head=args.n_head, vocab_size=args.vocab,
+                      grid_size=args.grid, num_classes=args.num_classes)
     return M.GPT(cfg).to(device)
 
 
@@ -69,7 +77,6 @@ def bench_train_steps(args, device, extra=None, dropout_floor=False):
     x = torch.randint(0, args.vocab, (args.batch, n), device=device)
     y = torch.randint(0, args.num_classes, (args.batch,), device=device)
     feats = torch.randn(args.batch, n, args.teacher_dim, device=device)  # the encoder's output, timed apart
-    amp = dict(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
     forward = torch.compile(gpt) if getattr(args, "compile", False) else gpt
 
@@ -78,7 +85,7 @@ def bench_train_steps(args, device, extra=None, dropout_floor=False):
         opt = M.make_adamw([gpt] + ([fs] if fs is not None else []), lr=1e-4)
 
         def step():
-            with torch.autocast(**amp):
+            with bf16(device, args.bf16):
                 if mode == "explicit":
                     targets = FS.ema_targets(ema, x[:, :-1], y, depth)
                 _, loss, hidden = forward(x[:, :-1], y, targets=x, hidden_layer=depth if fs is not None else None)
@@ -119,7 +126,7 @@ def peak_memory(args, device):
     y = torch.randint(0, args.num_classes, (args.batch,), device=device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+    with bf16(device, args.bf16):
         _, loss, _ = gpt(x[:, :-1], y, targets=x)
     loss.backward()
     opt.step()
@@ -130,8 +137,6 @@ def peak_memory(args, device):
 
 def bench_inception(device, n, size):
     """Images/s of the FID Inception on batches of n random size x size images (resized to 299), after a warm-up."""
-    import fid
-
     model = fid.FIDInceptionV3().eval().to(device, memory_format=torch.channels_last).fold_batchnorm()
     imgs = np.random.default_rng(0).integers(0, 256, (2 * n, size, size, 3), dtype=np.uint8)
     fid.extract(model, imgs[:n], batch_size=n, device=device, progress=False)
@@ -144,8 +149,6 @@ def bench_inception(device, n, size):
 
 def bench_vq_teacher(args, device):
     """The offline Mirai-I teacher's own forward (the VQ-S encoder at 32 px), per training batch."""
-    import vq as V
-
     vq = V.VQModel(V.get_config("VQ-S")).to(device)
     teacher = FS.vq_teacher(vq, args.grid).to(device)
     imgs = torch.randint(0, 256, (args.batch, 3, 32, 32), dtype=torch.uint8, device=device)
@@ -253,11 +256,10 @@ def gpu_train_rows(args, device, extra, peak):
 def gpu_sample_rows(args, device, gpt, official_sample, theirs):
     """Images/s of generate() at two batch sizes with CFG (compiled: CUDA graphs), beside LlamaGen's generate()
     (timed once, in the eager pass, into `theirs`)."""
-    amp = dict(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
     for batch in ((4, 8) if args.small else (64, 256)):
         cond = torch.arange(batch, device=device) % args.num_classes
         g = torch.Generator(device=device).manual_seed(0)
-        with torch.autocast(**amp):
+        with bf16(device):
             sec = timeit(lambda: gpt.generate(cond, cfg_scale=2.0, generator=g, compile=args.compile), device, 1,
                          1 if args.small else 3)
         if official_sample is not None and batch not in theirs:
@@ -272,7 +274,7 @@ def gpu_other_rows(args, device):
     """The Mirai-I teacher's cost (DINOv2-B/14's shapes, random weights) and FID Inception at full size."""
     vit = ViTB14(*((48, 2, 4) if args.small else ())).to(device).eval()
     imgs = torch.randn(args.batch, 3, 14 * args.grid, 14 * args.grid, device=device)
-    with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+    with torch.no_grad(), bf16(device):
         enc = timeit(lambda: vit(imgs), device, args.warmup, args.iters)
     print_row(("Mirai-I teacher: DINOv2-B/14 shapes", enc, "s", f"random weights, batch {args.batch} at {14 * args.grid} px"))
     n = 8 if args.small else 256
@@ -309,9 +311,6 @@ def import_from(root, names):
     """Import modules of a checkout whose package names (autoregressive, utils, dataset) clash with the
     other's; what the training scripts import but a model step never uses (timm, wandb, ...) is stubbed
     while they import, and gone from sys.modules afterwards."""
-    import sys
-    import types
-
     clash = ("autoregressive", "utils", "dataset")
     stubs = [n for n in ("timm", "timm.data", "torchvision", "torchvision.transforms", "wandb", "dataset.build")
              if n not in sys.modules]
@@ -330,8 +329,6 @@ def import_from(root, names):
 def official_steps(args, device):
     """-> ({name: training step}, sampling call): LlamaGen's baseline step and generate(), Mirai-Code's
     Mirai-E step, at the bench's shapes, for bench_train_steps and bench_generate to time beside ours."""
-    import os
-
     for repo, path in (("LlamaGen", "autoregressive/models/gpt.py"), ("Mirai-Code", "autoregressive/models/Mirai.py")):
         if not os.path.isfile(os.path.join(args.official, repo, path)):
             raise SystemExit(f"error: --official {args.official} holds no {repo} checkout ({repo}/{path} is missing); "
@@ -353,10 +350,9 @@ def official_steps(args, device):
     compiled = getattr(args, "compile", False)  # as their train scripts do by default: torch.compile(model)
     base_fwd = torch.compile(base) if compiled else base
 
-    amp = dict(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")  # as their scripts
 
     def base_step():  # the loop body of LlamaGen's train_c2i.py
-        with torch.autocast(**amp):
+        with bf16(device, args.bf16):  # as their scripts (on a CPU with --bf16)
             _, loss = base_fwd(cond_idx=y, idx=x[:, :-1], targets=x)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(base.parameters(), 1.0)
@@ -373,7 +369,7 @@ def official_steps(args, device):
     mirai_fwd = torch.compile(mirai) if compiled else mirai
 
     def mirai_step():  # the loop body of Mirai-Code's train_c2i_Mirai_E.py after its warm-up (--use-prev-iter-ema)
-        with torch.autocast(**amp):
+        with bf16(device, args.bf16):
             _, zs, loss = mirai_fwd(cond_idx=y, idx=x[:, :-1], targets=x)
             with torch.no_grad():
                 target = teacher.forward_ema(cond_idx=y, idx=x[:, :-1], targets=None)
@@ -390,7 +386,7 @@ def official_steps(args, device):
 
     def sample(batch):  # LlamaGen's generate() at our sampling settings: CFG, temperature 1, no top-k / top-p
         cond = torch.arange(batch, device=device) % args.num_classes
-        with torch.no_grad(), torch.autocast(**amp):
+        with torch.no_grad(), bf16(device):
             lg_gen.generate(base_gen, cond, n, cfg_scale=args.cfg_scale, temperature=1.0, top_k=0, top_p=1.0)
 
     return {"official baseline": base_step, "official Mirai-E": mirai_step}, sample
@@ -426,6 +422,8 @@ def main(argv=None):
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the trained models: ours, and with --official theirs (their scripts' "
                         "default); --gpu-check times ours both ways by itself")
+    p.add_argument("--bf16", action="store_true", help="on a CPU, the training steps (ours and the official ones) "
+                   "under bf16 autocast, as on a GPU (fast where the CPU has AMX)")
     p.add_argument("--skip", default="", help="comma-separated rows to leave out: train,sample,inception,memory")
     p.add_argument("--gpu-check", action="store_true",
                    help="GPT-B, batch 64, 16x16 tokens, bf16, with and without torch.compile; DINOv2-B; sampling at "
@@ -487,7 +485,8 @@ def main(argv=None):
 
 def print_header(args, device):
     print(f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} threads; "
-          f"GPT dim {args.dim}, {args.n_layer} layers, {args.n_head} heads, vocab {args.vocab}, {args.grid}x{args.grid} grid")
+          f"GPT dim {args.dim}, {args.n_layer} layers, {args.n_head} heads, vocab {args.vocab}, {args.grid}x{args.grid} grid; "
+          f"training steps in {'bf16 autocast' if device.type == 'cuda' or args.bf16 else 'fp32'}")
     print(f"{'figure':<40}  {'value':>10}  {'unit':<9} note")
 
 

@@ -6,6 +6,7 @@ with strict=True, and the numerics match it, including its quirk that the class-
 an all-zero rotary table (its query and key are zero). Training forward, KV-cache generation with
 classifier-free guidance, and checkpoint loading that explains a mismatch in one message.
 """
+import contextlib
 import math
 from dataclasses import dataclass, fields
 from typing import Optional
@@ -170,10 +171,12 @@ class Attention(nn.Module):
         if hk != hq:
             k = k.repeat_interleave(hq // hk, dim=1)
             v = v.repeat_interleave(hq // hk, dim=1)
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=mask is None and L > 1,
-            dropout_p=self.attn_dropout_p if self.training else 0.0,
-        )
+        cpu_amp = x.device.type == "cpu" and torch.is_autocast_enabled("cpu")
+        if cpu_amp:  # a CPU's bf16 attention backward takes ~10x the fp32 one: attention in fp32, matmuls in bf16
+            q, k, v = q.float(), k.float(), v.float()
+        with torch.autocast("cpu", enabled=False) if cpu_amp else contextlib.nullcontext():
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and L > 1,
+                                               dropout_p=self.attn_dropout_p if self.training else 0.0)
         y = self.wo(y.transpose(1, 2).reshape(B, L, hq * d))
         return self.resid_dropout(y) if self.training else y
 

@@ -219,7 +219,7 @@ def test_presets_have_llamagen_keys_and_sizes_and_swiglu_is_rounded_like_llamage
     assert [M.ffn_hidden_dim(M.GPTConfig(dim=d)) for d in (768, 1024, 256)] == [2048, 2816, 768]
 
 
-def test_forward_gives_a_uniform_first_loss_the_hidden_state_after_a_block_and_drops_labels_in_train_mode():
+def test_forward_gives_a_uniform_first_loss_the_hidden_state_after_a_block_and_drops_labels_in_train_mode(monkeypatch):
     torch.manual_seed(0)
     gpt = M.GPT(M.GPTConfig(**(TINY_GPT | {"vocab_size": 50})))
     idx = torch.randint(0, 50, (4, 9))
@@ -233,6 +233,13 @@ def test_forward_gives_a_uniform_first_loss_the_hidden_state_after_a_block_and_d
     torch.testing.assert_close(hidden, gpt.layers[0](gpt.embed(idx[:, :-1], cond), gpt.rope[:9]))
     none, _, early = gpt(idx[:, :-1], cond, hidden_layer=1, stop_at_hidden=True)  # a teacher's forward stops there
     assert none is None and torch.equal(early, hidden)
+    seen, sdpa = [], torch.nn.functional.scaled_dot_product_attention  # a CPU's bf16 autocast: attention in fp32
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
+                        lambda q, k, v, **kw: seen.append((q.dtype, k.dtype, torch.is_autocast_enabled("cpu"))) or sdpa(q, k, v, **kw))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = gpt(idx[:, :-1], cond)[0]
+    assert set(seen) == {(torch.float32, torch.float32, False)} and len(seen) == len(gpt.layers)
+    assert not torch.equal(low, logits) and (low - logits).abs().max() < 0.1 * logits.abs().max()  # bf16 matmuls
     gpt = tiny_gpt(token_dropout_p=0.0, resid_dropout_p=0.0, ffn_dropout_p=0.0, class_dropout_prob=0.5)
     idx, cond = torch.randint(0, 16, (64, 9))[:, :-1], torch.randint(0, 5, (64,))
     a, b = (gpt(idx, cond)[0] for _ in range(2))
@@ -424,13 +431,14 @@ def assert_same_weights(a, b, exact=True):
             torch.testing.assert_close(a[key][k], b[key][k], **tolerance, msg=lambda m: f"{key} {k}: {m}")
 
 
-@pytest.mark.parametrize("variant", ["none", "explicit --foresight-warmup 5 --ema-decay 0.9",
+@pytest.mark.parametrize("variant", ["none", "none --mixed-precision bf16", "explicit --foresight-warmup 5 --ema-decay 0.9",
                                      "explicit --foresight-level output --foresight-warmup 0",
                                      "explicit --foresight-warmup 100"])
 def test_each_variant_reduces_the_loss_and_a_warmup_keeps_the_foresight_heads_untouched(tmp_path, codes_dir, variant):
     exp = run_train(tmp_path, codes_dir, "--max-steps 40 --lr 2e-3 --foresight", variant)
     rows, ckpt = metrics(exp), state(exp, 40)
     assert rows[-1]["loss"] < rows[0]["loss"] - 0.5
+    assert ("bf16 autocast" in (exp / "log.txt").read_text()) == ("bf16" in variant)  # a CPU runs fp32 unless asked
     assert set(ckpt) >= {"model", "ema", "optimizer", "steps", "epoch", "args", "gpt_config", "rng"}
     assert ckpt["steps"] == 40 and ckpt["epoch"] == 40 // 6 and ckpt["step_in_epoch"] == 40 % 6
     assert set(ckpt["model"]) == set(M.GPT(M.GPTConfig(**ckpt["gpt_config"])).state_dict())  # as LlamaGen reads it
@@ -525,6 +533,7 @@ def test_bad_flags_fail_with_one_sentence(tmp_path, codes_dir, capsys):
         (f"--code-path {tmp_path / 'empty'}", "not a code dataset"),
         (f"--gpt-ckpt {small}", r"holds a GPT-S model .* not --gpt-model GPT-T"),
         (f"--resume {tmp_path / 'tensor.pt'}", r"tensor.pt is not a checkpoint of train.py"),
+        *[("--mixed-precision fp16", "fp16 needs a GPU")] * (not torch.cuda.is_available()),
     ]:
         refused(capsys, TR.main, train_argv(tmp_path, codes_dir, "--max-steps 1", extra), "^error: .*" + match)
     assert not (tmp_path / "run").exists()
