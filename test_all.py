@@ -1378,9 +1378,10 @@ def test_gpu_check_runs_its_rows_at_toy_shapes_and_official_checkouts_import_sid
     assert bench.guarded("a section", lambda: 1 / 0) is None  # a section that breaks leaves a row and the rest goes on
     assert re.search(r"a section +nan +failed: ZeroDivisionError: division by zero", capsys.readouterr().out)
     bench.main(cli("--dim 32 --n-layer 2 --n-head 2 --vocab 16 --batch 2 --foresight-depth 1 --proj-dim 8",
-                   "--teacher-dim 8 --warmup 0 --iters 1 --threads 1 --skip sample,inception,memory"))  # the CPU rows
+                   "--teacher-dim 8 --warmup 0 --iters 1 --threads 1 --skip sample,inception,memory --bf16"))  # the CPU rows
     out = capsys.readouterr().out
     assert re.search(r"train step: baseline, dropout off +\d+\.\d+ +s", out) and "Mirai-I teacher: VQ-S" in out, out
+    assert "training steps in bf16 autocast" in out
     # --official: LlamaGen's and Mirai-Code's checkouts both hold a package `autoregressive`; imported side by side,
     # they leave nothing behind
     for repo in ("LlamaGen", "Mirai-Code"):
