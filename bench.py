@@ -350,7 +350,6 @@ def official_steps(args, device):
     compiled = getattr(args, "compile", False)  # as their train scripts do by default: torch.compile(model)
     base_fwd = torch.compile(base) if compiled else base
 
-
     def base_step():  # the loop body of LlamaGen's train_c2i.py
         with bf16(device, args.bf16):  # as their scripts (on a CPU with --bf16)
             _, loss = base_fwd(cond_idx=y, idx=x[:, :-1], targets=x)
