@@ -323,7 +323,7 @@ def _train(args, rank, world, device):
         student = nn.parallel.DistributedDataParallel(student, device_ids=[device.index] if device.type == "cuda" else None)
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
     amp = dict(device_type=device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
-    scaler = torch.amp.GradScaler("cuda", enabled=amp["enabled"] and amp_dtype == torch.float16)
+    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
     sampler = EpochSampler(n_images, data.num_views, steps_per_epoch * per_rank, args.seed, rank, world)
     workers = args.num_workers if args.num_workers is not None else (4 if device.type == "cuda" else 0)
     loader = torch.utils.data.DataLoader(data, batch_size=micro, sampler=sampler, num_workers=workers, drop_last=True,
